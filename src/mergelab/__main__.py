@@ -1,0 +1,5 @@
+import sys
+
+from mergelab.cli.main import main
+
+sys.exit(main())

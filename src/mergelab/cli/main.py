@@ -1,0 +1,40 @@
+"""``mergelab`` command line: parses arguments, calls the public API, prints. Bad input exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from mergelab import __version__
+from mergelab.errors import MergelabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mergelab.cli import merge_cmd, methods_cmd
+
+    parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.")
+    parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    merge_cmd.add_parsers(sub)
+    methods_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mergelab: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except MergelabError as err:
+        print(f"mergelab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergelab: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

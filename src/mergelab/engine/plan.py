@@ -1,0 +1,211 @@
+"""Validate a whole merge from headers alone, before any tensor data is read, and describe it.
+
+Everything that can be known up front is checked here: the method and its hyperparameters, every
+model's keys, shapes and dtypes against the base, the output location and the device. The
+resulting :class:`MergePlan` is what the engine executes and what ``mergelab plan`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import MergelabError
+from mergelab.io.safetensors_header import TensorSpec
+from mergelab.io.sources import TensorSource, open_source
+from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_output, plan_shards
+from mergelab.methods.registry import Method, get_method
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after import (~0.35-0.4 GB)
+
+
+@dataclass
+class MergePlan:
+    """A validated merge job. Built by :func:`build_plan`; executed by :func:`mergelab.engine.stream.execute`."""
+
+    method: Method
+    hparams: dict[str, Any]
+    base: TensorSource
+    models: list[TensorSource]
+    order: list[str]  # every base tensor, in processing and output order
+    merged: list[str]  # floating tensors computed by the method
+    copied: list[str]  # integer/bool buffers copied from the base
+    aliases: dict[str, str]  # tied tensors: name -> canonical name
+    device: torch.device
+    compute_dtype: torch.dtype
+    out: Path | None = None
+    shards: list[Shard] = field(default_factory=list)
+    n_stat_passes: int = 0
+    seed: int = 0
+    max_shard_size: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def largest(self) -> int:
+        return max((self.base.specs[n].numel for n in self.merged), default=0)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(self.base.specs[n].nbytes for n in self.order)
+
+    @property
+    def input_bytes(self) -> int:
+        return self.base.nbytes + sum(m.nbytes for m in self.models)
+
+    def peak_ram_bytes(self) -> int:
+        """Estimated peak RSS: per-tensor working set + statistics + one write buffer + baseline."""
+        n, t = self.largest, self.n_models
+        compute = self.compute_dtype.itemsize
+        storage = max((self.base.specs[x].dtype.itemsize for x in self.merged), default=4)
+        on_cpu = self.device.type == "cpu"
+        # reads of base + models, then base, taus (T) and ~3 temporaries in the compute dtype
+        working = n * storage * (t + 1) + (n * compute * (t + 3) if on_cpu else 0)
+        stats = t * 2 * 65536 * 8 if self.n_stat_passes else 0
+        aliased = sum(self.base.specs[c].nbytes for c in set(self.aliases.values()))
+        return PROCESS_BASELINE_BYTES + working + stats + n * storage + aliased
+
+    def peak_gpu_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        return self.largest * self.compute_dtype.itemsize * (self.n_models + 4)
+
+    def summary(self) -> str:
+        """The human-readable plan printed by ``--dry-run`` and ``mergelab plan``."""
+        passes = self.n_stat_passes + 1
+        lines = [
+            f"method        {self.method.name}  {json.dumps(self.hparams, sort_keys=True)}",
+            f"base          {self.base.label}",
+            *[f"model {i + 1:<7} {m.label}" for i, m in enumerate(self.models)],
+            f"tensors       {len(self.merged)} merged, {len(self.copied)} copied from base, {len(self.aliases)} tied",
+            f"passes        {passes} over the inputs ({self.n_stat_passes} statistics + 1 merge)",
+            f"input         {_size(self.input_bytes)} read per pass",
+            f"compute       {self.compute_dtype} on {self.device}",
+            f"peak RAM      ~{_size(self.peak_ram_bytes())} (largest tensor {self.largest:,} elements)",
+        ]
+        if self.device.type == "cuda":
+            lines.append(f"peak GPU      ~{_size(self.peak_gpu_bytes())}")
+        if self.out is not None:
+            lines.append(f"output        {self.out}: {_size(self.output_bytes)} in {len(self.shards)} shard(s)")
+        else:
+            lines.append(f"output        in memory: {_size(self.output_bytes)}")
+        return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    return f"{nbytes} B"
+
+
+def build_plan(
+    method: str,
+    base: Any,
+    models: list[Any],
+    hparams: dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    max_shard_size: int = DEFAULT_SHARD_BYTES,
+    require_device: bool = True,
+) -> MergePlan:
+    """Open every input lazily and validate the whole job; raises MergelabError on the first problem."""
+    spec = get_method(method)
+    if not isinstance(models, (list, tuple)) or not models:
+        raise MergelabError("no models to merge: give at least one model besides the base")
+    resolved = spec.resolve(hparams or {}, len(models))
+    compute_dtype = _compute_dtype(dtype)
+    target = _device(device, require_device)
+    if out is not None:
+        check_output(Path(out), overwrite)
+    if int(max_shard_size) <= 0:
+        raise MergelabError(f"max_shard_size must be positive, got {max_shard_size}")
+    base_src = open_source(base, "<base>")
+    model_srcs = [open_source(m, f"<model {i + 1}>") for i, m in enumerate(models)]
+    merged, copied = _check_tensors(base_src, model_srcs)
+    aliases = base_src.aliases()
+    order = sorted(base_src.specs, key=lambda n: (base_src.file_of(n), n))
+    collector = spec.collector(resolved, len(models))
+    plan = MergePlan(
+        method=spec,
+        hparams=resolved,
+        base=base_src,
+        models=model_srcs,
+        order=order,
+        merged=[n for n in order if n in merged and n not in aliases],
+        copied=[n for n in order if n in copied],
+        aliases=aliases,
+        device=target,
+        compute_dtype=compute_dtype,
+        out=Path(out) if out is not None else None,
+        n_stat_passes=collector.n_passes if collector is not None else 0,
+        seed=int(resolved.get("seed", 0) or 0),
+        max_shard_size=int(max_shard_size),
+        overwrite=overwrite,
+    )
+    if out is not None:
+        layout = [(n, base_src.specs[n]) for n in order]
+        single = Path(out).name if Path(out).suffix == ".safetensors" else None
+        plan.shards = plan_shards(layout, int(max_shard_size), single)
+    return plan
+
+
+def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES.values():
+        return dtype
+    if dtype in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[dtype]  # type: ignore[index]
+    raise MergelabError(f"compute dtype must be float32 or float64, got {dtype!r}")
+
+
+def _device(device: str | torch.device, require: bool) -> torch.device:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergelabError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from None
+    if target.type not in ("cpu", "cuda"):
+        raise MergelabError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
+    if target.type == "cuda" and require and not torch.cuda.is_available():
+        raise MergelabError("device 'cuda' requested but no CUDA GPU is available")
+    return target
+
+
+def _check_tensors(base: TensorSource, models: list[TensorSource]) -> tuple[set[str], set[str]]:
+    """Keys, shapes and dtypes of every model against the base; returns (merged, copied) names."""
+    merged = {n for n, s in base.specs.items() if s.dtype.is_floating_point}
+    copied = set(base.specs) - merged
+    for model in models:
+        missing = sorted(set(base.specs) - set(model.specs))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MergelabError(f"tensor missing, present in the base{more}", file=model.label, tensor=missing[0])
+        extra = sorted(set(model.specs) - set(base.specs))
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise MergelabError(f"tensor not in the base{more}", file=model.file_of(extra[0]), tensor=extra[0])
+        for name in sorted(base.specs):
+            _check_pair(name, base.specs[name], model.specs[name], model.file_of(name), name in merged)
+    return merged, copied
+
+
+def _check_pair(name: str, base: TensorSpec, other: TensorSpec, file: str, floating: bool) -> None:
+    if other.shape != base.shape:
+        hint = ""
+        if len(base.shape) == len(other.shape) == 2 and base.shape[1] == other.shape[1] and ("embed" in name or "lm_head" in name):
+            hint = f" (vocabulary size {other.shape[0]} vs the base's {base.shape[0]}: resize the embeddings first)"
+        raise MergelabError(f"shape {other.shape} differs from the base's {base.shape}{hint}", file=file, tensor=name)
+    if floating and not other.dtype.is_floating_point:
+        raise MergelabError(f"non-floating dtype {other.dtype} where the base has {base.dtype}", file=file, tensor=name)

@@ -1,0 +1,152 @@
+"""The streaming merge engine: one tensor at a time, from every model, through the method.
+
+For each tensor name (in the plan's order) the engine reads the base and every model's tensor,
+forms the task vectors ``tau_t = model_t - base`` in the compute dtype on the compute device,
+calls the method, adds the base back, casts to the base's dtype and hands the result to the
+writer (or to the returned dict) before reading the next tensor. Peak memory is therefore about
+``(models + 3)`` times the largest tensor plus one write buffer, whatever the number of tensors.
+
+Methods with whole-model statistics get ``n_stat_passes`` extra streaming passes first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab import __version__
+from mergelab.engine.plan import MergePlan
+from mergelab.errors import MergelabError
+from mergelab.io.writer import CheckpointWriter
+from mergelab.methods.registry import TensorCtx
+
+log = logging.getLogger(__name__)
+
+
+def load_task_vectors(plan: MergePlan, name: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(taus, base)`` of one tensor in the compute dtype on the compute device: taus is ``(T, *shape)``."""
+    raw = plan.base.get(name)
+    base = raw.to(plan.device, plan.compute_dtype)
+    if check_finite and not bool(torch.isfinite(base).all()):
+        raise MergelabError("contains NaN or Inf values", file=plan.base.file_of(name), tensor=name)
+    taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
+    for t, model in enumerate(plan.models):
+        taus[t].copy_(model.get(name))
+        taus[t] -= base
+        if check_finite and not bool(torch.isfinite(taus[t]).all()):
+            raise MergelabError("contains NaN or Inf values", file=model.file_of(name), tensor=name)
+    return taus, base
+
+
+def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch.Tensor] | Path:
+    """Run a validated plan. Returns the merged state dict, or the output path if ``plan.out`` is set."""
+    show = _want_progress(progress)
+    stats = _run_stat_passes(plan, show)
+    metadata = provenance(plan)
+    writer = None
+    if plan.out is not None:
+        layout = [(n, plan.base.specs[n]) for n in plan.order]
+        writer = CheckpointWriter(plan.out, layout, metadata, plan.max_shard_size, overwrite=plan.overwrite)
+    results: dict[str, torch.Tensor] = {}
+    remaining = _group_sizes(plan.aliases)  # tied tensors: computed once, kept until all names are out
+    kept: dict[str, torch.Tensor] = {}
+    with writer if writer is not None else nullcontext():
+        with _bar(plan, show, f"merge ({plan.method.name})") as bar:
+            for name in plan.order:
+                canonical = plan.aliases.get(name, name)
+                tensor = kept.pop(canonical, None)
+                if tensor is None:
+                    if name in plan.copied:
+                        tensor = plan.base.get(name).clone()
+                    else:
+                        tensor = merge_tensor(plan, canonical, stats, check_finite=plan.n_stat_passes == 0)
+                if canonical in remaining:
+                    remaining[canonical] -= 1
+                    if remaining[canonical] > 0:
+                        kept[canonical] = tensor
+                if writer is not None:
+                    writer.write(name, tensor)
+                else:
+                    results[name] = tensor
+                bar.update(plan.base.specs[name].nbytes)
+        if writer is not None:
+            return writer.commit(extras_from=plan.base.folder)
+    return results
+
+
+def merge_tensor(plan: MergePlan, name: str, stats: Any, *, check_finite: bool) -> torch.Tensor:
+    """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU."""
+    taus, base = load_task_vectors(plan, name, check_finite)
+    ctx = TensorCtx(name=name, stats=stats, seed=plan.seed)
+    delta = plan.method.fn(taus, base, ctx, **plan.hparams)
+    del taus
+    merged = base + delta  # not in place: base may be the caller's own tensor
+    if not bool(torch.isfinite(merged).all()):
+        raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
+    return merged.to("cpu", plan.base.specs[name].dtype)
+
+
+def _run_stat_passes(plan: MergePlan, show: bool) -> Any:
+    collector = plan.method.collector(plan.hparams, plan.n_models)
+    if collector is None:
+        return None
+    for index in range(collector.n_passes):
+        with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
+            for name in plan.merged:
+                taus, base = load_task_vectors(plan, name, check_finite=index == 0)
+                collector.observe(index, name, taus, base)
+                bar.update(plan.base.specs[name].nbytes)
+        collector.end_pass(index)
+    return collector.result()
+
+
+def provenance(plan: MergePlan) -> dict[str, str]:
+    """Safetensors metadata recording how the checkpoint was made."""
+    inputs = [{"role": "base", "name": plan.base.label, "bytes": plan.base.nbytes}]
+    inputs += [{"role": "model", "name": m.label, "bytes": m.nbytes} for m in plan.models]
+    return {
+        "mergelab.version": __version__,
+        "mergelab.method": plan.method.name,
+        "mergelab.hparams": json.dumps(plan.hparams, sort_keys=True),
+        "mergelab.compute_dtype": str(plan.compute_dtype).replace("torch.", ""),
+        "mergelab.inputs": json.dumps(inputs),
+    }
+
+
+def _group_sizes(aliases: dict[str, str]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for canonical in aliases.values():
+        sizes[canonical] = sizes.get(canonical, 1) + 1
+    return sizes
+
+
+def _want_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass
+
+
+def _bar(plan: MergePlan, show: bool, desc: str) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=plan.output_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+

@@ -1,0 +1,131 @@
+"""Safetensors headers read and checked by hand, before any tensor data is touched.
+
+The file layout is ``u64 little-endian header length N | N bytes of JSON | data``. A hostile or
+truncated file is refused here with a one-line error naming the file and tensor, so that a merge
+can be validated from headers alone (``mergelab plan``) and never fails half-way on a bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from mergelab.errors import MergelabError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Header:
+    specs: dict[str, TensorSpec]
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data section
+
+
+def read_header(path: str) -> Header:
+    """Parse and validate a safetensors header; raises MergelabError on anything malformed."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise MergelabError("not a safetensors file (shorter than 8 bytes)", file=path)
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise MergelabError(
+                    f"corrupt or truncated safetensors header (claims {length} bytes, file has {size})", file=path
+                )
+            raw = handle.read(length)
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror}", file=path) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MergelabError("corrupt safetensors header (not JSON)", file=path) from None
+    if not isinstance(header, dict):
+        raise MergelabError("corrupt safetensors header (not a JSON object)", file=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise MergelabError("corrupt safetensors header (__metadata__ is not an object)", file=path)
+    data_size = size - 8 - length
+    specs: dict[str, TensorSpec] = {}
+    spans = []
+    for name, entry in header.items():
+        spec, begin, end = _check_entry(path, name, entry)
+        if end > data_size:
+            raise MergelabError(
+                f"file is truncated: data ends at byte {data_size}, tensor needs {end}", file=path, tensor=name
+            )
+        specs[name] = spec
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise MergelabError(f"corrupt file: data overlaps tensor '{prev_name}'", file=path, tensor=name)
+    return Header(specs=specs, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=8 + length)
+
+
+def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, int]:
+    if not isinstance(entry, dict):
+        raise MergelabError("corrupt header entry", file=path, tensor=name)
+    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise MergelabError(f"unsupported dtype {entry.get('dtype')!r}", file=path, tensor=name)
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise MergelabError(f"corrupt shape {shape!r}", file=path, tensor=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise MergelabError(f"corrupt data_offsets {offsets!r}", file=path, tensor=name)
+    spec = TensorSpec(tuple(shape), dtype)
+    if offsets[1] - offsets[0] != spec.nbytes:
+        raise MergelabError(
+            f"corrupt file: {offsets[1] - offsets[0]} bytes stored for shape {tuple(shape)} of {entry['dtype']}",
+            file=path,
+            tensor=name,
+        )
+    return spec, offsets[0], offsets[1]

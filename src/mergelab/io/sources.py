@@ -1,0 +1,266 @@
+"""Every "model-like" input behind one lazy interface: name -> tensor, read one at a time.
+
+Accepted (see CONTRACT.md): a state dict, a ``torch.nn.Module``, a ``.safetensors`` file, a
+Hugging Face folder (``model.safetensors``, sharded safetensors + index, ``pytorch_model.bin``,
+sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles are loaded with
+``weights_only=True`` and memory-mapped, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from mergelab.errors import MergelabError
+from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec, read_header
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class TensorSource:
+    """A checkpoint read lazily: ``specs`` come from headers, ``get`` reads one tensor's data."""
+
+    label: str  # how errors and provenance name this input
+    folder: Path | None = None  # the model folder, for config/tokenizer files
+    specs: dict[str, TensorSpec]
+
+    def file_of(self, name: str) -> str:
+        return self.label
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aliases(self) -> dict[str, str]:
+        """``{name: canonical}`` for tensors that share storage with an earlier one (tied weights)."""
+        return {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs.values())
+
+    def close(self) -> None:
+        pass
+
+
+class DictSource(TensorSource):
+    def __init__(self, state: Mapping[str, Any], label: str, folder: Path | None = None):
+        self.label = label
+        self.folder = folder
+        self._state: dict[str, torch.Tensor] = {}
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise MergelabError(f"not a tensor but {type(value).__name__}", file=label, tensor=str(name))
+            if value.dtype not in DTYPE_NAMES:
+                raise MergelabError(f"unsupported dtype {value.dtype}", file=label, tensor=str(name))
+            self._state[str(name)] = value
+        self.specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in self._state.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name].detach()
+
+    def aliases(self) -> dict[str, str]:
+        seen: dict[tuple[Any, ...], str] = {}
+        out = {}
+        for name, tensor in self._state.items():
+            if tensor.numel() == 0:
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+            if key in seen:
+                out[name] = seen[key]
+            else:
+                seen[key] = name
+        return out
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files; ``files`` maps each tensor name to its shard."""
+
+    def __init__(self, files: list[str], label: str, folder: Path | None = None, index: dict[str, str] | None = None):
+        self.label = label
+        self.folder = folder
+        self.specs = {}
+        self._file: dict[str, str] = {}
+        for path in files:
+            for name, spec in read_header(path).specs.items():
+                if name in self._file:
+                    raise MergelabError(f"tensor also stored in {self._file[name]}", file=path, tensor=name)
+                self.specs[name] = spec
+                self._file[name] = path
+        if index is not None:
+            _check_index(index, self._file, label)
+        self._handles: dict[str, Any] = {}
+
+    def file_of(self, name: str) -> str:
+        return self._file.get(name, self.label)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._file[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            except Exception as err:  # the library's own validation: report as ours
+                raise MergelabError(f"corrupt safetensors file ({err})", file=path) from None
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchSource(TensorSource):
+    """``.bin``/``.pt``/``.pth`` files loaded with ``weights_only=True`` and memory-mapped."""
+
+    def __init__(self, files: list[str], label: str, folder: Path | None = None, index: dict[str, str] | None = None):
+        self.label = label
+        self.folder = folder
+        self._state: dict[str, torch.Tensor] = {}
+        self._file: dict[str, str] = {}
+        self._aliases: dict[str, str] = {}
+        for path in files:
+            part = DictSource(load_torch_file(path), path)
+            self._aliases.update(part.aliases())
+            for name in part.specs:
+                if name in self._file:
+                    raise MergelabError(f"tensor also stored in {self._file[name]}", file=path, tensor=name)
+                self._state[name] = part.get(name)
+                self._file[name] = path
+        if index is not None:
+            _check_index(index, self._file, label)
+        self.specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in self._state.items()}
+
+    def file_of(self, name: str) -> str:
+        return self._file.get(name, self.label)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def close(self) -> None:
+        self._state.clear()
+
+
+def load_torch_file(path: str) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows; never runs code."""
+    import pickle
+    import zipfile
+
+    def _load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = _load(mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # legacy (non-zip) format cannot be memory-mapped
+                raise
+            obj = _load(mmap=False)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
+        if "Weights only load failed" in first or "weights_only" in str(err):
+            reason = _unsafe_reason(str(err))
+            raise MergelabError(f"refusing to unpickle: the file needs code execution ({reason})", file=path) from None
+        raise MergelabError(f"corrupt torch checkpoint ({first})", file=path) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or ["unreadable"])[0]
+        raise MergelabError(f"corrupt or truncated torch checkpoint ({first})", file=path) from None
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):  # common wrappers of a state dict
+            inner = obj.get(key)
+            if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    if not isinstance(obj, dict):
+        raise MergelabError(f"not a state dict but {type(obj).__name__}", file=path)
+    return obj
+
+
+def _unsafe_reason(message: str) -> str:
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("Unsupported") or "GLOBAL" in line:
+            return line.rstrip(".")
+    return "unsupported global"
+
+
+def open_source(model: Any, label: str | None = None) -> TensorSource:
+    """Dispatch a model-like input to its lazy reader; raises MergelabError if it is not one."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return DictSource(model.state_dict(), label or type(model).__name__)
+    if isinstance(model, Mapping):
+        return DictSource(model, label or "<state dict>")
+    if not isinstance(model, (str, os.PathLike)):
+        raise MergelabError(f"not a model: {type(model).__name__} (expected a path, state dict or nn.Module)")
+    path = Path(model)
+    text = str(path)
+    if path.is_dir():
+        return _open_folder(path)
+    if not path.exists():
+        raise MergelabError("no such file or folder", file=text)
+    if path.suffix == ".safetensors":
+        return SafetensorsSource([text], text)
+    if path.suffix in TORCH_SUFFIXES:
+        return TorchSource([text], text)
+    if path.suffix == ".json" and path.name.endswith("index.json"):
+        return _open_folder(path.parent)
+    raise MergelabError("unknown checkpoint format (expected .safetensors, .bin, .pt, .pth or a model folder)", file=text)
+
+
+def _open_folder(folder: Path) -> TensorSource:
+    label = str(folder)
+    for index_name, cls in ((SAFE_INDEX, SafetensorsSource), (BIN_INDEX, TorchSource)):
+        index_path = folder / index_name
+        if index_path.exists():
+            weight_map = _read_index(index_path)
+            shards = sorted(set(weight_map.values()))
+            files = []
+            for shard in shards:
+                shard_path = folder / shard
+                if Path(shard).name != shard or not shard_path.is_file():
+                    raise MergelabError(f"index names missing shard {shard!r}", file=str(index_path))
+                files.append(str(shard_path))
+            return cls(files, label, folder, index=weight_map)
+    for single, cls in (("model.safetensors", SafetensorsSource), ("pytorch_model.bin", TorchSource)):
+        if (folder / single).is_file():
+            return cls([str(folder / single)], label, folder)
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return SafetensorsSource([str(folder / found[0])], label, folder)
+    raise MergelabError("no checkpoint found in folder (expected model.safetensors, an index, or pytorch_model.bin)", file=label)
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MergelabError(f"unreadable index ({err})", file=str(index_path)) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MergelabError("index has no valid 'weight_map'", file=str(index_path))
+    return {str(k): v for k, v in weight_map.items()}
+
+
+def _check_index(index: dict[str, str], found: dict[str, str], label: str) -> None:
+    for name, shard in index.items():
+        if name not in found:
+            raise MergelabError(f"index lists the tensor in {shard} but no shard holds it", file=label, tensor=name)
+        if Path(found[name]).name != shard:
+            raise MergelabError(f"index says {shard} but it is in {Path(found[name]).name}", file=label, tensor=name)
+    for name, path in found.items():
+        if name not in index:
+            raise MergelabError("tensor is in a shard but not in the index", file=path, tensor=name)
+
+
+def iter_sources(models: list[Any]) -> Iterator[TensorSource]:
+    for i, model in enumerate(models):
+        yield open_source(model, label=f"<model {i}>")

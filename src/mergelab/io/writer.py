@@ -1,0 +1,198 @@
+"""Streaming, atomic safetensors writer.
+
+The shard layout is fixed from the plan before any data is written, so each shard's header is
+written first and tensors are streamed into place one at a time: the write buffer is one tensor,
+whatever the shard size. Everything goes into a temporary folder beside the target, renamed into
+place by :meth:`CheckpointWriter.commit`; an error or a crash leaves nothing at the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from mergelab.errors import MergelabError
+from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec
+from mergelab.io.sources import BIN_INDEX, SAFE_INDEX
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+INDEX_FILES = (SAFE_INDEX, BIN_INDEX)
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    names: tuple[str, ...]
+    nbytes: int
+
+
+def plan_shards(layout: list[tuple[str, TensorSpec]], max_shard_bytes: int, single_file: str | None = None) -> list[Shard]:
+    """Greedy, in order: a shard takes tensors until the next would pass ``max_shard_bytes``."""
+    groups: list[list[tuple[str, TensorSpec]]] = [[]]
+    size = 0
+    for name, spec in layout:
+        if single_file is None and groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, spec))
+        size += spec.nbytes
+    if len(groups) == 1:
+        names = [single_file or "model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    return [Shard(fn, tuple(n for n, _ in g), sum(s.nbytes for _, s in g)) for fn, g in zip(names, groups)]
+
+
+def shard_header(entries: list[tuple[str, TensorSpec]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header bytes (length prefix + JSON padded to 8 bytes) for tensors in order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, spec in entries:
+        header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class CheckpointWriter:
+    """Write tensors in the planned order into ``out`` (a folder, or a ``.safetensors`` file).
+
+    Args:
+        out: target folder (sharded above ``max_shard_bytes``) or a path ending in ``.safetensors``.
+        layout: every output tensor ``(name, spec)`` in the order they will be written.
+        metadata: safetensors ``__metadata__`` (string to string), stored in every shard.
+        max_shard_bytes: shard size limit for folder outputs (default 5 GB).
+        overwrite: replace an existing ``out`` (atomically, once the new one is complete).
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        layout: list[tuple[str, TensorSpec]],
+        metadata: dict[str, str],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+    ):
+        self.out = Path(out)
+        self.single = self.out.suffix == ".safetensors"
+        check_output(self.out, overwrite)
+        self.overwrite = overwrite
+        self.specs = dict(layout)
+        self.shards = plan_shards(layout, max_shard_bytes, self.out.name if self.single else None)
+        self.metadata = dict(metadata, format="pt")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+        self._order = [(name, i) for i, shard in enumerate(self.shards) for name in shard.names]
+        self._next = 0
+        self._handle: BinaryIO | None = None
+        self._shard_index = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, shard_index = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"writer expected tensor {expected!r}, got {name!r}")
+        spec = self.specs[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {spec}")
+        if shard_index != self._shard_index:
+            self._open_shard(shard_index)
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def _open_shard(self, index: int) -> None:
+        self._close_handle()
+        shard = self.shards[index]
+        self._handle = open(self.tmp / shard.filename, "wb")
+        self._handle.write(shard_header([(n, self.specs[n]) for n in shard.names], self.metadata))
+        self._shard_index = index
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def commit(self, extras_from: Path | None = None) -> Path:
+        """Finish the last shard, write the index, copy extras and move the result into place."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        if not self._order:
+            self._open_shard(0)  # an empty model still gets a valid file
+        self._close_handle()
+        if self.single:
+            return self._move_into_place(self.tmp / self.shards[0].filename)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+                "weight_map": {n: s.filename for s in self.shards for n in s.names},
+            }
+            (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if extras_from is not None:
+            copy_extras(extras_from, self.tmp)
+        return self._move_into_place(self.tmp)
+
+    def _move_into_place(self, source: Path) -> Path:
+        old = None
+        if self.out.exists():
+            old = self.tmp.parent / f".{self.out.name}.mergelab-old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(source, self.out)
+        for leftover in (old, self.tmp if self.tmp.exists() else None):
+            if leftover is not None:
+                _remove(leftover)
+        return self.out
+
+    def abort(self) -> None:
+        self._close_handle_quietly()
+        _remove(self.tmp)
+
+    def _close_handle_quietly(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """An existing output is an error unless ``overwrite``; raises MergelabError."""
+    if out.exists() and not overwrite:
+        raise MergelabError("output already exists (pass --overwrite / overwrite=True to replace it)", file=str(out))
+    if out.exists() and (out.suffix == ".safetensors") != out.is_file():
+        raise MergelabError("output exists and is of the other kind (file vs folder)", file=str(out))
+
+
+def copy_extras(folder: Path, target: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of a model folder (not subfolders)."""
+    copied = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name in INDEX_FILES or path.name.startswith("."):
+            continue
+        shutil.copy2(path, target / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,60 @@
+"""Pure tensor helpers shared by several methods (TIES, DARE-TIES, PCB): stacked task vectors in, tensors out."""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_rank(d: int, density: float, rule: str) -> int:
+    """1-based rank of the smallest kept magnitude among ``d`` values, TIES-style.
+
+    ``rule="official"``: ``d - int(d * density)``, as ``topk_values_mask`` in the TIES repo
+    (src/utils/merge_utils.py) and FusionBench; with ``|x| >= kth`` it keeps ``int(d * density) + 1``
+    entries when magnitudes are distinct -- one more than a top-k. ``rule="exact"``: one rank
+    higher, so exactly ``int(d * density)`` entries are kept. May return 0 (keep all) or d + 1 (keep none).
+    """
+    kept = int(d * density)
+    rank = d - kept if rule == "official" else d - kept + 1
+    if rule == "official" and kept >= d:
+        return 0  # the official code would call kthvalue(0) and fail; density 1 keeps everything
+    return rank
+
+
+def kth_threshold(magnitudes: torch.Tensor, rank: int) -> torch.Tensor:
+    """Per-row threshold: the ``rank``-th smallest of each row of ``(T, d)``; 0 keeps all, d + 1 none."""
+    rows, d = magnitudes.shape
+    if rank <= 0:
+        return torch.zeros(rows, dtype=magnitudes.dtype, device=magnitudes.device)
+    if rank > d:
+        return torch.full((rows,), float("inf"), dtype=magnitudes.dtype, device=magnitudes.device)
+    return magnitudes.kthvalue(rank, dim=1).values
+
+
+def elect_sign(trimmed: torch.Tensor, majority: torch.Tensor | float | None = None) -> torch.Tensor:
+    """TIES sign election by mass: ``sign(sum_t trimmed_t)``; zeros get the ``majority`` sign.
+
+    ``majority`` defaults to ``sign(sum of elected signs)`` over this tensor (the official
+    ``resolve_zero_signs(..., "majority")``, which the official code applies to the whole model).
+    """
+    sign = torch.sign(trimmed.sum(dim=0))
+    if majority is None:
+        majority = torch.sign(sign.sum())
+    return torch.where(sign == 0, torch.as_tensor(majority, dtype=sign.dtype, device=sign.device), sign)
+
+
+def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
+    """Aggregate the entries that agree with the elected sign (TIES ``disjoint_merge``).
+
+    ``mean``: their mean (count of non-zero agreeing entries, at least 1); ``sum``: their sum;
+    ``max``: the largest magnitude, with the elected sign.
+    """
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * agree
+    if merge_func == "mean":
+        count = (selected != 0).sum(dim=0).clamp(min=1)
+        return selected.sum(dim=0) / count
+    if merge_func == "sum":
+        return selected.sum(dim=0)
+    if merge_func == "max":
+        return selected.abs().amax(dim=0) * sign
+    raise ValueError(f"unknown merge_func {merge_func!r}")

@@ -1,0 +1,175 @@
+"""Method registry: a merging method is a pure function registered under a lower-case name.
+
+A method computes the *merged task vector* of one tensor::
+
+    fn(taus, base, ctx, **hparams) -> delta      # merged = base + delta
+
+``taus`` is the stacked task vectors ``(T, *shape)`` of that tensor (``models[t] - base``) in the
+compute dtype on the compute device, ``base`` the base tensor in the same dtype, ``ctx`` a
+:class:`TensorCtx`. A method does no I/O, chooses no device and never touches the global RNG.
+
+Methods that need whole-model statistics (e.g. TIES' global top-k) declare ``stats``: a factory
+``stats(hparams, n_models) -> Collector``. The engine streams every tensor through the collector
+for ``collector.n_passes`` passes before the merge pass and hands ``collector.result()`` to the
+method as ``ctx.stats``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from mergelab.errors import MergelabError
+
+
+@dataclass
+class TensorCtx:
+    """What a method may know about the tensor it merges.
+
+    Attributes:
+        name: the tensor's name in the checkpoint.
+        stats: the result of the method's statistics passes, or ``None``.
+        seed: the user's seed for randomised methods.
+    """
+
+    name: str
+    stats: Any = None
+    seed: int = 0
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A CPU generator seeded by ``(seed, crc32(name + salt))``: same draws on CPU and GPU, any order."""
+        from mergelab.engine.rng import tensor_generator
+
+        return tensor_generator(self.seed, self.name + salt)
+
+
+class Collector(Protocol):
+    """A streaming statistics pass (or several) over every floating tensor of the model."""
+
+    n_passes: int
+
+    def observe(self, pass_index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None: ...
+
+    def end_pass(self, pass_index: int) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merging method.
+
+    Attributes:
+        name: registry key, the same string in the CLI, YAML and docs.
+        fn: the per-tensor function (see module docstring).
+        defaults: every hyperparameter with its default; no others are accepted.
+        summary: one line for ``mergelab methods``.
+        source: paper and official code followed, with the source of the defaults.
+        check: ``check(hparams, n_models)`` validates resolved hyperparameters, raising ``ValueError``.
+        stats: factory of a :class:`Collector` for whole-model statistics, or ``None``.
+        linear_in_scaling: output is ``scaling * g(taus)`` with ``g`` independent of ``scaling``
+            (declared, not guessed from the name; Weight Weaving's closed form relies on it).
+        randomized: uses ``ctx.generator()``; reproducible for a given ``seed``.
+        choices: allowed values of string hyperparameters.
+    """
+
+    name: str
+    fn: MethodFn
+    defaults: Mapping[str, Any]
+    summary: str
+    source: str
+    check: Callable[[dict[str, Any], int], None] | None = None
+    stats: Callable[[dict[str, Any], int], Collector | None] | None = None
+    linear_in_scaling: bool = False
+    randomized: bool = False
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise MergelabError(
+                f"method '{self.name}' has no hyperparameter {', '.join(map(repr, unknown))} "
+                f"(it takes: {known})"
+            )
+        resolved = dict(self.defaults)
+        for key, value in hparams.items():
+            resolved[key] = _coerce(self.name, key, value, self.defaults[key])
+        for key, allowed in self.choices.items():
+            if resolved[key] not in allowed:
+                raise MergelabError(
+                    f"method '{self.name}': {key}={resolved[key]!r} is not one of {', '.join(map(repr, allowed))}"
+                )
+        if self.check is not None:
+            try:
+                self.check(resolved, n_models)
+            except ValueError as err:
+                raise MergelabError(f"method '{self.name}': {err}") from None
+        return resolved
+
+    def collector(self, hparams: dict[str, Any], n_models: int) -> Collector | None:
+        return self.stats(hparams, n_models) if self.stats is not None else None
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    """Accept ints for floats and nothing else surprising; ``None`` defaults accept anything."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value)
+    raise MergelabError(
+        f"method '{method}': {key}={value!r} should be a {type(default).__name__}, like the default {default!r}"
+    )
+
+
+_REGISTRY: dict[str, Method] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register(name: str, **spec: Any) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register ``fn`` as method ``name`` (lower case, unique)."""
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        if not _NAME.match(name):
+            raise ValueError(f"method name {name!r} must be lower case letters, digits and '_'")
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = Method(name=name, fn=fn, **spec)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MergelabError(
+            f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_methods() -> dict[str, Method]:
+    _load_builtin_methods()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_methods() -> None:
+    import mergelab.methods  # noqa: F401  (importing the package registers every built-in method)
