@@ -88,7 +88,7 @@ class MergePlan:
             f"tensors       {len(self.merged)} merged, {len(self.copied)} copied from base, {len(self.aliases)} tied",
             f"passes        {passes} over the inputs ({self.n_stat_passes} statistics + 1 merge)",
             f"input         {_size(self.input_bytes)} read per pass",
-            f"compute       {self.compute_dtype} on {self.device}",
+            f"compute       {str(self.compute_dtype).removeprefix('torch.')} on {self.device}",
             f"peak RAM      ~{_size(self.peak_ram_bytes())} (largest tensor {self.largest:,} elements)",
         ]
         if self.device.type == "cuda":

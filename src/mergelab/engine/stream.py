@@ -77,7 +77,7 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                 bar.update(plan.base.specs[name].nbytes)
         if writer is not None:
             return writer.commit(extras_from=plan.base.folder)
-    return results
+    return {name: results[name] for name in plan.base.specs}  # the base's own key order
 
 
 def merge_tensor(plan: MergePlan, name: str, stats: Any, *, check_finite: bool) -> torch.Tensor:

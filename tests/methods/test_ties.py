@@ -1,0 +1,110 @@
+"""TIES: hand-checked cases, an oracle port of the official code, and properties."""
+
+from __future__ import annotations
+
+import torch
+from conftest import assert_close, finetune_of, tiny_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mergelab
+from mergelab.methods.registry import TensorCtx
+from mergelab.methods.ties import ties
+
+
+def official_ties(flat: torch.Tensor, density: float, merge_func: str) -> torch.Tensor:
+    """Literal port of prateeky2806/ties-merging src/utils/merge_utils.py (topk_values_mask,
+    resolve_sign "mass" + resolve_zero_signs "majority", disjoint_merge) on (T, d)."""
+    n, d = flat.shape
+    k = d - int(d * density)
+    kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    if merge_func == "mean":
+        return selected.sum(dim=0) / (selected != 0).sum(dim=0).float().clamp(min=1)
+    if merge_func == "sum":
+        return selected.sum(dim=0)
+    return selected.abs().max(dim=0)[0] * sign
+
+
+def test_hand_checked_disjoint_mean():
+    # three tasks, four parameters, density 0.5 of 4 -> keep |tau| >= 2nd smallest (official: 3 of 4)
+    taus = torch.tensor([[1.0, -2.0, 3.0, 0.5], [2.0, 1.0, -4.0, 0.1], [-0.5, -3.0, 1.0, 2.0]])
+    # row thresholds: kthvalue(4 - 2 = 2): row0 |.|={1,2,3,.5} -> 1; row1 {2,1,4,.1} -> 1; row2 {.5,3,1,2} -> 1
+    # trimmed: [1,-2,3,0], [2,1,-4,0], [0,-3,1,2]
+    # elected sign (sum): [3>0:+, -4<0:-, 0 -> majority, 2>0:+]; majority = sign(+1 -1 +0 +1) = +
+    # disjoint mean: p0 mean(1,2)=1.5; p1 mean(-2,-3)=-2.5; p2 sign + -> mean(3,1)=2; p3 2
+    out = ties(taus, torch.zeros(4), TensorCtx("w"), density=0.5, scaling=1.0, merge_func="mean",
+               scope="tensor", threshold="official")
+    assert_close(out, torch.tensor([1.5, -2.5, 2.0, 2.0]))
+
+
+def test_exact_threshold_keeps_exactly_k():
+    taus = torch.arange(1.0, 11.0).reshape(1, 10)
+    for rule, expected in (("official", 3), ("exact", 2)):
+        out = ties(taus, torch.zeros(10), TensorCtx("w"), density=0.2, scaling=1.0, merge_func="sum",
+                   scope="tensor", threshold=rule)
+        assert int((out != 0).sum()) == expected
+
+
+def test_global_scope_equals_official_on_flattened_model():
+    base = tiny_state(0)
+    models = [finetune_of(base, i) for i in range(3)]
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    flat = torch.stack([torch.cat([(m[n] - base[n]).reshape(-1) for n in names]) for m in models])
+    for merge_func in ("mean", "sum", "max"):
+        expected = official_ties(flat, 0.2, merge_func) * 0.7
+        merged = mergelab.merge("ties", base, models, density=0.2, scaling=0.7, merge_func=merge_func)
+        got = torch.cat([(merged[n] - base[n]).reshape(-1) for n in names])
+        assert_close(got, expected)
+        assert torch.equal(merged["position_ids"], base["position_ids"])
+
+
+def test_tensor_scope_equals_official_per_tensor():
+    base = tiny_state(1)
+    models = [finetune_of(base, i) for i in range(4)]
+    merged = mergelab.merge("ties", base, models, density=0.3, scope="tensor")
+    for name, tensor in base.items():
+        if not tensor.is_floating_point() or tensor.numel() < 2:
+            continue
+        flat = torch.stack([(m[name] - tensor).reshape(-1) for m in models])
+        assert_close(merged[name], tensor + official_ties(flat, 0.3, "mean").reshape(tensor.shape))
+
+
+def test_density_one_keeps_everything_like_sign_aware_mean():
+    taus = torch.tensor([[1.0, -1.0], [3.0, 2.0]])
+    out = ties(taus, torch.zeros(2), TensorCtx("w"), density=1.0, scaling=1.0, merge_func="mean",
+               scope="tensor", threshold="official")
+    # p0: both positive -> mean 2; p1: sum +1 -> keep 2.0 only
+    assert_close(out, torch.tensor([2.0, 2.0]))
+
+
+small_taus = st.integers(1, 4).flatmap(
+    lambda t: st.lists(st.floats(-4, 4, width=32), min_size=t * 6, max_size=t * 6).map(
+        lambda v: torch.tensor(v).reshape(t, 6)
+    )
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(small_taus, st.sampled_from(["mean", "sum", "max"]), st.floats(0.05, 1.0))
+def test_properties(taus, merge_func, density):
+    ctx = TensorCtx("w")
+    kwargs = dict(density=density, merge_func=merge_func, scope="tensor", threshold="official")
+    out = ties(taus, torch.zeros(6), ctx, scaling=1.0, **kwargs)
+    # linear in scaling; zero task vectors give zero; task order does not matter
+    assert_close(ties(taus, torch.zeros(6), ctx, scaling=2.5, **kwargs), 2.5 * out)
+    assert torch.equal(ties(torch.zeros_like(taus), torch.zeros(6), ctx, scaling=1.0, **kwargs), torch.zeros(6))
+    perm = torch.randperm(taus.shape[0], generator=torch.Generator().manual_seed(0))
+    assert_close(ties(taus[perm], torch.zeros(6), ctx, scaling=1.0, **kwargs), out)
+
+
+def test_copies_of_one_model_return_it_with_mean():
+    base = tiny_state(2)
+    model = finetune_of(base, 0)
+    merged = mergelab.merge("ties", base, [model, model, model], density=1.0, scope="tensor")
+    for name in base:
+        assert_close(merged[name], model[name])
