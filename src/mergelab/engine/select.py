@@ -16,6 +16,8 @@ Memory is two histograms per row and requested rank, whatever d is. The answer e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 _BINS = 1 << 16
@@ -39,7 +41,7 @@ def _key_to_float(high: int, low: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
 
 
-def _chunks(row: torch.Tensor):
+def _chunks(row: torch.Tensor) -> Iterator[torch.Tensor]:
     for start in range(0, row.numel(), _CHUNK):
         yield row[start : start + _CHUNK]
 
@@ -87,7 +89,8 @@ class StreamingKth:
         """``ranks[row]`` lists the 1-based ranks wanted for that row (1 <= k <= count)."""
         cumulative = self._hist_hi.cumsum(dim=1)
         for row, row_ranks in enumerate(ranks):
-            targets, hists = [], {}
+            targets: list[tuple[int, int]] = []
+            hists: dict[int, torch.Tensor] = {}
             for k in row_ranks:
                 if not 1 <= k <= self.count:
                     raise ValueError(f"rank {k} outside 1..{self.count}")

@@ -9,12 +9,14 @@ choice. The paper itself tunes ``scaling`` on validation data; set it explicitly
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mergelab.methods.registry import TensorCtx, register
 
 
-def _check(hp: dict, n_models: int) -> None:
+def _check(hp: dict[str, Any], n_models: int) -> None:
     if not -1e6 < hp["scaling"] < 1e6:
         raise ValueError(f"scaling={hp['scaling']} is not a finite number")
 

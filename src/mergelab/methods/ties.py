@@ -23,6 +23,7 @@ scaling=0.3`` (config/method/ties_merging.yaml); pass those to reproduce it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ class TiesStats:
 class TiesGlobalStats:
     """Passes 0-1: exact per-task magnitude threshold; pass 2 (last): model-wide majority sign."""
 
-    def __init__(self, hp: dict, n_models: int):
+    def __init__(self, hp: dict[str, Any], n_models: int):
         self.density, self.rule, self.n_models = hp["density"], hp["threshold"], n_models
         self.selector = StreamingKth(n_models)
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
@@ -72,12 +73,12 @@ class TiesGlobalStats:
         return TiesStats(self.thresholds, float(torch.sign(torch.tensor(self.sign_total))))
 
 
-def _check(hp: dict, n_models: int) -> None:
+def _check(hp: dict[str, Any], n_models: int) -> None:
     if not 0.0 <= hp["density"] <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {hp['density']}")
 
 
-def _stats(hp: dict, n_models: int) -> TiesGlobalStats | None:
+def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     return TiesGlobalStats(hp, n_models) if hp["scope"] == "global" else None
 
 

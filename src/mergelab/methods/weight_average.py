@@ -8,13 +8,14 @@ as mergekit's ``linear`` method does by default (``normalize: true``); they must
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from mergelab.methods.registry import TensorCtx, register
 
 
-def _check(hp: dict, n_models: int) -> None:
+def _check(hp: dict[str, Any], n_models: int) -> None:
     weights = hp["weights"]
     if weights is None:
         return
@@ -33,9 +34,9 @@ def _check(hp: dict, n_models: int) -> None:
     source="Wortsman et al. ICML 2022 (uniform soup); weight normalisation as mergekit linear",
     check=_check,
 )
-def weight_average(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, weights: list | None) -> torch.Tensor:
+def weight_average(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, weights: list[float] | None) -> torch.Tensor:
     if weights is None:
         return taus.mean(dim=0)
     w = torch.tensor(weights, dtype=taus.dtype, device=taus.device)
     w = w / w.sum()
-    return torch.tensordot(w, taus, dims=1)
+    return (w.reshape(-1, *[1] * (taus.dim() - 1)) * taus).sum(dim=0)
