@@ -11,7 +11,15 @@ import torch
 
 from mergelab.errors import MergelabError
 
-__all__ = ["MergelabError", "__version__", "merge", "methods", "plan"]
+__all__ = ["ContinualMerger", "MergelabError", "__version__", "merge", "methods", "plan"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ContinualMerger":  # imported lazily: keeps `import mergelab` cheap
+        from mergelab.continual import ContinualMerger
+
+        return ContinualMerger
+    raise AttributeError(f"module 'mergelab' has no attribute {name!r}")
 
 
 def plan(

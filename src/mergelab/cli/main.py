@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mergelab import __version__
 from mergelab.errors import MergelabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mergelab.cli import merge_cmd, methods_cmd
+    from mergelab.cli import continual_cmd, merge_cmd, methods_cmd
 
     parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.")
     parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     merge_cmd.add_parsers(sub)
     methods_cmd.add_parser(sub)
+    continual_cmd.add_parser(sub)
     return parser
 
 

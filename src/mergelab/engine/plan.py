@@ -135,7 +135,7 @@ def build_plan(
         raise MergelabError(f"max_shard_size must be positive, got {max_shard_size}")
     base_src = open_source(base, "<base>")
     model_srcs = [open_source(m, f"<model {i + 1}>") for i, m in enumerate(models)]
-    merged, copied = _check_tensors(base_src, model_srcs)
+    merged, copied = check_models(base_src, model_srcs)
     aliases = base_src.aliases()
     order = sorted(base_src.specs, key=lambda n: (base_src.file_of(n), n))
     collector = spec.collector(resolved, len(models))
@@ -183,7 +183,7 @@ def _device(device: str | torch.device, require: bool) -> torch.device:
     return target
 
 
-def _check_tensors(base: TensorSource, models: list[TensorSource]) -> tuple[set[str], set[str]]:
+def check_models(base: TensorSource, models: list[TensorSource]) -> tuple[set[str], set[str]]:
     """Keys, shapes and dtypes of every model against the base; returns (merged, copied) names."""
     merged = {n for n, s in base.specs.items() if s.dtype.is_floating_point}
     copied = set(base.specs) - merged

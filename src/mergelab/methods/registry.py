@@ -93,30 +93,40 @@ class Method:
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise MergelabError(
-                f"method '{self.name}' has no hyperparameter {', '.join(map(repr, unknown))} "
-                f"(it takes: {known})"
-            )
-        resolved = dict(self.defaults)
-        for key, value in hparams.items():
-            resolved[key] = _coerce(self.name, key, value, self.defaults[key])
-        for key, allowed in self.choices.items():
-            if resolved[key] not in allowed:
-                raise MergelabError(
-                    f"method '{self.name}': {key}={resolved[key]!r} is not one of {', '.join(map(repr, allowed))}"
-                )
-        if self.check is not None:
-            try:
-                self.check(resolved, n_models)
-            except ValueError as err:
-                raise MergelabError(f"method '{self.name}': {err}") from None
-        return resolved
+        return resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, n_models)
 
     def collector(self, hparams: dict[str, Any], n_models: int) -> Collector | None:
         return self.stats(hparams, n_models) if self.stats is not None else None
+
+
+def resolve_hparams(
+    name: str,
+    defaults: Mapping[str, Any],
+    choices: Mapping[str, tuple[Any, ...]],
+    check: Callable[[dict[str, Any], int], None] | None,
+    hparams: Mapping[str, Any],
+    n_models: int,
+) -> dict[str, Any]:
+    """``defaults`` overlaid with ``hparams``: unknown names, wrong types, values outside
+    ``choices`` and ``check`` failures raise MergelabError naming the method."""
+    unknown = sorted(set(hparams) - set(defaults))
+    if unknown:
+        known = ", ".join(sorted(defaults)) or "none"
+        raise MergelabError(
+            f"method '{name}' has no hyperparameter {', '.join(map(repr, unknown))} (it takes: {known})"
+        )
+    resolved = dict(defaults)
+    for key, value in hparams.items():
+        resolved[key] = _coerce(name, key, value, defaults[key])
+    for key, allowed in choices.items():
+        if resolved[key] not in allowed:
+            raise MergelabError(f"method '{name}': {key}={resolved[key]!r} is not one of {', '.join(map(repr, allowed))}")
+    if check is not None:
+        try:
+            check(resolved, n_models)
+        except ValueError as err:
+            raise MergelabError(f"method '{name}': {err}") from None
+    return resolved
 
 
 def _coerce(method: str, key: str, value: Any, default: Any) -> Any:

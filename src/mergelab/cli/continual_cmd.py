@@ -1,0 +1,75 @@
+"""``mergelab continual init|add|export|status``: a durable continual-merging state folder."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    from mergelab.cli.merge_cmd import parse_sets
+
+    parser = sub.add_parser("continual", help="merge models one at a time into a state folder")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    init = actions.add_parser("init", help="create a state folder for a method and base model")
+    init.add_argument("state_dir")
+    init.add_argument("--method", required=True, help="opcm, continual_ta, continual_ties or swa")
+    init.add_argument("--base", required=True, help="base (pre-trained) model path")
+    init.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
+    init.add_argument("--device", default="cpu")
+    init.set_defaults(run=lambda a: _init(a, parse_sets(a.sets)))
+
+    add = actions.add_parser("add", help="merge one more model into the state (atomic)")
+    add.add_argument("state_dir")
+    add.add_argument("model")
+    add.add_argument("--name", help="name recorded for this model (default: its path)")
+    add.add_argument("--force", action="store_true", help="add a model even if its content was added before")
+    add.add_argument("--device", default="cpu")
+    add.set_defaults(run=_add)
+
+    export = actions.add_parser("export", help="write the current merged model")
+    export.add_argument("state_dir")
+    export.add_argument("--out", required=True)
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
+
+    status = actions.add_parser("status", help="print method, step and models added")
+    status.add_argument("state_dir")
+    status.set_defaults(run=_status)
+
+
+def _init(args: argparse.Namespace, hparams: dict[str, Any]) -> int:
+    from mergelab.continual import ContinualMerger
+
+    merger = ContinualMerger(args.method, args.base, device=args.device, **hparams)
+    merger.save(args.state_dir)
+    print(f"initialised {args.state_dir}: {args.method} {merger.hparams}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from mergelab.continual import ContinualMerger
+
+    merger = ContinualMerger.load(args.state_dir, device=args.device)
+    merger.add(args.model, name=args.name or args.model, force=args.force)
+    print(f"step {merger.step}: added {args.name or args.model}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mergelab.continual import ContinualMerger
+
+    path = ContinualMerger.load(args.state_dir).export(args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mergelab.continual import ContinualMerger
+
+    merger = ContinualMerger.load(args.state_dir)
+    print(f"method  {merger.method} {merger.hparams}\nbase    {merger.base_ref}\nstep    {merger.step}")
+    for index, entry in enumerate(merger.added, 1):
+        print(f"  {index:>3}  {entry['name']}  sha256:{entry['sha256'][:16]}")
+    return 0

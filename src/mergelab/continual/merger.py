@@ -1,0 +1,328 @@
+"""``ContinualMerger``: merge models one at a time with constant memory and durable state.
+
+The state is one float32 tensor per floating tensor of the base (the rule's running quantity, see
+:mod:`mergelab.continual.rules`) plus a few scalars -- never the past models. ``add`` streams the
+new model tensor by tensor (any checkpoint the engine reads), so memory does not grow with the
+number of models or with the model size beyond a few tensors.
+
+A merger with a state folder (``save`` once, or ``load``) commits every ``add`` to that folder
+atomically (:mod:`mergelab.continual.state`); without one, the state lives in memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab import __version__
+from mergelab.continual import rules
+from mergelab.continual.opcm import project_out
+from mergelab.continual.state import (
+    commit_generation,
+    generation_name,
+    open_state_tensors,
+    read_current,
+)
+from mergelab.engine.plan import check_models
+from mergelab.errors import MergelabError
+from mergelab.io.safetensors_header import TensorSpec
+from mergelab.io.sources import DictSource, TensorSource, open_source
+from mergelab.io.writer import CheckpointWriter
+from mergelab.methods.registry import TensorCtx, resolve_hparams
+from mergelab.methods.ties import TiesGlobalStats, ties
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": []},
+    "continual_ta": {"scaling": 0.3},
+    "continual_ties": {"scaling": 0.5, "density": 0.2, "merge_func": "sum"},
+    "swa": {},
+}
+CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "opcm": {"projection": ("official", "paper"), "non_matrix": ("official", "average")},
+    "continual_ties": {"merge_func": ("mean", "sum", "max")},
+}
+
+
+def _check(hp: dict[str, Any], n_models: int) -> None:
+    if "alpha" in hp and not 0.0 <= hp["alpha"] <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
+    if "density" in hp and not 0.0 <= hp["density"] <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {hp['density']}")
+
+
+class ContinualMerger:
+    """Merge models sequentially: ``cm.add(model)`` one at a time, ``cm.merged()`` at any point.
+
+    Args:
+        method: ``"opcm"`` (alpha, seed, projection, non_matrix, exclude), ``"continual_ta"``
+            (scaling), ``"continual_ties"`` (scaling, density, merge_func) or ``"swa"``.
+        base: the pre-trained model (any model-like input). To ``save`` a merger and continue
+            it later, pass the base as a path, which the state records.
+        device: where per-tensor maths runs (``"cpu"`` or ``"cuda"``).
+        **hparams: the method's hyperparameters (defaults in ``DEFAULTS``, sources in the docs).
+
+    Example:
+        >>> cm = ContinualMerger("opcm", base="base/", alpha=0.5)
+        >>> for path in ["task1/", "task2/"]:
+        ...     cm.add(path)
+        >>> merged = cm.merged()
+    """
+
+    def __init__(self, method: str, base: Any, *, device: str = "cpu", **hparams: Any):
+        if method not in DEFAULTS:
+            raise MergelabError(f"unknown continual method {method!r}; available: {', '.join(sorted(DEFAULTS))}")
+        self.method = method
+        self.hparams = resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), _check, hparams, 1)
+        self.base_ref = str(Path(base).resolve()) if isinstance(base, (str, Path)) else None
+        self.base = open_source(base, "<base>")
+        self.device = torch.device(device)
+        self.floating = [n for n, s in self.base.specs.items() if s.dtype.is_floating_point]
+        self.step = 0
+        self.added: list[dict[str, str]] = []
+        self.scalars: dict[str, float] = {}
+        self._state: TensorSource | None = None
+        self._state_dir: Path | None = None
+
+    # ------------------------------------------------------------------ public API
+    def add(self, model: Any, *, name: str | None = None, force: bool = False) -> None:
+        """Merge one more model. Refuses a model already added (same content hash) unless ``force``."""
+        source = open_source(model, name or f"<model {self.step + 1}>")
+        check_models(self.base, [source])
+        label = name or source.label
+        stats = self._ties_stats(source) if self.method == "continual_ties" and self.step > 0 else None
+        digest = hashlib.sha256()
+        new_state: dict[str, torch.Tensor] = {}
+        scalars = dict(self.scalars)
+        tau_sq = u_sq = 0.0
+        writer = self._open_generation(self.step + 1) if self._state_dir is not None else None
+        with writer if writer is not None else _Null():
+            for tensor_name in self.floating:
+                raw = source.get(tensor_name)
+                _hash_tensor(digest, tensor_name, raw)
+                base = self.base.get(tensor_name).to(self.device, torch.float32)
+                tau = raw.to(self.device, torch.float32) - base
+                if not bool(torch.isfinite(tau).all()):
+                    raise MergelabError("contains NaN or Inf values", file=source.file_of(tensor_name), tensor=tensor_name)
+                state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
+                updated = self._update(tensor_name, state, tau, stats)
+                if self.method != "opcm" or self._rescaled(tensor_name):
+                    tau_sq += float(tau.double().pow(2).sum())
+                    u_sq += float(updated.double().pow(2).sum())
+                out = updated.to("cpu", torch.float32).contiguous()
+                if writer is not None:
+                    writer.write(tensor_name, out)
+                else:
+                    new_state[tensor_name] = out
+            content = digest.hexdigest()
+            previous = next((m for m in self.added if m["sha256"] == content), None)
+            if previous is not None and not force:
+                raise MergelabError(
+                    f"already added as step {self.added.index(previous) + 1} ({previous['name']}); same content "
+                    "hash (use force=True / --force to add it again)",
+                    file=source.label,
+                )
+            scalars["norm_sum"] = scalars.get("norm_sum", 0.0) + math.sqrt(tau_sq)
+            scalars["state_norm_sq"] = u_sq
+            entry = {"name": label, "sha256": content}
+            if writer is not None:
+                generation = writer.commit()
+                self.step += 1
+                self.added.append(entry)
+                self.scalars = scalars
+                commit_generation(self._state_dir, generation, self._manifest())  # type: ignore[arg-type]
+                self._state = open_state_tensors(generation)
+                return
+        self.step += 1
+        self.added.append(entry)
+        self.scalars = scalars
+        self._state = DictSource(new_state, "<state>")
+
+    def add_all(self, models: list[Any], *, shuffle: bool = False) -> list[int]:
+        """Add several models; with ``shuffle`` in an order drawn from the ``seed`` hyperparameter
+        (as FusionBench's ``shuffle_order``). Returns the order used (indices into ``models``)."""
+        order = list(range(len(models)))
+        if shuffle:
+            random.Random(int(self.hparams.get("seed", 0))).shuffle(order)
+        for index in order:
+            self.add(models[index])
+        return order
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        """The current merged model: same keys and dtypes as the base, on CPU."""
+        if self.step == 0:
+            raise MergelabError("no model added yet: call add() first")
+        return {name: tensor for name, tensor in self._iter_merged()}
+
+    def export(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the merged model as a safetensors checkpoint (config files copied from a base folder)."""
+        if self.step == 0:
+            raise MergelabError("no model added yet: nothing to export")
+        layout = [(n, self.base.specs[n]) for n in self.base.specs]
+        metadata = {"mergelab.version": __version__, "mergelab.method": self.method,
+                    "mergelab.hparams": _json(self.hparams), "mergelab.inputs": _json(self.added)}
+        with CheckpointWriter(out, layout, metadata, overwrite=overwrite) as writer:
+            for name, tensor in self._iter_merged():
+                writer.write(name, tensor)
+            return writer.commit(extras_from=self.base.folder)
+
+    def save(self, state_dir: str | Path) -> Path:
+        """Persist the state to ``state_dir``; from now on every ``add`` commits there atomically."""
+        if self.base_ref is None:
+            raise MergelabError("a merger whose base is not a path cannot be saved: pass base as a path")
+        state_dir = Path(state_dir)
+        if self._state_dir is not None and state_dir.resolve() == self._state_dir.resolve():
+            return state_dir  # every add is already committed there
+        if (state_dir / "CURRENT").exists():
+            raise MergelabError("already holds a continual-merging state", file=str(state_dir))
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_dir = state_dir
+        if self._state is None:
+            commit_generation(state_dir, self._empty_generation(), self._manifest())
+            return state_dir
+        writer = self._open_generation(self.step)
+        with writer:
+            for name in self.floating:
+                writer.write(name, self._state.get(name).to(torch.float32).contiguous())
+            generation = writer.commit()
+        commit_generation(state_dir, generation, self._manifest())
+        self._state = open_state_tensors(generation)
+        return state_dir
+
+    @classmethod
+    def load(cls, state_dir: str | Path, *, device: str = "cpu") -> ContinualMerger:
+        """Continue from a state folder written by :meth:`save` (or ``mergelab continual init``)."""
+        state_dir = Path(state_dir)
+        generation, manifest = read_current(state_dir)
+        merger = cls(manifest["method"], manifest["base"], device=device, **manifest["hparams"])
+        if manifest.get("base_fingerprint") != _fingerprint(merger.base):
+            raise MergelabError("the base model changed since this state was created", file=manifest["base"])
+        merger.step = int(manifest["step"])
+        merger.added = list(manifest["models"])
+        merger.scalars = {k: float(v) for k, v in manifest["scalars"].items()}
+        merger._state_dir = state_dir
+        merger._state = open_state_tensors(generation) if merger.step > 0 else None
+        return merger
+
+    # ------------------------------------------------------------------ per-tensor rules
+    def _is_matrix(self, name: str) -> bool:
+        excluded = any(fnmatch.fnmatchcase(name, pattern) for pattern in self.hparams.get("exclude", []))
+        return len(self.base.specs[name].shape) == 2 and not excluded
+
+    def _rescaled(self, name: str) -> bool:
+        """OPCM's global norm rescaling covers every tensor, or only matrices in the 'average' variant."""
+        return self.method == "opcm" and (self.hparams["non_matrix"] == "official" or self._is_matrix(name))
+
+    def _update(self, name: str, state: torch.Tensor | None, tau: torch.Tensor, stats: Any) -> torch.Tensor:
+        hp, count = self.hparams, self.step
+        if self.method == "swa":
+            return tau if state is None else rules.swa_update(state, tau, count)
+        if self.method == "continual_ta":
+            return tau if state is None else rules.ta_update(state, tau)
+        if self.method == "continual_ties":
+            if state is None:
+                return hp["scaling"] * tau
+            ctx = TensorCtx(name=name, stats=stats)
+            step = ties(torch.stack([state, tau]), tau, ctx, density=hp["density"], scaling=1.0,
+                        merge_func=hp["merge_func"], scope="global", threshold="official")
+            return state + hp["scaling"] * step
+        # opcm: the state is the un-normalised running sum lambda_t * tau_merged
+        if state is None:
+            return tau
+        if self._is_matrix(name):
+            return state + project_out(state, tau, hp["alpha"], hp["projection"])
+        if hp["non_matrix"] == "average":
+            return rules.swa_update(state, tau, count)
+        return state + tau
+
+    def _iter_merged(self) -> Any:
+        assert self._state is not None
+        factor = 1.0
+        if self.method == "opcm":
+            average_norm = self.scalars["norm_sum"] / self.step
+            state_norm = math.sqrt(self.scalars["state_norm_sq"])
+            factor = average_norm / state_norm if state_norm > 0 else 0.0
+        for name, spec in self.base.specs.items():
+            base = self.base.get(name)
+            if name not in self._state.specs:
+                yield name, base.clone()
+                continue
+            state = self._state.get(name).to(torch.float32)
+            if self.method == "continual_ta":
+                delta = self.hparams["scaling"] * state
+            elif self.method == "opcm" and self._rescaled(name):
+                delta = factor * state
+            else:
+                delta = state
+            yield name, (base.to(torch.float32) + delta).to(spec.dtype)
+
+    def _ties_stats(self, source: TensorSource) -> Any:
+        """Whole-model TIES statistics over the two rows [current merged task vector, new tau]."""
+        assert self._state is not None
+        collector = TiesGlobalStats({"density": self.hparams["density"], "threshold": "official"}, 2)
+        for index in range(collector.n_passes):
+            for name in self.floating:
+                base = self.base.get(name).to(self.device, torch.float32)
+                tau = source.get(name).to(self.device, torch.float32) - base
+                state = self._state.get(name).to(self.device, torch.float32)
+                collector.observe(index, name, torch.stack([state, tau]), base)
+            collector.end_pass(index)
+        return collector.result()
+
+    # ------------------------------------------------------------------ persistence
+    def _open_generation(self, step: int) -> CheckpointWriter:
+        assert self._state_dir is not None
+        layout = [(n, TensorSpec(self.base.specs[n].shape, torch.float32)) for n in self.floating]
+        target = self._state_dir / generation_name(step)
+        if target.exists():  # left by an add that was killed before committing
+            shutil.rmtree(target)
+        return CheckpointWriter(target, layout, {"mergelab.state": self.method})
+
+    def _empty_generation(self) -> Path:
+        assert self._state_dir is not None
+        target = self._state_dir / generation_name(0)
+        target.mkdir(exist_ok=True)
+        return target
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "hparams": self.hparams,
+            "step": self.step,
+            "models": self.added,
+            "scalars": self.scalars,
+            "base": self.base_ref,
+            "base_fingerprint": _fingerprint(self.base),
+            "mergelab_version": __version__,
+        }
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _fingerprint(source: TensorSource) -> str:
+    """Hash of the base's tensor names, shapes and dtypes (cheap; catches a swapped base)."""
+    text = "|".join(f"{n}:{s.shape}:{s.dtype}" for n, s in sorted(source.specs.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)

@@ -1,0 +1,64 @@
+"""OPCM: Orthogonal Projection-based Continual Merging (Tang et al., "Merging Models on the Fly
+Without Retraining: A Sequential Approach to Scalable Continual Model Merging", arXiv:2501.09522;
+../shared/papers/opcm.txt), per-tensor maths.
+
+Eq. (6)/(9): a new task vector ``tau_t`` of a weight matrix is projected away from the dominant
+singular subspace of the current merged task vector ``tau_merged = U S V^T``, then added, and the
+whole merged task vector is rescaled (Eq. 10) so that its norm equals the average norm of the task
+vectors seen so far: ``lambda_t = ||lambda_{t-1} tau_merged + P(tau_t)|| / mean_i ||tau_i||``.
+
+Following the official code (tanganke/opcm, FusionBench ``fusion_bench/method/opcm/opcm.py``,
+``merge_linear_weights``) by default:
+
+* ``projection="official"``: in the full singular bases of ``tau_merged``, the projected matrix
+  ``P = U^T tau_t V`` has its *whole diagonal* zeroed and its top-left ``r x r`` block zeroed, with
+  ``r = argmax(cumsum(S) / sum(S) > alpha)`` (the first index whose cumulative ratio passes alpha,
+  0-based: the crossing direction itself is not in the block). ``projection="paper"`` zeroes only
+  the top-left block with the paper's ``r`` = the minimal rank whose cumulative ratio reaches
+  ``alpha`` (Eq. 9), i.e. one more direction and no diagonal.
+* We never form the full ``U``/``V``: zeroing entries of ``P`` removes
+  ``U_r (U_r^T tau V_r) V_r^T + sum_{i >= r} P_ii u_i v_i^T`` from ``tau``, which needs only the
+  reduced SVD and equals the official full-matrix computation (a test checks it).
+* ``non_matrix="official"``: other tensors (biases, norms, and here any tensor that is not 2-D)
+  are added and rescaled with the same global ``lambda_t``, as the official code does (the paper's
+  Eq. 8). ``non_matrix="average"``: the paper's prose ("averaged directly"): a running mean of their
+  task vectors, left out of the rescaling.
+
+Unlike the official code, which walks ``named_modules()`` and misses parameters that do not live
+in leaf modules (e.g. CLIP's ``class_embedding``), every floating tensor is handled; following
+the contract, every 2-D floating tensor is a matrix (use ``exclude`` patterns to treat some as
+non-matrices, e.g. ``["*embed*"]`` to reproduce the official nn.Linear-only setting).
+
+Default ``alpha=0.5``: FusionBench ``config/method/opcm/opcm.yaml`` and the paper's experiments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_rank(singular_values: torch.Tensor, alpha: float, projection: str) -> int:
+    """Number of leading singular directions whose block is removed (see module docstring)."""
+    total = singular_values.sum()
+    if not bool(total > 0):
+        return 0
+    ratio = singular_values.cumsum(dim=0) / total
+    if projection == "official":
+        return int((ratio > alpha).float().argmax())
+    return int((ratio >= alpha).float().argmax()) + 1
+
+
+def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projection: str) -> torch.Tensor:
+    """``tau`` with its components in ``merged_tv``'s dominant singular subspace removed (2-D)."""
+    if not bool(merged_tv.abs().amax() > 0):
+        return tau  # nothing merged yet in this matrix: no subspace to avoid
+    # in the compute dtype (float32 by default), as the official code
+    u, s, vh = torch.linalg.svd(merged_tv, full_matrices=False)  # (m,k) (k,) (k,n)
+    v = vh.mT
+    r = split_rank(s, alpha, projection)
+    removed = u[:, :r] @ (u[:, :r].mT @ tau @ v[:, :r]) @ v[:, :r].mT
+    if projection == "official":
+        # diagonal entries P_ii = u_i^T tau v_i for i >= r (those below r are inside the block)
+        diag = (u[:, r:] * (tau @ v[:, r:])).sum(dim=0)  # (k - r,)
+        removed = removed + (u[:, r:] * diag) @ v[:, r:].mT
+    return tau - removed
