@@ -60,6 +60,7 @@ class Header:
     specs: dict[str, TensorSpec]
     metadata: dict[str, str]
     data_start: int  # byte offset of the data section
+    offsets: dict[str, int]  # absolute byte offset of each tensor's data in the file
 
 
 def read_header(path: str) -> Header:
@@ -102,7 +103,8 @@ def read_header(path: str) -> Header:
     for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise MergelabError(f"corrupt file: data overlaps tensor '{prev_name}'", file=path, tensor=name)
-    return Header(specs=specs, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=8 + length)
+    offsets = {name: 8 + length + begin for begin, _, name in spans}
+    return Header(specs=specs, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=8 + length, offsets=offsets)
 
 
 def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import torch
 
@@ -79,39 +79,54 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files; ``files`` maps each tensor name to its shard."""
+    """One or more safetensors files; ``files`` maps each tensor name to its shard.
+
+    Tensors are read with plain positioned reads into a fresh buffer (one copy, no memory map), so
+    the process's memory holds only the tensors in use, and reads release the GIL.
+    """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None, index: dict[str, str] | None = None):
         self.label = label
         self.folder = folder
         self.specs = {}
         self._file: dict[str, str] = {}
+        self._offset: dict[str, int] = {}
         for path in files:
-            for name, spec in read_header(path).specs.items():
+            header = read_header(path)
+            for name, spec in header.specs.items():
                 if name in self._file:
                     raise MergelabError(f"tensor also stored in {self._file[name]}", file=path, tensor=name)
                 self.specs[name] = spec
                 self._file[name] = path
+                self._offset[name] = header.offsets[name]
         if index is not None:
             _check_index(index, self._file, label)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, BinaryIO] = {}
 
     def file_of(self, name: str) -> str:
         return self._file.get(name, self.label)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._file[name]
+        path, spec = self._file[name], self.specs[name]
         handle = self._handles.get(path)
         if handle is None:
             try:
-                handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
-            except Exception as err:  # the library's own validation: report as ours
-                raise MergelabError(f"corrupt safetensors file ({err})", file=path) from None
-        return handle.get_tensor(name)
+                handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
+            except OSError as err:
+                raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
+        buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done, offset = 0, self._offset[name]
+        while done < spec.nbytes:  # a single read() returns at most ~2 GB
+            count = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if count <= 0:
+                raise MergelabError("file is truncated (changed since it was opened?)", file=path, tensor=name)
+            done += count
+        return buffer.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 
