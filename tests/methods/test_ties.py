@@ -108,3 +108,37 @@ def test_copies_of_one_model_return_it_with_mean():
     merged = mergelab.merge("ties", base, [model, model, model], density=1.0, scope="tensor")
     for name in base:
         assert_close(merged[name], model[name])
+
+
+def cancellation_case() -> tuple[dict, list[dict]]:
+    """Parameter 0 cancels exactly (+1 and -1): its elected sign is the model-wide majority,
+    which the other parameters make negative."""
+    base = {"w": torch.zeros(6), "v": torch.zeros(2, 2)}
+    a = {"w": torch.tensor([1.0, -2.0, -2.0, -2.0, -2.0, 0.5]), "v": -torch.ones(2, 2)}
+    b = {"w": torch.tensor([-1.0, -1.0, -3.0, -1.0, -1.0, 0.25]), "v": -torch.ones(2, 2)}
+    return base, [a, b]
+
+
+def test_global_majority_sign_is_applied_to_cancelling_parameters(tmp_path):
+    base, models = cancellation_case()
+    flat = torch.stack([torch.cat([m["v"].reshape(-1), m["w"]]) for m in models])  # file order: v, w
+    expected = official_ties(flat, 1.0 - 1e-9, "mean")
+    assert expected[4] == -1.0  # parameter w[0]: majority -1 keeps the -1 entry
+    merged = mergelab.merge("ties", base, models, density=1.0 - 1e-9)
+    assert_close(torch.cat([merged["v"].reshape(-1), merged["w"]]), expected)
+    path = mergelab.merge("ties", base, models, density=1.0 - 1e-9, out=tmp_path / "m.safetensors")
+    from safetensors.torch import load_file
+
+    written = load_file(str(path))
+    assert_close(written["w"], merged["w"])
+    assert not list(tmp_path.glob(".*mergelab-tmp*"))
+
+
+def test_continual_ties_applies_the_majority_sign_too():
+    base, models = cancellation_case()
+    cm = mergelab.ContinualMerger("continual_ties", base, scaling=1.0, density=1.0 - 1e-9, merge_func="mean")
+    cm.add(models[0])
+    # state = tau_a; step 2 TIES([tau_a, tau_b]) has the same cancellation at w[0]
+    cm.add(models[1])
+    expected_step = official_ties(torch.stack([models[0]["w"], models[1]["w"]]), 1.0 - 1e-9, "mean")
+    assert cm.merged()["w"][0] == models[0]["w"][0] + expected_step[0]

@@ -37,6 +37,7 @@ from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter
 from mergelab.methods.registry import TensorCtx, resolve_hparams
 from mergelab.methods.ties import TiesGlobalStats, ties
+from mergelab.methods.ties import _finalize as ties_finalize
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": []},
@@ -120,6 +121,8 @@ class ContinualMerger:
                     writer.write(tensor_name, out)
                 else:
                     new_state[tensor_name] = out
+            if stats is not None:
+                self._apply_ties_majority(stats, writer, new_state)
             content = digest.hexdigest()
             previous = next((m for m in self.added if m["sha256"] == content), None)
             if previous is not None and not force:
@@ -261,6 +264,17 @@ class ContinualMerger:
             else:
                 delta = state
             yield name, (base.to(torch.float32) + delta).to(spec.dtype)
+
+    def _apply_ties_majority(self, stats: Any, writer: CheckpointWriter | None, new_state: dict[str, torch.Tensor]) -> None:
+        """Re-merge the few parameters whose TIES sign needed the model-wide majority (see ties._finalize)."""
+        assert self._state is not None
+        hp = {"merge_func": self.hparams["merge_func"], "scaling": self.hparams["scaling"]}
+        for name, (index, delta) in ties_finalize(hp, stats).items():
+            values = self._state.get(name).reshape(-1)[index].to(torch.float32) + delta
+            if writer is not None:
+                writer.patch(name, index, values)
+            else:
+                new_state[name].view(-1)[index] = values
 
     def _ties_stats(self, source: TensorSource) -> Any:
         """Whole-model TIES statistics over the two rows [current merged task vector, new tau]."""

@@ -83,9 +83,28 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                 else:
                     results[name] = tensor
                 bar.update(plan.base.specs[name].nbytes)
+        for name, values in _finalize(plan, stats).items():
+            if writer is not None:
+                writer.patch(name, *values)
+            else:
+                results[name].view(-1)[values[0]] = values[1]
         if writer is not None:
             return writer.commit(extras_from=plan.base.folder)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
+
+
+def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The method's late corrections, as merged values in the output dtype, for every tied name."""
+    if plan.method.finalize is None:
+        return {}
+    patches = {}
+    for canonical, (index, delta) in plan.method.finalize(plan.hparams, stats).items():
+        base = plan.base.get(canonical).reshape(-1)[index.cpu()].to(plan.compute_dtype)
+        values = (base + delta.cpu().to(plan.compute_dtype)).to(plan.base.specs[canonical].dtype)
+        for name in plan.order:
+            if plan.aliases.get(name, name) == canonical:
+                patches[name] = (index.cpu(), values)
+    return patches
 
 
 def merge_tensor(plan: MergePlan, name: str, stats: Any, *, check_finite: bool) -> torch.Tensor:

@@ -93,6 +93,13 @@ class CheckpointWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
         self._order = [(name, i) for i, shard in enumerate(self.shards) for name in shard.names]
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (shard index, offset from file start)
+        for index, shard in enumerate(self.shards):
+            entries = [(n, self.specs[n]) for n in shard.names]
+            offset = len(shard_header(entries, self.metadata))
+            for name, spec in entries:
+                self._where[name] = (index, offset)
+                offset += spec.nbytes
         self._next = 0
         self._handle: BinaryIO | None = None
         self._shard_index = -1
@@ -110,6 +117,23 @@ class CheckpointWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._handle.write(memoryview(data.numpy()))
         self._next += 1
+
+    def patch(self, name: str, flat_index: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite a few entries of a tensor already written (before :meth:`commit`)."""
+        if self._next != len(self._order):
+            raise RuntimeError("patch() is for after every tensor has been written")
+        self._close_handle()
+        shard_index, offset = self._where[name]
+        spec = self.specs[name]
+        with open(self.tmp / self.shards[shard_index].filename, "r+b") as handle:
+            handle.seek(offset)
+            data = bytearray(handle.read(spec.nbytes))
+            tensor = torch.frombuffer(data, dtype=torch.uint8).view(spec.dtype).reshape(-1)
+            tensor[flat_index] = values.to(spec.dtype)
+            handle.seek(offset)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def _open_shard(self, index: int) -> None:
         self._close_handle()

@@ -78,6 +78,9 @@ class Method:
             (declared, not guessed from the name; Weight Weaving's closed form relies on it).
         randomized: uses ``ctx.generator()``; reproducible for a given ``seed``.
         choices: allowed values of string hyperparameters.
+        finalize: ``finalize(hparams, stats) -> {name: (flat_indices, delta_values)}``, called after
+            the merge pass for methods that learn a model-wide quantity while merging (TIES' majority
+            sign); the engine patches those few entries of the output.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Method:
     linear_in_scaling: bool = False
     randomized: bool = False
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""

@@ -9,8 +9,9 @@ Follows the official code (prateeky2806/ties-merging, src/utils/merge_utils.py: 
 
 * ``scope="global"`` (default, official/FusionBench): the top-k is taken over the *whole flattened*
   task vector of each model, and parameters whose elected sign is 0 get the model-wide majority
-  sign. We compute both exactly with streaming passes (``engine.select``), never holding the
-  flattened vectors. ``scope="tensor"`` applies the same algorithm per tensor (mergekit's choice).
+  sign. Both are exact without holding the flattened vectors: the thresholds by a two-pass
+  streaming radix selection (``engine.select``), the majority sign summed during the merge pass
+  with the (rare) parameters that depend on it patched afterwards -- 3 reads of the inputs in all. ``scope="tensor"`` applies the same algorithm per tensor (mergekit's choice).
 * ``threshold="official"`` (default) keeps ``|tau| >= kthvalue(d - int(d * density))``, i.e. one
   entry more than an exact top-k; ``threshold="exact"`` keeps exactly ``int(d * density)``.
 * ``merge_func``: ``"mean"`` (disjoint mean, the paper), ``"sum"`` (FusionBench default), ``"max"``.
@@ -22,7 +23,7 @@ scaling=0.3`` (config/method/ties_merging.yaml); pass those to reproduce it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,45 +33,58 @@ from mergelab.methods._common import disjoint_merge, elect_sign, keep_rank, kth_
 from mergelab.methods.registry import TensorCtx, register
 
 
-@dataclass(frozen=True)
+@dataclass
 class TiesStats:
+    """Model-wide TIES quantities. ``thresholds`` come from the statistics passes; the majority
+    sign is summed up *during* the merge pass (``sign_total``), and the rare parameters whose
+    elected sign is 0 while some trimmed entry is not (exact cancellation) are merged with a
+    provisional +1 and kept in ``pending`` until :func:`_finalize` knows the real majority."""
+
     thresholds: torch.Tensor  # (T,) smallest kept magnitude per task vector
-    majority_sign: float  # sign of the sum of elected signs over the whole model
+    sign_total: float = 0.0
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class TiesGlobalStats:
-    """Passes 0-1: exact per-task magnitude threshold; pass 2 (last): model-wide majority sign."""
+    """Passes 0-1: the exact per-task magnitude threshold (``StreamingKth``); none if all is kept."""
 
     def __init__(self, hp: dict[str, Any], n_models: int):
         self.density, self.rule, self.n_models = hp["density"], hp["threshold"], n_models
         self.selector = StreamingKth(n_models)
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
-        self.n_passes = 1 if self.keep_all else 3
+        self.n_passes = 0 if self.keep_all else 2
         self.thresholds = torch.zeros(n_models)
-        self.sign_total = 0.0
         self.rank = 0
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
-        flat = taus.reshape(self.n_models, -1)
-        if index < self.n_passes - 1:
-            self.selector.observe(flat.abs())
-            return
-        keep = flat.abs() >= self.thresholds.to(flat.device, flat.dtype)[:, None]
-        self.sign_total += float(torch.sign((flat * keep).sum(dim=0)).sum())
+        self.selector.observe(taus.reshape(self.n_models, -1).abs())
 
     def end_pass(self, index: int) -> None:
-        if index == 0 and not self.keep_all:
+        if index == 0:
             self.rank = keep_rank(self.selector.count, self.density, self.rule)
             if 1 <= self.rank <= self.selector.count:
                 self.selector.end_pass0([[self.rank]] * self.n_models)
-        elif index == 1:
-            if self.rank > self.selector.count:
-                self.thresholds = torch.full((self.n_models,), float("inf"))
-            elif self.rank >= 1:
-                self.thresholds = torch.tensor([row[0] for row in self.selector.values()], dtype=torch.float64)
+        elif self.rank > self.selector.count:
+            self.thresholds = torch.full((self.n_models,), float("inf"))
+        elif self.rank >= 1:
+            self.thresholds = torch.tensor([row[0] for row in self.selector.values()], dtype=torch.float64)
 
     def result(self) -> TiesStats:
-        return TiesStats(self.thresholds, float(torch.sign(torch.tensor(self.sign_total))))
+        return TiesStats(self.thresholds)
+
+
+def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Re-merge the pending parameters with the model-wide majority sign, if it is not +1."""
+    if stats is None or not stats.pending:
+        return {}
+    majority = float(torch.sign(torch.tensor(stats.sign_total)))
+    if majority == 1.0:
+        return {}  # the provisional sign was right
+    patches = {}
+    for name, index, trimmed in stats.pending:
+        sign = torch.full((trimmed.shape[1],), majority, dtype=trimmed.dtype)
+        patches[name] = (index, disjoint_merge(trimmed, sign, hp["merge_func"]) * hp["scaling"])
+    return patches
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -79,6 +93,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 
 def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
+    """Global scope: the k-th magnitude of each whole task vector, exactly, in two streaming passes."""
     return TiesGlobalStats(hp, n_models) if hp["scope"] == "global" else None
 
 
@@ -91,6 +106,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     "defaults density 0.2, scaling 1.0, mean (paper, no-validation setting)",
     check=_check,
     stats=_stats,
+    finalize=_finalize,
     linear_in_scaling=True,
 )
 def ties(
@@ -98,12 +114,17 @@ def ties(
     density: float, scaling: float, merge_func: str, scope: str, threshold: str,
 ) -> torch.Tensor:
     flat = taus.reshape(taus.shape[0], -1)  # (T, n)
-    if scope == "global":
-        thresholds = ctx.stats.thresholds.to(flat.device, flat.dtype)
-        majority: float | None = ctx.stats.majority_sign
-    else:
+    if scope == "tensor":
         thresholds = kth_threshold(flat.abs(), keep_rank(flat.shape[1], density, threshold))
-        majority = None
-    trimmed = flat * (flat.abs() >= thresholds[:, None])
-    sign = elect_sign(trimmed, majority)
+        trimmed = flat * (flat.abs() >= thresholds[:, None])
+        sign = elect_sign(trimmed)
+    else:
+        stats: TiesStats = ctx.stats
+        trimmed = flat * (flat.abs() >= stats.thresholds.to(flat.device, flat.dtype)[:, None])
+        raw_sign = torch.sign(trimmed.sum(dim=0))
+        stats.sign_total += float(raw_sign.sum())
+        ambiguous = torch.nonzero((raw_sign == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
+        if ambiguous.numel():
+            stats.pending.append((ctx.name, ambiguous.cpu(), trimmed[:, ambiguous].cpu()))
+        sign = torch.where(raw_sign == 0, torch.ones_like(raw_sign), raw_sign)  # provisional majority +1
     return (disjoint_merge(trimmed, sign, merge_func) * scaling).reshape(base.shape)
