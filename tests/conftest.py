@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelab.io.writer import plan_shards
 from mergelab.io.safetensors_header import TensorSpec
+from mergelab.io.writer import plan_shards
 
 
 def tiny_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

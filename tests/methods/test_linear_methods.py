@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, finetune_of, tiny_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
+from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
 
 

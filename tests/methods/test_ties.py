@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import assert_close, finetune_of, tiny_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
+from conftest import assert_close, finetune_of, tiny_state
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.ties import ties
 
@@ -142,3 +142,15 @@ def test_continual_ties_applies_the_majority_sign_too():
     cm.add(models[1])
     expected_step = official_ties(torch.stack([models[0]["w"], models[1]["w"]]), 1.0 - 1e-9, "mean")
     assert cm.merged()["w"][0] == models[0]["w"][0] + expected_step[0]
+
+
+def test_majority_patches_span_several_chunks(monkeypatch):
+    from mergelab.engine import stream
+
+    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
+    base, models = cancellation_case()
+    models[0]["w"][5], models[1]["w"][5] = 0.75, -0.75  # a second cancellation, in another chunk
+    flat = torch.stack([torch.cat([m["v"].reshape(-1), m["w"]]) for m in models])
+    expected = official_ties(flat, 1.0 - 1e-9, "mean")
+    merged = mergelab.merge("ties", base, models, density=1.0 - 1e-9)
+    assert_close(torch.cat([merged["v"].reshape(-1), merged["w"]]), expected)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,19 +38,36 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
-def load_task_vectors(plan: MergePlan, name: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(taus, base)`` of one tensor in the compute dtype on the compute device: taus is ``(T, *shape)``."""
-    raw = plan.base.get(name)
-    base = raw.to(plan.device, plan.compute_dtype)
-    if check_finite and not all_finite(base):
-        raise MergelabError("contains NaN or Inf values", file=plan.base.file_of(name), tensor=name)
-    taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
-    for t, model in enumerate(plan.models):
-        taus[t].copy_(model.get(name))
-        taus[t] -= base
-        if check_finite and not all_finite(taus[t]):
-            raise MergelabError("contains NaN or Inf values", file=model.file_of(name), tensor=name)
-    return taus, base
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
+
+
+def iter_chunks(plan: MergePlan, name: str, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(offset, taus, base)`` of one tensor in the compute dtype on the compute device.
+
+    For elementwise methods the tensor is flattened and cut into column chunks: ``taus`` is
+    ``(T, c)``; the storage-dtype inputs are read once and converted a chunk at a time, so the
+    float32 temporaries never exceed a chunk. Otherwise one chunk: ``taus`` is ``(T, *shape)``.
+    """
+    spec = plan.base.specs[name]
+    base_raw = plan.base.get(name)
+    model_raws = [model.get(name) for model in plan.models]
+    if plan.method.is_elementwise(plan.hparams):
+        step, shape = CHUNK_ELEMENTS[plan.device.type], (-1,)
+    else:
+        step, shape = max(spec.numel, 1), spec.shape
+    base_flat = base_raw.reshape(-1)
+    for start in range(0, max(spec.numel, 1), step):
+        part = slice(start, start + step)
+        base = base_flat[part].to(plan.device, plan.compute_dtype).reshape(shape)
+        if check_finite and not all_finite(base):
+            raise MergelabError("contains NaN or Inf values", file=plan.base.file_of(name), tensor=name)
+        taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
+        for t, raw in enumerate(model_raws):
+            taus[t].copy_(raw.reshape(-1)[part].reshape(shape))
+            taus[t] -= base
+            if check_finite and not all_finite(taus[t]):
+                raise MergelabError("contains NaN or Inf values", file=plan.models[t].file_of(name), tensor=name)
+        yield start, taus, base
 
 
 def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch.Tensor] | Path:
@@ -109,14 +127,17 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
 
 def merge_tensor(plan: MergePlan, name: str, stats: Any, *, check_finite: bool) -> torch.Tensor:
     """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU."""
-    taus, base = load_task_vectors(plan, name, check_finite)
-    ctx = TensorCtx(name=name, stats=stats, seed=plan.seed)
-    delta = plan.method.fn(taus, base, ctx, **plan.hparams)
-    del taus
-    merged = base + delta  # not in place: base may be the caller's own tensor
-    if not all_finite(merged):
-        raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
-    return merged.to("cpu", plan.base.specs[name].dtype)
+    spec = plan.base.specs[name]
+    out = torch.empty(spec.numel, dtype=spec.dtype)
+    if spec.numel == 0:
+        return out.reshape(spec.shape)
+    for start, taus, base in iter_chunks(plan, name, check_finite):
+        ctx = TensorCtx(name=name, stats=stats, seed=plan.seed, offset=start)
+        merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
+        if not all_finite(merged):
+            raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
+        out[start : start + merged.numel()] = merged.reshape(-1)
+    return out.reshape(spec.shape)
 
 
 def _run_stat_passes(plan: MergePlan, show: bool) -> Any:
@@ -126,8 +147,8 @@ def _run_stat_passes(plan: MergePlan, show: bool) -> Any:
     for index in range(collector.n_passes):
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
             for name in plan.merged:
-                taus, base = load_task_vectors(plan, name, check_finite=index == 0)
-                collector.observe(index, name, taus, base)
+                for _, taus, base in iter_chunks(plan, name, check_finite=index == 0):
+                    collector.observe(index, name, taus, base)
                 bar.update(plan.base.specs[name].nbytes)
         collector.end_pass(index)
     return collector.result()
@@ -163,7 +184,7 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def __enter__(self) -> "_NoBar":
+    def __enter__(self) -> _NoBar:
         return self
 
     def __exit__(self, *args: object) -> None:

@@ -188,7 +188,7 @@ class CheckpointWriter:
             self._handle.close()
             self._handle = None
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:

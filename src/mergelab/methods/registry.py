@@ -34,11 +34,14 @@ class TensorCtx:
         name: the tensor's name in the checkpoint.
         stats: the result of the method's statistics passes, or ``None``.
         seed: the user's seed for randomised methods.
+        offset: for ``elementwise`` methods, which get the tensor flattened and in column chunks,
+            the flat index of the chunk's first element within the tensor.
     """
 
     name: str
     stats: Any = None
     seed: int = 0
+    offset: int = 0
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by ``(seed, crc32(name + salt))``: same draws on CPU and GPU, any order."""
@@ -77,6 +80,9 @@ class Method:
         linear_in_scaling: output is ``scaling * g(taus)`` with ``g`` independent of ``scaling``
             (declared, not guessed from the name; Weight Weaving's closed form relies on it).
         randomized: uses ``ctx.generator()``; reproducible for a given ``seed``.
+        elementwise: each output element depends only on the same element of every task vector
+            (and ``ctx.stats``); the engine then streams flattened column chunks ``(T, c)`` through
+            ``fn`` and the collector, so temporaries stay small and cache-resident.
         choices: allowed values of string hyperparameters.
         finalize: ``finalize(hparams, stats) -> {name: (flat_indices, delta_values)}``, called after
             the merge pass for methods that learn a model-wide quantity while merging (TIES' majority
@@ -92,12 +98,16 @@ class Method:
     stats: Callable[[dict[str, Any], int], Collector | None] | None = None
     linear_in_scaling: bool = False
     randomized: bool = False
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
         return resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, n_models)
+
+    def is_elementwise(self, hparams: dict[str, Any]) -> bool:
+        return bool(self.elementwise(hparams) if callable(self.elementwise) else self.elementwise)
 
     def collector(self, hparams: dict[str, Any], n_models: int) -> Collector | None:
         return self.stats(hparams, n_models) if self.stats is not None else None

@@ -28,6 +28,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Ilharco et al. ICLR 2023 Eq. (2); default scaling 0.3 from FusionBench config/method/task_arithmetic.yaml",
     check=_check,
     linear_in_scaling=True,
+    elementwise=True,
 )
 def task_arithmetic(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> torch.Tensor:
     return taus.sum(dim=0) * scaling

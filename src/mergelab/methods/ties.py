@@ -80,11 +80,11 @@ def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[to
     majority = float(torch.sign(torch.tensor(stats.sign_total)))
     if majority == 1.0:
         return {}  # the provisional sign was right
-    patches = {}
-    for name, index, trimmed in stats.pending:
+    grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, index, trimmed in stats.pending:  # one entry per tensor chunk
         sign = torch.full((trimmed.shape[1],), majority, dtype=trimmed.dtype)
-        patches[name] = (index, disjoint_merge(trimmed, sign, hp["merge_func"]) * hp["scaling"])
-    return patches
+        grouped.setdefault(name, []).append((index, disjoint_merge(trimmed, sign, hp["merge_func"]) * hp["scaling"]))
+    return {name: (torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])) for name, parts in grouped.items()}
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -108,6 +108,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     stats=_stats,
     finalize=_finalize,
     linear_in_scaling=True,
+    elementwise=lambda hp: hp["scope"] == "global",
 )
 def ties(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *,
@@ -125,6 +126,6 @@ def ties(
         stats.sign_total += float(raw_sign.sum())
         ambiguous = torch.nonzero((raw_sign == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
         if ambiguous.numel():
-            stats.pending.append((ctx.name, ambiguous.cpu(), trimmed[:, ambiguous].cpu()))
+            stats.pending.append((ctx.name, ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()))
         sign = torch.where(raw_sign == 0, torch.ones_like(raw_sign), raw_sign)  # provisional majority +1
     return (disjoint_merge(trimmed, sign, merge_func) * scaling).reshape(base.shape)

@@ -33,6 +33,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     summary="(weighted) average of the models: the uniform model soup",
     source="Wortsman et al. ICML 2022 (uniform soup); weight normalisation as mergekit linear",
     check=_check,
+    elementwise=True,
 )
 def weight_average(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, weights: list[float] | None) -> torch.Tensor:
     if weights is None:
