@@ -100,7 +100,7 @@ def read_header(path: str) -> Header:
         specs[name] = spec
         spans.append((begin, end, name))
     spans.sort()
-    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
             raise MergelabError(f"corrupt file: data overlaps tensor '{prev_name}'", file=path, tensor=name)
     offsets = {name: 8 + length + begin for begin, _, name in spans}

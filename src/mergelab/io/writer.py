@@ -49,7 +49,7 @@ def plan_shards(layout: list[tuple[str, TensorSpec]], max_shard_bytes: int, sing
         names = [single_file or "model.safetensors"]
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
-    return [Shard(fn, tuple(n for n, _ in g), sum(s.nbytes for _, s in g)) for fn, g in zip(names, groups)]
+    return [Shard(fn, tuple(n for n, _ in g), sum(s.nbytes for _, s in g)) for fn, g in zip(names, groups, strict=True)]
 
 
 def shard_header(entries: list[tuple[str, TensorSpec]], metadata: dict[str, str]) -> bytes:
