@@ -15,7 +15,8 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,26 @@ def all_finite(values: torch.Tensor) -> bool:
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
 
 
-def iter_chunks(plan: MergePlan, name: str, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+Raw = tuple[torch.Tensor, list[torch.Tensor]]  # one tensor of the base and of every model, as stored
+
+
+def read_raw(plan: MergePlan, name: str) -> Raw:
+    return plan.base.get(name), [model.get(name) for model in plan.models]
+
+
+def prefetched(plan: MergePlan, names: list[str]) -> Iterator[tuple[str, Raw]]:
+    """``(name, raw inputs)`` in order, the next tensor read in a background thread while the
+    caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
+        pending = pool.submit(read_raw, plan, names[0]) if names else None
+        for index, name in enumerate(names):
+            assert pending is not None
+            raw = pending.result()
+            pending = pool.submit(read_raw, plan, names[index + 1]) if index + 1 < len(names) else None
+            yield name, raw
+
+
+def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(offset, taus, base)`` of one tensor in the compute dtype on the compute device.
 
     For elementwise methods the tensor is flattened and cut into column chunks: ``taus`` is
@@ -49,8 +69,7 @@ def iter_chunks(plan: MergePlan, name: str, check_finite: bool) -> Iterator[tupl
     float32 temporaries never exceed a chunk. Otherwise one chunk: ``taus`` is ``(T, *shape)``.
     """
     spec = plan.base.specs[name]
-    base_raw = plan.base.get(name)
-    model_raws = [model.get(name) for model in plan.models]
+    base_raw, model_raws = raw
     if plan.method.is_elementwise(plan.hparams):
         step, shape = CHUNK_ELEMENTS[plan.device.type], (-1,)
     else:
@@ -82,8 +101,11 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
     results: dict[str, torch.Tensor] = {}
     remaining = _group_sizes(plan.aliases)  # tied tensors: computed once, kept until all names are out
     kept: dict[str, torch.Tensor] = {}
-    with writer if writer is not None else nullcontext():
-        with _bar(plan, show, f"merge ({plan.method.name})") as bar:
+    computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in plan.merged))
+    with writer if writer is not None else nullcontext(), ThreadPoolExecutor(1, thread_name_prefix="mergelab-write") as out:
+        feed = prefetched(plan, computed)
+        written: Future[None] | None = None
+        with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar:
             for name in plan.order:
                 canonical = plan.aliases.get(name, name)
                 tensor = kept.pop(canonical, None)
@@ -91,16 +113,22 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                     if name in plan.copied:
                         tensor = plan.base.get(name).clone()
                     else:
-                        tensor = merge_tensor(plan, canonical, stats, check_finite=plan.n_stat_passes == 0)
+                        fed, raw = next(feed)
+                        assert fed == canonical
+                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0)
                 if canonical in remaining:
                     remaining[canonical] -= 1
                     if remaining[canonical] > 0:
                         kept[canonical] = tensor
                 if writer is not None:
-                    writer.write(name, tensor)
+                    if written is not None:
+                        written.result()  # one write in flight at most: bounded memory, errors surface here
+                    written = out.submit(writer.write, name, tensor)
                 else:
                     results[name] = tensor
                 bar.update(plan.base.specs[name].nbytes)
+        if written is not None:
+            written.result()
         for name, values in _finalize(plan, stats).items():
             if writer is not None:
                 writer.patch(name, *values)
@@ -125,13 +153,13 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
     return patches
 
 
-def merge_tensor(plan: MergePlan, name: str, stats: Any, *, check_finite: bool) -> torch.Tensor:
+def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool) -> torch.Tensor:
     """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU."""
     spec = plan.base.specs[name]
     out = torch.empty(spec.numel, dtype=spec.dtype)
     if spec.numel == 0:
         return out.reshape(spec.shape)
-    for start, taus, base in iter_chunks(plan, name, check_finite):
+    for start, taus, base in iter_chunks(plan, name, raw, check_finite):
         ctx = TensorCtx(name=name, stats=stats, seed=plan.seed, offset=start)
         merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
         if not all_finite(merged):
@@ -146,8 +174,8 @@ def _run_stat_passes(plan: MergePlan, show: bool) -> Any:
         return None
     for index in range(collector.n_passes):
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
-            for name in plan.merged:
-                for _, taus, base in iter_chunks(plan, name, check_finite=index == 0):
+            for name, raw in prefetched(plan, plan.merged):
+                for _, taus, base in iter_chunks(plan, name, raw, check_finite=index == 0):
                     collector.observe(index, name, taus, base)
                 bar.update(plan.base.specs[name].nbytes)
         collector.end_pass(index)
