@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,28 @@ def read_raw(plan: MergePlan, name: str) -> Raw:
 def prefetched(plan: MergePlan, names: list[str]) -> Iterator[tuple[str, Raw]]:
     """``(name, raw inputs)`` in order, the next tensor read in a background thread while the
     caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        pending = pool.submit(read_raw, plan, names[0]) if names else None
+    pool = _worker("read")
+    pending = pool.submit(read_raw, plan, names[0]) if names else None
+    try:
         for index, name in enumerate(names):
             assert pending is not None
             raw = pending.result()
             pending = pool.submit(read_raw, plan, names[index + 1]) if index + 1 < len(names) else None
             yield name, raw
+    finally:
+        if pending is not None:
+            pending.cancel() or pending.exception()  # never leave a read running past the caller
+
+
+_WORKERS: dict[str, ThreadPoolExecutor] = {}
+
+
+def _worker(role: str) -> ThreadPoolExecutor:
+    """One long-lived thread per role: the allocator keeps reusing the same arena (fresh threads
+    per pass made glibc open new arenas and peak RSS grow by ~1 GB over a 3-pass TIES merge)."""
+    if role not in _WORKERS:
+        _WORKERS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mergelab-{role}")
+    return _WORKERS[role]
 
 
 def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -102,10 +117,11 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
     remaining = _group_sizes(plan.aliases)  # tied tensors: computed once, kept until all names are out
     kept: dict[str, torch.Tensor] = {}
     computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in plan.merged))
-    with writer if writer is not None else nullcontext(), ThreadPoolExecutor(1, thread_name_prefix="mergelab-write") as out:
+    out = _worker("write")
+    with writer if writer is not None else nullcontext():
         feed = prefetched(plan, computed)
         written: Future[None] | None = None
-        with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar:
+        with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar, _drain(lambda: written):
             for name in plan.order:
                 canonical = plan.aliases.get(name, name)
                 tensor = kept.pop(canonical, None)
@@ -121,14 +137,11 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                     if remaining[canonical] > 0:
                         kept[canonical] = tensor
                 if writer is not None:
-                    if written is not None:
-                        written.result()  # one write in flight at most: bounded memory, errors surface here
+                    _wait(written)  # one write in flight at most: bounded memory, errors surface here
                     written = out.submit(writer.write, name, tensor)
                 else:
                     results[name] = tensor
                 bar.update(plan.base.specs[name].nbytes)
-        if written is not None:
-            written.result()
         for name, values in _finalize(plan, stats).items():
             if writer is not None:
                 writer.patch(name, *values)
@@ -137,6 +150,25 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
         if writer is not None:
             return writer.commit(extras_from=plan.base.folder)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
+
+
+def _wait(future: Future[None] | None) -> None:
+    if future is not None:
+        future.result()
+
+
+@contextmanager
+def _drain(current: Any) -> Iterator[None]:
+    """On the way out -- error or not -- wait for the write in flight, so that the writer is never
+    aborted under a running write; on success, its error (if any) is raised here."""
+    try:
+        yield
+    except BaseException:
+        future = current()
+        if future is not None:
+            future.exception()
+        raise
+    _wait(current())
 
 
 def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
