@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     import mergelab
 
     job = job_from_args(args)
-    options = dict(out=job.out, device=job.device, dtype=job.dtype, overwrite=job.overwrite,
-                   max_shard_size=job.max_shard_size)
+    options: dict[str, Any] = dict(out=job.out, device=job.device, dtype=job.dtype, overwrite=job.overwrite,
+                                   max_shard_size=job.max_shard_size)
     plan = mergelab.plan(job.method, job.base, list(job.models), **options, **job.parameters)
     if not args.quiet:
         print(plan.summary())

@@ -230,11 +230,13 @@ class ContinualMerger:
             return tau if state is None else rules.ta_update(state, tau)
         if self.method == "continual_ties":
             if state is None:
-                return hp["scaling"] * tau
+                first: torch.Tensor = hp["scaling"] * tau
+                return first
             ctx = TensorCtx(name=name, stats=stats)
             step = ties(torch.stack([state, tau]), tau, ctx, density=hp["density"], scaling=1.0,
                         merge_func=hp["merge_func"], scope="global", threshold="official")
-            return state + hp["scaling"] * step
+            updated: torch.Tensor = state + hp["scaling"] * step
+            return updated
         # opcm: the state is the un-normalised running sum lambda_t * tau_merged
         if state is None:
             return tau
@@ -327,7 +329,7 @@ class _Null:
 
 def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _fingerprint(source: TensorSource) -> str:

@@ -61,4 +61,5 @@ def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projec
         # diagonal entries P_ii = u_i^T tau v_i for i >= r (those below r are inside the block)
         diag = (u[:, r:] * (tau @ v[:, r:])).sum(dim=0)  # (k - r,)
         removed = removed + (u[:, r:] * diag) @ v[:, r:].mT
-    return tau - removed
+    cleaned: torch.Tensor = tau - removed
+    return cleaned

@@ -167,7 +167,7 @@ def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES.values():
         return dtype
     if dtype in COMPUTE_DTYPES:
-        return COMPUTE_DTYPES[dtype]  # type: ignore[index]
+        return COMPUTE_DTYPES[dtype]
     raise MergelabError(f"compute dtype must be float32 or float64, got {dtype!r}")
 
 

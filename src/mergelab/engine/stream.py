@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
@@ -49,7 +49,7 @@ def read_raw(plan: MergePlan, name: str) -> Raw:
     return plan.base.get(name), [model.get(name) for model in plan.models]
 
 
-def prefetched(plan: MergePlan, names: list[str]) -> Iterator[tuple[str, Raw]]:
+def prefetched(plan: MergePlan, names: list[str]) -> Generator[tuple[str, Raw], None, None]:
     """``(name, raw inputs)`` in order, the next tensor read in a background thread while the
     caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most."""
     pool = _worker("read")
@@ -86,6 +86,7 @@ def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Ite
     spec = plan.base.specs[name]
     base_raw, model_raws = raw
     if plan.method.is_elementwise(plan.hparams):
+        shape: tuple[int, ...]
         step, shape = CHUNK_ELEMENTS[plan.device.type], (-1,)
     else:
         step, shape = max(spec.numel, 1), spec.shape
@@ -96,8 +97,8 @@ def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Ite
         if check_finite and not all_finite(base):
             raise MergelabError("contains NaN or Inf values", file=plan.base.file_of(name), tensor=name)
         taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
-        for t, raw in enumerate(model_raws):
-            taus[t].copy_(raw.reshape(-1)[part].reshape(shape))
+        for t, stored in enumerate(model_raws):
+            taus[t].copy_(stored.reshape(-1)[part].reshape(shape))
             taus[t] -= base
             if check_finite and not all_finite(taus[t]):
                 raise MergelabError("contains NaN or Inf values", file=plan.models[t].file_of(name), tensor=name)

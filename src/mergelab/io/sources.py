@@ -116,7 +116,7 @@ class SafetensorsSource(TensorSource):
             except OSError as err:
                 raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
         buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data
         done, offset = 0, self._offset[name]
         while done < spec.nbytes:  # a single read() returns at most ~2 GB
             count = os.preadv(handle.fileno(), [view[done:]], offset + done)

@@ -115,7 +115,7 @@ class CheckpointWriter:
             self._open_shard(shard_index)
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(memoryview(data.numpy()))
+        self._handle.write(data.numpy().data)
         self._next += 1
 
     def patch(self, name: str, flat_index: torch.Tensor, values: torch.Tensor) -> None:

@@ -76,4 +76,7 @@ def breadcrumbs(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, density: float, gamma: float, scaling: float, scope: str
 ) -> torch.Tensor:
     mask_fn = row_mask if scope == "row" else tensor_mask
-    return sum(tau * mask_fn(tau, density, gamma) for tau in taus) * scaling  # type: ignore[return-value]
+    merged = torch.zeros_like(taus[0])
+    for tau in taus:
+        merged += tau * mask_fn(tau, density, gamma)
+    return merged * scaling
