@@ -121,11 +121,19 @@ def ties(
         sign = elect_sign(trimmed)
     else:
         stats: TiesStats = ctx.stats
-        trimmed = flat * (flat.abs() >= stats.thresholds.to(flat.device, flat.dtype)[:, None])
-        raw_sign = torch.sign(trimmed.sum(dim=0))
-        stats.sign_total += float(raw_sign.sum())
-        ambiguous = torch.nonzero((raw_sign == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
+        trimmed = torch.where(flat.abs() >= stats.thresholds.to(flat.device, flat.dtype)[:, None], flat, 0.0)
+        total = trimmed.sum(dim=0)
+        stats.sign_total += float(torch.sign(total).sum())
+        # provisional majority +1 where the sum is 0; those with a non-zero entry wait for the real one
+        agree = trimmed * torch.where(total == 0, 1.0, total) > 0  # (T, n): agrees with the elected sign
+        if merge_func == "mean":
+            count = agree.sum(dim=0)
+            ambiguous = torch.nonzero((total == 0) & (count > 0)).reshape(-1)
+            merged = torch.where(agree, trimmed, 0.0).sum(dim=0) / count.clamp(min=1)
+        else:
+            ambiguous = torch.nonzero((total == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
+            merged = disjoint_merge(trimmed, torch.where(total == 0, 1.0, torch.sign(total)), merge_func)
         if ambiguous.numel():
             stats.pending.append((ctx.name, ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()))
-        sign = torch.where(raw_sign == 0, torch.ones_like(raw_sign), raw_sign)  # provisional majority +1
+        return (merged * scaling).reshape(base.shape)
     return (disjoint_merge(trimmed, sign, merge_func) * scaling).reshape(base.shape)
