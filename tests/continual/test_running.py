@@ -98,3 +98,9 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(MergelabError, match="head.scale"):
         cm.add(missing)
     assert cm.step == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(MergelabError, match="no CUDA GPU"):
+        mergelab.ContinualMerger("opcm", tiny_state(0), device="cuda")

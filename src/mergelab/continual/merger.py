@@ -30,7 +30,7 @@ from mergelab.continual.state import (
     open_state_tensors,
     read_current,
 )
-from mergelab.engine.plan import check_models
+from mergelab.engine.plan import check_models, resolve_device
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
@@ -83,7 +83,7 @@ class ContinualMerger:
         self.hparams = resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), _check, hparams, 1)
         self.base_ref = str(Path(base).resolve()) if isinstance(base, (str, Path)) else None
         self.base = open_source(base, "<base>")
-        self.device = torch.device(device)
+        self.device = resolve_device(device, require=True)
         self.floating = [n for n, s in self.base.specs.items() if s.dtype.is_floating_point]
         self.step = 0
         self.added: list[dict[str, str]] = []

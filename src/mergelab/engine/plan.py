@@ -128,7 +128,7 @@ def build_plan(
         raise MergelabError("no models to merge: give at least one model besides the base")
     resolved = spec.resolve(hparams or {}, len(models))
     compute_dtype = _compute_dtype(dtype)
-    target = _device(device, require_device)
+    target = resolve_device(device, require_device)
     if out is not None:
         check_output(Path(out), overwrite)
     if int(max_shard_size) <= 0:
@@ -171,7 +171,8 @@ def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise MergelabError(f"compute dtype must be float32 or float64, got {dtype!r}")
 
 
-def _device(device: str | torch.device, require: bool) -> torch.device:
+def resolve_device(device: str | torch.device, require: bool) -> torch.device:
+    """``cpu`` or ``cuda[:n]``; with ``require``, CUDA must be available. Raises MergelabError."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
