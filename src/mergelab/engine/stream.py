@@ -12,7 +12,6 @@ Methods with whole-model statistics get ``n_stat_passes`` extra streaming passes
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +26,6 @@ from mergelab.engine.plan import MergePlan
 from mergelab.errors import MergelabError
 from mergelab.io.writer import CheckpointWriter
 from mergelab.methods.registry import TensorCtx
-
-log = logging.getLogger(__name__)
 
 
 def all_finite(values: torch.Tensor) -> bool:
@@ -117,7 +114,8 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
     results: dict[str, torch.Tensor] = {}
     remaining = _group_sizes(plan.aliases)  # tied tensors: computed once, kept until all names are out
     kept: dict[str, torch.Tensor] = {}
-    computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in plan.merged))
+    merged_names, copied_names = set(plan.merged), set(plan.copied)
+    computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in merged_names))
     out = _worker("write")
     with writer if writer is not None else nullcontext():
         feed = prefetched(plan, computed)
@@ -127,7 +125,7 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                 canonical = plan.aliases.get(name, name)
                 tensor = kept.pop(canonical, None)
                 if tensor is None:
-                    if name in plan.copied:
+                    if name in copied_names:
                         tensor = plan.base.get(name).clone()
                     else:
                         fed, raw = next(feed)
@@ -176,13 +174,15 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
     """The method's late corrections, as merged values in the output dtype, for every tied name."""
     if plan.method.finalize is None:
         return {}
+    names_of: dict[str, list[str]] = {}
+    for name in plan.order:
+        names_of.setdefault(plan.aliases.get(name, name), []).append(name)
     patches = {}
     for canonical, (index, delta) in plan.method.finalize(plan.hparams, stats).items():
         base = plan.base.get(canonical).reshape(-1)[index.cpu()].to(plan.compute_dtype)
         values = (base + delta.cpu().to(plan.compute_dtype)).to(plan.base.specs[canonical].dtype)
-        for name in plan.order:
-            if plan.aliases.get(name, name) == canonical:
-                patches[name] = (index.cpu(), values)
+        for name in names_of[canonical]:
+            patches[name] = (index.cpu(), values)
     return patches
 
 
