@@ -87,7 +87,10 @@ def merge(
         method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
         dtype=dtype, max_shard_size=max_shard_size,
     )
-    return execute(job, progress=progress)
+    try:
+        return execute(job, progress=progress)
+    finally:
+        job.close()
 
 
 def methods() -> list[str]:

@@ -78,6 +78,11 @@ class MergePlan:
             return 0
         return self.largest * self.compute_dtype.itemsize * (self.n_models + 4)
 
+    def close(self) -> None:
+        """Release the open input files."""
+        for source in (self.base, *self.models):
+            source.close()
+
     def summary(self) -> str:
         """The human-readable plan printed by ``--dry-run`` and ``mergelab plan``."""
         passes = self.n_stat_passes + 1

@@ -110,16 +110,17 @@ def read_header(path: str) -> Header:
 def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, int]:
     if not isinstance(entry, dict):
         raise MergelabError("corrupt header entry", file=path, tensor=name)
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    name_of_dtype = entry.get("dtype")
+    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None  # a list would be unhashable
     if dtype is None:
-        raise MergelabError(f"unsupported dtype {entry.get('dtype')!r}", file=path, tensor=name)
+        raise MergelabError(f"unsupported dtype {name_of_dtype!r}", file=path, tensor=name)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise MergelabError(f"corrupt shape {shape!r}", file=path, tensor=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise MergelabError(f"corrupt data_offsets {offsets!r}", file=path, tensor=name)
@@ -131,3 +132,8 @@ def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, 
             tensor=name,
         )
     return spec, offsets[0], offsets[1]
+
+
+def _is_count(value: object) -> bool:
+    """A JSON non-negative integer (``true``/``false`` are ints to Python, not to the format)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -276,7 +276,3 @@ def _check_index(index: dict[str, str], found: dict[str, str], label: str) -> No
         if name not in index:
             raise MergelabError("tensor is in a shard but not in the index", file=path, tensor=name)
 
-
-def iter_sources(models: list[Any]) -> Iterator[TensorSource]:
-    for i, model in enumerate(models):
-        yield open_source(model, label=f"<model {i}>")
