@@ -1,30 +1,51 @@
 """PCB-Merging (Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024,
-arXiv:2410.02396), Sec. 3: per task vector, an intra-balancing score ``exp(T * Norm(|tau|)^2)``
-times an inter-balancing score ``tanh(tau * sum_s tau_s)``; the lowest ``1 - ratio`` of the
-scores are dropped, the rest min-max normalised into weights ``w``, and
-``theta = theta_0 + scaling * sum_t w_t * clip(tau_t) / sum_t w_t``.
+arXiv:2410.02396), Sec. 3: score every entry of every task vector by intra-balancing
+(``Softmax(N * Norm(tau_i * tau_i))``, N = number of models) times inter-balancing (a sum over
+``j`` of an activation of ``tau_i * tau_j``), drop the lowest ``1 - ratio`` of each model's
+scores, and take the score-weighted mean: ``theta = theta_0 + scaling * sum_i w_i tau_i / sum_i w_i``.
 
-The official repo (duguodong7/pcb-merging) has three versions of the function, selected here by
-``variant``; all of them work over the *whole flattened task vector* of each model:
+The official code (duguodong7/pcb-merging) computes, over the *whole flattened task vector* of
+each model (T rows of d entries)::
 
-* ``"vision"`` (default; ``vision_source_code/pcb.py``, the paper's ViT experiments, which Weight
-  Weaving reproduces): |tau| clipped to its 1 % / 99 % quantiles; inter term
-  ``tau_t * sum_s sign(tau_s) * Norm(|tau_s|)``.
-* ``"nlp"`` (``nlp_source_code/utils/merge_utils.py::task_para_att_merge``): 1 % / 99 % clipping;
-  inter term on the raw task vectors, ``tau_t * sum_s tau_s``.
-* ``"root"`` (``pcb-merging.py::PCB_merge``): 0.01 % / 99.99 % clipping; raw inter term.
+    c_i   = clamp(|tau_i|, lo_i, hi_i)             # lo, hi: sorted[int(d*q)], sorted[int(d*(1-q)-1)]
+    n_i   = Norm(c_i) = (c_i - lo_i) / (hi_i - lo_i)
+    beta_i = exp(N * n_i**2) * inter_i            # exp: Softmax up to a row constant, which cancels below
+    w_i   = Norm(clamp(beta_i, Q_i, max beta_i))   # Q_i = sorted(beta_i)[int(d*(1-ratio))]
+    delta = sum_i w_i * scaling * sign(tau_i) * c_i / max(sum_i w_i, 1e-12)
 
-``Norm`` is the row-wise min-max normalisation of the official ``normalize``; quantiles use its
-index rule (``sorted[int(d * r)]`` and ``sorted[int(d * (1 - r) - 1)]``). Where the official
-code divides by zero (a row whose clipped magnitudes are all equal) we use 0 instead of NaN.
+Its four copies differ in the clipping quantile ``q`` and in ``inter_i``; ``variant`` picks one:
 
-Model-wide quantiles need statistics passes: two exact streaming selections (``engine.select``)
-on |tau| and then on the balancing scores, 4 passes before the merge pass, never holding the
-flattened vectors. ``scope="tensor"`` applies the same algorithm per tensor instead.
+* ``"vision_es"`` (default): ``vision_source_code/pcb_ES.py::PCB`` (lines 15-31), ``q = 1 %``,
+  ``inter_i = sum_j tanh(s_i * s_j)`` with ``s = sign(tau) * Norm(c)``.
+* ``"vision"``: ``vision_source_code/pcb.py`` (``__main__``, lines 81-105), ``q = 1 %``,
+  ``inter_i = tanh(tau_i * sum_j s_j)``.
+* ``"nlp"``: ``nlp_source_code/utils/merge_utils.py::task_para_att_merge`` (lines 434-448),
+  ``q = 1 %``, ``inter_i = tanh(tau_i * sum_j tau_j)``.
+* ``"root"``: ``pcb-merging.py::PCB_merge`` (lines 31-45), ``q = 0.01 %``, inter as ``"nlp"``.
 
-Defaults: ``ratio=0.05`` (``att_ratio`` of the vision script; the root script also uses 0.05);
-``scaling=1.0``, the data-free setting Weight Weaving uses for PCB (Table 1). The vision script's
-tuned ``lams = 1.2`` is ``scaling=1.2``.
+The default is the only copy whose inter-balancing is, as in the paper, a *sum over j of activated
+pairwise terms* of normalised task vectors; the others apply ``tanh`` once to the raw ``tau_i``
+times a sum, which for the small entries of typical task vectors is nearly linear and so depends on the
+units of ``tau``. All four share the intra term and the drop-and-rescale step.
+
+``scope="global"`` (default, official) needs model-wide quantiles: the collector selects them
+exactly (equal to sorting the flattened vectors) with ``engine.select.StreamingKth``: passes 0-1
+give ``lo, hi`` of ``|tau|``, passes 2-3 give ``Q`` and ``max`` of the scores, which depend on
+``lo, hi``; 4 statistics passes, then the merge pass. ``scope="tensor"`` runs the same algorithm
+on each tensor alone.
+
+Defaults: ``ratio=0.05`` (``pcb_ratio``/``att_ratio`` in pcb_ES.py:103, pcb.py:85,
+pcb-merging.py:53). ``scaling=1.0``: the starting point of the official lambda search
+(pcb_ES.py:114, ``init=[1.0]*n``) and the data-free lambda Weight Weaving uses for PCB (Table 1);
+the fixed-lambda vision script uses 1.2 (pcb.py:103): pass ``scaling=1.2`` to reproduce it.
+
+Departures: where the official code divides by zero (all clipped magnitudes of a row equal, or a
+row's top score equal to its drop threshold) it yields NaN; we use weight 0. ``scaling`` is
+applied where each script applies lambda (after the weighted mean for nlp/root, nlp merging.py:351;
+before it for the vision copies, pcb.py:104, pcb_ES.py:36): in float32 the streamed result then
+equals each script's bit for bit on our tests.
+With ``dtype="float64"`` the quantiles are selected among the float32-rounded values
+(``StreamingKth`` keys are float32).
 """
 
 from __future__ import annotations
@@ -36,76 +57,93 @@ import torch
 from mergelab.engine.select import StreamingKth
 from mergelab.methods.registry import TensorCtx, register
 
-CLIP_QUANTILE = {"vision": 0.01, "nlp": 0.01, "root": 0.0001}
+VARIANTS = ("vision_es", "vision", "nlp", "root")
+CLIP_QUANTILE = {"vision_es": 0.01, "vision": 0.01, "nlp": 0.01, "root": 0.0001}
 
 
 def clip_ranks(d: int, variant: str) -> list[int]:
-    """1-based ranks of the official clamp(min_ratio=r, max_ratio=r) bounds of |tau|."""
-    r = CLIP_QUANTILE[variant]
-    return [int(d * r) + 1, int(d * (1 - r) - 1) + 1]
+    """1-based ranks of the official ``clamp(|tau|, min_ratio=q, max_ratio=q)`` bounds among d values."""
+    q = CLIP_QUANTILE[variant]
+    return [int(d * q) + 1, int(d * (1 - q) - 1) + 1]
 
 
 def score_ranks(d: int, ratio: float) -> list[int]:
-    """Ranks of clamp(scores, min_ratio=1 - ratio, max_ratio=0): the drop quantile and the maximum."""
-    return [int(d * (1 - ratio)) + 1, int(d * (1 - 0) - 1) + 1]
+    """Ranks of ``clamp(scores, min_ratio=1 - ratio, max_ratio=0)``: the drop threshold and the maximum."""
+    return [min(int(d * (1 - ratio)) + 1, d), d]  # min(): a ratio within rounding of 0 keeps none, not IndexError
 
 
-def _norm01(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def norm01(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Official min-max ``normalize`` given the row bounds (T, 1); 0 where ``high == low`` (official: NaN)."""
     span = high - low
-    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1), torch.zeros_like(x))
+    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
 def balancing(flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor, variant: str) -> torch.Tensor:
-    """Intra x inter balancing scores of ``flat`` (T, n), given each row's |tau| clip bounds (T, 1)."""
-    clipped = flat.abs().clamp(low, high)
-    normed = _norm01(clipped, low, high)
+    """PCB scores ``intra * inter`` of ``flat`` (T, n) given each row's |tau| clip bounds (T, 1)."""
+    normed = norm01(flat.abs().clamp(low, high), low, high)  # (T, n)
     intra = torch.exp(flat.shape[0] * normed**2)
-    partner = (torch.sign(flat) * normed).sum(dim=0) if variant == "vision" else flat.sum(dim=0)
-    return intra * torch.tanh(flat * partner)
+    if variant == "vision_es":
+        signed = torch.sign(flat) * normed
+        inter = torch.stack([torch.tanh(row * signed).sum(dim=0) for row in signed])  # (T, n), T x (T, n) at a time
+    elif variant == "vision":
+        inter = torch.tanh(flat * (torch.sign(flat) * normed).sum(dim=0))
+    else:
+        inter = torch.tanh(flat * flat.sum(dim=0))
+    return intra * inter
 
 
-def merge_flat(flat: torch.Tensor, bounds: torch.Tensor, score_bounds: torch.Tensor, variant: str, scaling: float) -> torch.Tensor:
-    """The weighted merge of ``flat`` (T, n) given clip bounds (T, 2) and score bounds (T, 2)."""
+def merge_flat(
+    flat: torch.Tensor, bounds: torch.Tensor, score_bounds: torch.Tensor, variant: str, scaling: float
+) -> torch.Tensor:
+    """Merged delta (n,) of ``flat`` (T, n) given |tau| clip bounds and score bounds, both (T, 2)."""
     low, high = bounds[:, :1], bounds[:, 1:]
     scores = balancing(flat, low, high, variant)
-    q, top = score_bounds[:, :1], score_bounds[:, 1:]
-    weights = _norm01(scores.clamp(min=q), q, top)
-    clipped = torch.sign(flat) * flat.abs().clamp(low, high) * scaling
-    return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    drop, top = score_bounds[:, :1], score_bounds[:, 1:]
+    weights = norm01(scores.clamp(min=drop), drop, top)  # <= drop threshold -> 0, row maximum -> 1
+    clipped = torch.sign(flat) * flat.abs().clamp(low, high)
+    if variant in ("nlp", "root"):  # lambda after the mean (nlp merging.py:351), before it in the vision scripts
+        return scaling * ((clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12))
+    return (clipped * scaling * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
 
 
 def _row_kth(values: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-    return torch.stack([values.kthvalue(k, dim=1).values for k in ranks], dim=1)
+    return torch.stack([values.kthvalue(k, dim=1).values for k in ranks], dim=1)  # (T, len(ranks))
 
 
 class PcbStats:
-    """Passes 0-1: |tau| clip bounds per task vector; passes 2-3: balancing-score bounds."""
+    """Passes 0-1: |tau| clip bounds per task vector; passes 2-3: bounds of the balancing scores."""
 
     n_passes = 4
 
     def __init__(self, hp: dict[str, Any], n_models: int):
-        self.hp, self.n_models = hp, n_models
-        self.abs_select, self.score_select = StreamingKth(n_models), StreamingKth(n_models)
-        self.bounds = self.score_bounds = torch.zeros(n_models, 2)
+        self.ratio, self.variant, self.n_models = hp["ratio"], hp["variant"], n_models
+        self.selector = StreamingKth(n_models)
+        self.d = 0  # parameters per task vector, known after pass 0
+        self.bounds = torch.zeros(n_models, 2, dtype=torch.float64)
+        self.score_bounds = torch.zeros(n_models, 2, dtype=torch.float64)
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
         flat = taus.reshape(self.n_models, -1)
         if index < 2:
-            self.abs_select.observe(flat.abs())
+            self.selector.observe(flat.abs())
             return
         bounds = self.bounds.to(flat.device, flat.dtype)
-        self.score_select.observe(balancing(flat, bounds[:, :1], bounds[:, 1:], self.hp["variant"]))
+        self.selector.observe(balancing(flat, bounds[:, :1], bounds[:, 1:], self.variant))
 
     def end_pass(self, index: int) -> None:
-        d = self.abs_select.count
         if index == 0:
-            self.abs_select.end_pass0([clip_ranks(d, self.hp["variant"])] * self.n_models)
+            self.d = self.selector.count
+        if self.d == 0:
+            return  # no floating tensor: nothing to select
+        if index == 0:
+            self.selector.end_pass0([clip_ranks(self.d, self.variant)] * self.n_models)
         elif index == 1:
-            self.bounds = torch.tensor(self.abs_select.values(), dtype=torch.float64)
+            self.bounds = torch.tensor(self.selector.values(), dtype=torch.float64)
+            self.selector = StreamingKth(self.n_models)  # allocated only now: one histogram set alive at a time
         elif index == 2:
-            self.score_select.end_pass0([score_ranks(d, self.hp["ratio"])] * self.n_models)
+            self.selector.end_pass0([score_ranks(self.d, self.ratio)] * self.n_models)
         else:
-            self.score_bounds = torch.tensor(self.score_select.values(), dtype=torch.float64)
+            self.score_bounds = torch.tensor(self.selector.values(), dtype=torch.float64)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.bounds, self.score_bounds
@@ -118,11 +156,11 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 @register(
     "pcb",
-    defaults={"ratio": 0.05, "scaling": 1.0, "variant": "vision", "scope": "global"},
-    choices={"variant": ("vision", "nlp", "root"), "scope": ("global", "tensor")},
-    summary="intra/inter parameter-competition balancing, drop low scores, weighted average",
-    source="Du et al. NeurIPS 2024; official duguodong7/pcb-merging vision_source_code/pcb.py (variants nlp, root); "
-    "ratio 0.05 from the vision script, scaling 1.0 as in Weight Weaving Table 1",
+    defaults={"ratio": 0.05, "scaling": 1.0, "variant": "vision_es", "scope": "global"},
+    choices={"variant": VARIANTS, "scope": ("global", "tensor")},
+    summary="intra/inter parameter-competition balancing scores, drop the lowest, score-weighted mean",
+    source="Du et al. NeurIPS 2024; official duguodong7/pcb-merging vision_source_code/pcb_ES.py::PCB "
+    "(variants vision, nlp, root); ratio 0.05 (pcb_ES.py:103), scaling 1.0 (pcb_ES.py:114 init, Weight Weaving Table 1)",
     check=_check,
     stats=lambda hp, n: PcbStats(hp, n) if hp["scope"] == "global" else None,
     linear_in_scaling=True,
@@ -131,7 +169,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 def pcb(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, ratio: float, scaling: float, variant: str, scope: str
 ) -> torch.Tensor:
-    flat = taus.reshape(taus.shape[0], -1)
+    flat = taus.reshape(taus.shape[0], -1)  # (T, n)
     if scope == "global":
         bounds, score_bounds = (b.to(flat.device, flat.dtype) for b in ctx.stats)
     else:
