@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import MergelabError
+import mergelab.methods as _builtin_methods  # noqa: F401  (registers the methods; imported before the
+from mergelab.errors import MergelabError  # function `methods` below, which must not be rebound to the subpackage)
 
 __all__ = ["ContinualMerger", "MergelabError", "__version__", "merge", "methods", "plan"]
 

@@ -1,15 +1,20 @@
-"""Exact streaming selection equals torch.kthvalue on the concatenated stream."""
+"""Exact streaming selection (``StreamingKth``) equals ``torch.kthvalue`` on the concatenated stream."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergelab.engine import select
 from mergelab.engine.select import StreamingKth
 
+TINY = 1.4e-45  # the smallest positive float32 denormal
 
-def select(chunks: list[torch.Tensor], ranks: list[list[int]]) -> list[list[float]]:
+
+def streamed(chunks: list[torch.Tensor], ranks: list[list[int]]) -> list[list[float]]:
+    """Both passes over the same chunks, as the engine runs them."""
     kth = StreamingKth(chunks[0].shape[0])
     for chunk in chunks:
         kth.observe(chunk)
@@ -19,26 +24,69 @@ def select(chunks: list[torch.Tensor], ranks: list[list[int]]) -> list[list[floa
     return kth.values()
 
 
-def test_special_values_and_several_ranks():
-    gen = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(2, n, generator=gen) for n in (1, 7, 300)]
-    chunks += [torch.zeros(2, 4), torch.full((2, 3), -0.0), torch.full((2, 2), float("inf")),
-               torch.tensor([[-3e38, 1e-45], [1e-40, -1e-45]]), torch.full((2, 5), 0.5)]
-    flat = torch.cat(chunks, dim=1)
-    d = flat.shape[1]
-    ranks = [[1, 2, d // 2, d - 1, d], [3, 100, d]]
-    for row, (row_ranks, values) in enumerate(zip(ranks, select(chunks, ranks), strict=True)):
+def check(chunks: list[torch.Tensor], ranks: list[list[int]]) -> None:
+    flat = torch.cat([c.reshape(c.shape[0], -1) for c in chunks], dim=1)
+    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks), strict=True)):
         for k, value in zip(row_ranks, values, strict=True):
-            assert value == flat[row].kthvalue(k).values.item(), (row, k)
+            assert value == flat[row].kthvalue(k).values.item(), (row, k)  # -0.0 == 0.0, inf == inf
 
 
-@settings(max_examples=50, deadline=None)
+def special_chunks() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    one = torch.tensor(1.0)
+    near_one = [torch.nextafter(one, torch.tensor(2.0)).item(), torch.nextafter(one, torch.tensor(0.0)).item()]
+    return [
+        torch.randn(3, 1, generator=gen),
+        torch.randn(3, 2, 4, generator=gen),  # chunks may have any trailing shape
+        torch.tensor([[0.0, -0.0, 0.0], [-0.0, -0.0, 0.0], [0.0, 0.0, 0.0]]),
+        torch.tensor([[float("inf"), -float("inf"), 3e38]] * 3),
+        torch.tensor([[TINY, -TINY, 1e-40], [1e-39, -1e-42, TINY], [1e-45, 2e-45, -3e-45]]),  # denormals
+        torch.tensor([[1.0, *near_one]] * 3),  # same high bits, different low bits
+        torch.full((3, 6), 0.5),  # ties
+        torch.randn(3, 50, generator=gen) * 1e-3,
+    ]
+
+
+def test_special_values_several_ranks_per_row():
+    chunks = special_chunks()
+    d = sum(c[0].numel() for c in chunks)
+    ranks = [[1, 2, d // 2, d - 1, d], [d, 1, 7, 7], list(range(1, d + 1))]  # every rank of the last row
+    check(chunks, ranks)
+
+
+def test_rank_1_and_d_on_constant_and_single_element_rows():
+    check([torch.full((2, 5), -2.5)], [[1, 5], [3]])
+    check([torch.tensor([[7.0]])], [[1]])
+
+
+def test_inner_chunking(monkeypatch):
+    monkeypatch.setattr(select, "_CHUNK", 3)  # rows are split again inside observe()
+    check(special_chunks(), [[1, 10, 40], [20], [77]])
+
+
+def test_rank_out_of_range():
+    kth = StreamingKth(1)
+    kth.observe(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="outside"):
+        kth.end_pass0([[5]])
+
+
+finite_or_inf = st.floats(width=32, allow_nan=False)
+special = st.sampled_from([0.0, -0.0, TINY, -TINY, 1.0, -1.0, float("inf"), -float("inf")])
+
+
+@settings(max_examples=50, deadline=None, database=None)  # no .hypothesis/ folder in the repo
 @given(
-    st.lists(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=40), min_size=1, max_size=4),
-    st.data(),
+    n_rows=st.integers(1, 3),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    data=st.data(),
 )
-def test_matches_kthvalue(chunk_values, data):
-    chunks = [torch.tensor(values, dtype=torch.float32).reshape(1, -1) for values in chunk_values]
-    flat = torch.cat(chunks, dim=1)[0]
-    k = data.draw(st.integers(1, flat.numel()))
-    assert select(chunks, [[k]])[0][0] == flat.kthvalue(k).values.item()
+def test_matches_kthvalue(n_rows, lengths, data):
+    chunks = [
+        torch.tensor(data.draw(st.lists(finite_or_inf | special, min_size=n * n_rows, max_size=n * n_rows)),
+                     dtype=torch.float32).reshape(n_rows, n)
+        for n in lengths
+    ]
+    d = sum(lengths)
+    ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
+    check(chunks, ranks)

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     import mergelab
 
     job = job_from_args(args)
+    if job.out is None and not args.dry_run:
+        raise MergelabError("no --out given: where should the merged model go?")
     options: dict[str, Any] = dict(out=job.out, device=job.device, dtype=job.dtype, overwrite=job.overwrite,
                                    max_shard_size=job.max_shard_size)
     plan = mergelab.plan(job.method, job.base, list(job.models), **options, **job.parameters)
@@ -63,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print("plan is valid; nothing was written (dry run)")
         return 0
-    if job.out is None:
-        raise MergelabError("no --out given: where should the merged model go?")
     start = time.perf_counter()
     path = mergelab.merge(job.method, job.base, list(job.models), progress=not args.quiet and sys.stderr.isatty(),
                           **options, **job.parameters)
@@ -125,6 +125,8 @@ def load_config(path: str) -> dict[str, Any]:
         raise MergelabError("'models' must be a list of paths", file=path)
     if data.get("parameters") is not None and not isinstance(data["parameters"], dict):
         raise MergelabError("'parameters' must be a mapping of hyperparameters", file=path)
+    if not isinstance(data.get("overwrite", False), bool):
+        raise MergelabError(f"'overwrite' must be true or false, got {data['overwrite']!r}", file=path)
     return data
 
 

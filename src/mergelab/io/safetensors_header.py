@@ -110,10 +110,10 @@ def read_header(path: str) -> Header:
 def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, int]:
     if not isinstance(entry, dict):
         raise MergelabError("corrupt header entry", file=path, tensor=name)
-    name_of_dtype = entry.get("dtype")
-    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None  # a list would be unhashable
+    dtype_name = entry.get("dtype")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None  # a list would be unhashable
     if dtype is None:
-        raise MergelabError(f"unsupported dtype {name_of_dtype!r}", file=path, tensor=name)
+        raise MergelabError(f"unsupported dtype {dtype_name!r}", file=path, tensor=name)
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise MergelabError(f"corrupt shape {shape!r}", file=path, tensor=name)

@@ -86,7 +86,7 @@ class SafetensorsSource(TensorSource):
     the process's memory holds only the tensors in use, and reads release the GIL.
     """
 
-    def __init__(self, files: list[str], label: str, folder: Path | None = None, index: dict[str, str] | None = None):
+    def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
         self.specs = {}
@@ -100,8 +100,6 @@ class SafetensorsSource(TensorSource):
                 self.specs[name] = spec
                 self._file[name] = path
                 self._offset[name] = header.offsets[name]
-        if index is not None:
-            _check_index(index, self._file, label)
         self._handles: dict[str, BinaryIO] = {}
 
     def file_of(self, name: str) -> str:
@@ -134,7 +132,7 @@ class SafetensorsSource(TensorSource):
 class TorchSource(TensorSource):
     """``.bin``/``.pt``/``.pth`` files loaded with ``weights_only=True`` and memory-mapped."""
 
-    def __init__(self, files: list[str], label: str, folder: Path | None = None, index: dict[str, str] | None = None):
+    def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
         self._state: dict[str, torch.Tensor] = {}
@@ -148,8 +146,6 @@ class TorchSource(TensorSource):
                     raise MergelabError(f"tensor also stored in {self._file[name]}", file=path, tensor=name)
                 self._state[name] = part.get(name)
                 self._file[name] = path
-        if index is not None:
-            _check_index(index, self._file, label)
         self.specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in self._state.items()}
 
     def file_of(self, name: str) -> str:
@@ -238,14 +234,16 @@ def _open_folder(folder: Path) -> TensorSource:
         index_path = folder / index_name
         if index_path.exists():
             weight_map = _read_index(index_path)
-            shards = sorted(set(weight_map.values()))
             files = []
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
                 shard_path = folder / shard
                 if Path(shard).name != shard or not shard_path.is_file():
-                    raise MergelabError(f"index names missing shard {shard!r}", file=str(index_path))
+                    tensor = next(n for n, s in weight_map.items() if s == shard)
+                    raise MergelabError(f"index names missing shard {shard!r}", file=str(index_path), tensor=tensor)
                 files.append(str(shard_path))
-            return cls(files, label, folder, index=weight_map)
+            source = cls(files, label, folder)
+            _check_index(weight_map, {n: source.file_of(n) for n in source.specs}, str(index_path))
+            return source
     for single, cls in (("model.safetensors", SafetensorsSource), ("pytorch_model.bin", TorchSource)):
         if (folder / single).is_file():
             return cls([str(folder / single)], label, folder)
@@ -263,15 +261,18 @@ def _read_index(index_path: Path) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MergelabError("index has no valid 'weight_map'", file=str(index_path))
+    if not weight_map:
+        raise MergelabError("index lists no tensors (empty 'weight_map')", file=str(index_path))
     return {str(k): v for k, v in weight_map.items()}
 
 
-def _check_index(index: dict[str, str], found: dict[str, str], label: str) -> None:
+def _check_index(index: dict[str, str], found: dict[str, str], index_file: str) -> None:
+    """The index and the shards' headers must agree on every tensor and its shard."""
     for name, shard in index.items():
         if name not in found:
-            raise MergelabError(f"index lists the tensor in {shard} but no shard holds it", file=label, tensor=name)
+            raise MergelabError(f"index lists the tensor in {shard} but no shard holds it", file=index_file, tensor=name)
         if Path(found[name]).name != shard:
-            raise MergelabError(f"index says {shard} but it is in {Path(found[name]).name}", file=label, tensor=name)
+            raise MergelabError(f"index says {shard} but it is in {Path(found[name]).name}", file=index_file, tensor=name)
     for name, path in found.items():
         if name not in index:
             raise MergelabError("tensor is in a shard but not in the index", file=path, tensor=name)

@@ -90,8 +90,11 @@ class CheckpointWriter:
         self.specs = dict(layout)
         self.shards = plan_shards(layout, max_shard_bytes, self.out.name if self.single else None)
         self.metadata = dict(metadata, format="pt")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+        except OSError as err:
+            raise MergelabError(f"cannot create the output: {err.strerror}", file=str(self.out)) from None
         self._order = [(name, i) for i, shard in enumerate(self.shards) for name in shard.names]
         self._where: dict[str, tuple[int, int]] = {}  # name -> (shard index, offset from file start)
         for index, shard in enumerate(self.shards):
@@ -170,10 +173,15 @@ class CheckpointWriter:
 
     def _move_into_place(self, source: Path) -> Path:
         old = None
-        if self.out.exists():
+        if self.out.exists() and not self.single:  # a folder cannot be renamed over; a file can, atomically
             old = self.tmp.parent / f".{self.out.name}.mergelab-old-{os.getpid()}"
             os.replace(self.out, old)
-        os.replace(source, self.out)
+        try:
+            os.replace(source, self.out)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.out)  # put the previous output back
+            raise
         for leftover in (old, self.tmp if self.tmp.exists() else None):
             if leftover is not None:
                 _remove(leftover)
@@ -202,6 +210,11 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise MergelabError("output already exists (pass --overwrite / overwrite=True to replace it)", file=str(out))
     if out.exists() and (out.suffix == ".safetensors") != out.is_file():
         raise MergelabError("output exists and is of the other kind (file vs folder)", file=str(out))
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MergelabError(f"cannot create the output: {parent} is not a folder", file=str(out))
 
 
 def copy_extras(folder: Path, target: Path) -> list[str]:

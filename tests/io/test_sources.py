@@ -1,0 +1,89 @@
+"""Every model-like input of the contract, read lazily with the right specs; hostile inputs refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_state, write_sharded
+from forms import FORMS, write_form
+from hostile import CASES, MARKER, split
+from mergelab.errors import MergelabError
+from mergelab.io.sources import open_source
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_input_form_has_the_right_specs_and_values(tmp_path, form):
+    state = tiny_state(0)
+    state["layer.0.attn.weight"] = state["layer.0.attn.weight"].bfloat16()
+    state["layer.0.attn.bias"] = state["layer.0.attn.bias"].half()
+    state["mask"] = torch.tensor([True, False, True])
+    source = open_source(write_form(form, state, tmp_path))
+    assert sorted(source.specs) == sorted(state)
+    for name, tensor in state.items():
+        spec = source.specs[name]
+        assert (spec.shape, spec.dtype) == (tuple(tensor.shape), tensor.dtype), name
+        assert torch.equal(source.get(name), tensor), name
+    assert source.nbytes == sum(t.numel() * t.element_size() for t in state.values())
+    source.close()
+
+
+def test_module_input_is_its_state_dict():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    source = open_source(module)
+    assert set(source.specs) == set(module.state_dict())
+    assert source.specs["1.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(source.get("0.weight"), module[0].weight.detach())
+
+
+def test_index_json_path_opens_its_folder(tmp_path):
+    folder = write_sharded(tiny_state(0), tmp_path / "m", max_shard_bytes=150)
+    source = open_source(str(folder / "model.safetensors.index.json"))
+    assert set(source.specs) == set(tiny_state(0)) and source.folder == folder
+
+
+def test_safetensors_data_is_read_on_get_not_on_open(tmp_path):
+    state = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    source = open_source(str(path))  # headers only
+    header, data = split(state)
+    start = path.stat().st_size - len(data) + header["a"]["data_offsets"][0]
+    with open(path, "r+b") as handle:  # rewrite a's bytes after the source was opened
+        handle.seek(start)
+        handle.write(torch.arange(4.0).numpy().tobytes())
+    assert torch.equal(source.get("a"), torch.arange(4.0))
+    source.close()
+
+
+def test_tied_tensors_in_a_bin_are_reported_as_aliases(tmp_path):
+    state = tiny_state(0)
+    state["lm_head.weight"] = state["embed.weight"]  # shares storage, as tied embeddings do
+    torch.save(state, tmp_path / "tied.bin")
+    assert open_source(str(tmp_path / "tied.bin")).aliases() == {"lm_head.weight": "embed.weight"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_inputs_raise_one_line_naming_file_and_tensor(tmp_path, case):
+    bad = CASES[case].build(tmp_path, tiny_state(0))
+    with pytest.raises(MergelabError) as info:
+        open_source(str(bad.path))
+    text = str(info.value)
+    assert CASES[case].message in text
+    assert "\n" not in text and str(bad.named) in text
+    if bad.tensor is not None:
+        assert f"tensor '{bad.tensor}'" in text
+    assert not (tmp_path / MARKER).exists()  # the exploit pickle was never executed
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("nowhere", "no such file or folder"), ("empty", "no checkpoint found"),
+     ("notes.txt", "unknown checkpoint format"), (42, "not a model: int")],
+)
+def test_not_a_checkpoint(tmp_path, model, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(MergelabError, match=message):
+        open_source(str(tmp_path / model) if isinstance(model, str) else model)
