@@ -1,0 +1,162 @@
+"""Pure SVD helpers shared by the spectral methods (TSV-M, Iso-C, Iso-CTS, CART).
+
+Matrices in, matrices out; no I/O, no device choice, no RNG.
+
+Precision (hyperparameter ``svd_dtype`` of every spectral method, :data:`SVD_DTYPES`): the matrix
+part of a method -- SVDs and the products around them -- runs in ``svd_dtype``, then is cast back
+to the compute dtype. Default ``"float64"``: float32 singular vectors are only accurate to about
+``eps * s_1 / gap``, so those of small, clustered singular values are close to arbitrary, and
+Iso-C/Iso-CTS give such directions the full mean singular value while TSV-M's polar factors couple
+them to every other task's vectors. Relative Frobenius difference between the float32 and the
+float64 output, 8 random task matrices of 768 x 3072 (CPU, LAPACK):
+
+=========================== ======= ======= ======= =======
+task singular values        tsv     iso_c   iso_cts cart
+=========================== ======= ======= ======= =======
+``i^-0.5`` / ``i^-1``       1e-5    5e-6    3e-5    4e-6
+``i^-2``                    2e-3    5e-4    8e-2    8e-6
+rank 64 + 0.1 % noise       1e-1    3e-4    6e-3    3e-6
+=========================== ======= ======= ======= =======
+
+(rank 64 + noise: TSV-M keeps 768 / 8 = 96 triplets per task, so 32 come from the noise.) The
+official codes (and FusionBench) run in float32; ``svd_dtype="float32"`` gives their numerics and
+is about 1.7x faster on CPU (more on GPUs with slow float64).
+
+Which 2-D tensors are "matrices" is decided by :func:`is_matrix` from the tensor's shape and the
+method's ``exclude`` patterns (matched against the tensor name): a glob (``fnmatch``, matched
+against the whole name, e.g. ``"*text_projection*"``), or a Python regular expression searched in
+the name when prefixed with ``"re:"`` (e.g. ``"re:^(?!.*(?:attn|mlp))"``).
+
+:data:`OFFICIAL_EXCLUDE` lists, per method, the patterns that reproduce which 2-D tensors the
+official code does *not* treat as matrices (open_clip / HF-CLIP naming):
+
+* ``tsv``, ``iso_c``, ``iso_cts``: ``"text_projection" not in key`` (AntoAndGar/task_singular_vectors
+  src/utils/TSVM_utils.py, danielm1405/iso-merging src/utils/iso.py). ``text_projection`` is in
+  the text tower, which fine-tuning the image encoder leaves untouched (zero task vector), so with
+  their checkpoints the rule should change nothing; every other 2-D tensor -- including
+  ``visual.positional_embedding`` and ``visual.proj`` -- is a matrix. FusionBench
+  (``exclude_keys``, exact names) excludes nothing by default.
+* ``cart``: only names containing ``attn`` or ``mlp`` and neither ``ln`` nor ``bias`` are matrices
+  (JH-GEECS/CART src/merging.py ``_get_truncated_task_vectors``); so ``visual.positional_embedding``,
+  ``visual.proj``, ``text_projection``, ``token_embedding.weight`` are averaged. The regexes below
+  say exactly that, for open_clip and for HF-CLIP names (``self_attn``, ``mlp.fc1``) alike.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+SVD_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+OFFICIAL_EXCLUDE: dict[str, list[str]] = {
+    "tsv": ["*text_projection*"],
+    "iso_c": ["*text_projection*"],
+    "iso_cts": ["*text_projection*"],
+    "cart": ["re:^(?!.*(?:attn|mlp))", "re:ln|bias"],
+}
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    if pattern.startswith("re:"):
+        return re.compile(pattern[3:])
+    return re.compile(fnmatch.translate(pattern))
+
+
+def check_patterns(patterns: Sequence[object]) -> None:
+    """Raise ``ValueError`` unless ``patterns`` is a list of valid glob / ``re:`` patterns."""
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"exclude patterns must be strings, got {pattern!r}")
+        try:
+            _compiled(pattern)
+        except re.error as err:
+            raise ValueError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """True if ``name`` matches a glob (whole name) or a ``re:`` pattern (searched)."""
+    for pattern in patterns:
+        compiled = _compiled(pattern)
+        if compiled.search(name) if pattern.startswith("re:") else compiled.match(name):
+            return True
+    return False
+
+
+def is_matrix(name: str, shape: Sequence[int], exclude: Sequence[str]) -> bool:
+    """A 2-D tensor not excluded by name is treated as a matrix by every spectral method."""
+    return len(shape) == 2 and not excluded(name, exclude)
+
+
+def svd_driver(device: torch.device) -> str | None:
+    """cuSOLVER driver for ``torch.linalg.svd``; ``None`` off CUDA (the argument is CUDA-only).
+
+    On CUDA we ask for ``gesvd`` (QR iteration, the LAPACK algorithm): task matrices are close to
+    low rank with clusters of tiny singular values, where the Jacobi solver (``gesvdj``, tried
+    first by PyTorch's default) may stop before convergence and ``gesvda`` is documented as
+    inaccurate for rank-deficient input. ``gesvd`` is the slowest of the three; accuracy first.
+    Not measured on a GPU in this project yet.
+    """
+    return "gesvd" if device.type == "cuda" else None
+
+
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD of ``(..., m, n)`` in ``x``'s dtype: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)``."""
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False, driver=svd_driver(x.device))
+    return U, S, Vh
+
+
+def low_rank(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``SVD_k(x)``: the best rank-``k`` approximation of each matrix of ``(..., m, n)``."""
+    if k <= 0:
+        return torch.zeros_like(x)
+    U, S, Vh = svd(x)
+    return (U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]  # (..., m, k) (..., k, n)
+
+
+def significant(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Mask of the singular values ``s`` of an ``(m, n)`` matrix that are not numerically zero:
+    ``s > 16 max(m, n) eps64 max(s)`` (16: room for the SVD's own rounding on small matrices).
+
+    The singular vectors of zero singular values are whatever basis the SVD routine picks (for a
+    zero matrix LAPACK returns the identity), so they carry no information about the inputs. The
+    official codes keep them, which only matters for exactly rank-deficient input: a task vector
+    that is zero on a tensor (a layer frozen in one fine-tune), duplicated models, tasks whose
+    stacked singular vectors are linearly dependent. There their output depends on that basis (it
+    is not even equivariant under rotations of the inputs); dropping these directions makes it
+    well defined. The threshold uses float64's epsilon whatever ``svd_dtype``, so with float32
+    only exact zeros are dropped and near-degenerate directions behave as in the official code.
+    """
+    return s > s.max() * (16 * max(shape) * torch.finfo(torch.float64).eps)
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor ``P Q^T`` of ``x = P Sigma Q^T``: the matrix with orthonormal
+    columns (rows, if wide) nearest to ``x`` in Frobenius norm (orthogonal Procrustes). If ``x`` is
+    rank-deficient, the partial isometry over its :func:`significant` singular values (unique)."""
+    P, S, Qh = svd(x)
+    keep = significant(S, x.shape)
+    return P[:, keep] @ Qh[keep]
+
+
+def flat_spectrum(s: torch.Tensor) -> torch.Tensor:
+    """Replace every singular value by their mean (isotropic spectrum)."""
+    return torch.ones_like(s) * s.mean()  # stays on the device: no host sync
+
+
+def check_hparams(hp: dict[str, object]) -> None:
+    """Validation shared by the spectral methods: a finite ``scaling`` (unless ``None``) and ``exclude``."""
+    scaling = hp.get("scaling")
+    if scaling is not None and (
+        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not -1e6 < scaling < 1e6
+    ):
+        raise ValueError(f"scaling={scaling!r} is not a finite number")
+    exclude = hp.get("exclude", [])
+    if not isinstance(exclude, (list, tuple)):
+        raise ValueError(f"exclude must be a list of name patterns, got {exclude!r}")
+    check_patterns(exclude)

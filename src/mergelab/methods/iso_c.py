@@ -1,0 +1,75 @@
+"""Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+Task-Specific Subspaces", ICML 2025, arXiv:2502.04959): Isotropic merging in the Common subspace.
+
+For each matrix: sum the task matrices (task arithmetic), take its SVD and replace every singular
+value by their mean (a flat, "isotropic" spectrum)::
+
+    sum_t tau_t = U diag(s) V^T,    delta = scaling * mean(s) * U V^T
+
+Every other tensor (and each 2-D tensor matched by ``exclude``): ``delta = scaling * mean_t tau_t``.
+
+Follows the official code, danielm1405/iso-merging (commit d34010a) ``src/utils/iso.py::iso_c``,
+which FusionBench ports (``fusion_bench/method/isotropic_merging/iso_utils.py::iso_c``). The mean
+runs over all ``min(m, n)`` singular values, as there. Departure: when the sum is exactly
+rank-deficient (rank rho < min(m, n), e.g. duplicated low-rank task vectors), the official
+``U V^T`` also spans the sum's null directions, an arbitrary basis picked by the SVD routine, each
+given the mean singular value; we keep only the rho directions with non-zero singular values
+(``_spectral.significant``), so the output has rank rho, all its non-zero singular values equal
+``mean(s)``. On full-rank sums (generic inputs) the two agree.
+
+Defaults: ``scaling=1.0``, FusionBench ``config/method/isotropic_merging/iso_c.yaml``
+(``scaling_factor: 1.0``). The official repo fixes no value: it picks alpha on validation data from
+``linspace(0, 3, 31)[1:]`` (src/eval/eval.py, ``evaluate_task_vector``, branch
+``iso_c/iso_cts/TSVM``). FusionBench's docs (docs/algorithms/isotropic_merging.md) and its
+singular-value-calibration configs run Iso-C with ``scaling_factor=1.5`` for CLIP ViT-B/32 and
+ViT-L/14 on 8 tasks; pass ``scaling=1.5`` to reproduce those runs. ``exclude=[]``;
+``OFFICIAL_EXCLUDE["iso_c"]`` (``["*text_projection*"]``, see ``_spectral``) reproduces the official
+repo; FusionBench excludes nothing by default. Task order does not matter (only the sum enters).
+``svd_dtype="float64"`` is ours (the official code runs in float32): a flat spectrum gives the
+sum's smallest singular directions full weight, and float32 gets those least accurately (see
+``_spectral``); ``svd_dtype="float32"`` gives the official numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, significant, svd
+from mergelab.methods.registry import TensorCtx, register
+
+
+def iso_c_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
+    U, S, Vh = svd(taus.sum(dim=0).to(dtype))  # (m, r) (r,) (r, n)
+    keep = significant(S, taus.shape[1:])  # directions of zero singular values are arbitrary: dropped
+    return ((U[:, keep] * flat_spectrum(S)[keep]) @ Vh[keep]).to(taus.dtype)
+
+
+def _check(hp: dict[str, Any], n_models: int) -> None:
+    check_hparams(hp)
+
+
+@register(
+    "iso_c",
+    defaults={"scaling": 1.0, "exclude": [], "svd_dtype": "float64"},
+    choices={"svd_dtype": tuple(SVD_DTYPES)},
+    summary="Iso-C: SVD of the task-vector sum with its spectrum flattened to the mean singular value",
+    source="Marczak et al. ICML 2025 (arXiv:2502.04959); official danielm1405/iso-merging src/utils/iso.py::iso_c; "
+    "scaling 1.0 from FusionBench config/method/isotropic_merging/iso_c.yaml (official: validation search over 0.1..3.0)",
+    check=_check,
+    linear_in_scaling=True,
+)
+def iso_c(
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    ctx: TensorCtx,
+    *,
+    scaling: float,
+    exclude: list[str],
+    svd_dtype: str,
+) -> torch.Tensor:
+    if not is_matrix(ctx.name, base.shape, exclude):
+        return taus.mean(dim=0) * scaling
+    return iso_c_matrix(taus, SVD_DTYPES[svd_dtype]) * scaling

@@ -1,0 +1,113 @@
+"""Iso-CTS (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+Task-Specific Subspaces", ICML 2025, arXiv:2502.04959): Isotropic merging in Common and
+Task-Specific subspaces.
+
+For each matrix (m x n, ``r = min(m, n)``, ``T`` tasks)::
+
+    sum_t tau_t = U diag(s) V^T;  common subspace: the top c triplets (U_c, s_c, V_c)
+    tau_t' = tau_t - U_c U_c^T tau_t = U_t diag(s_t) V_t^T    # task t with the common left subspace removed
+    U_all = [U_1[:, :p] .. U_T[:, :p], U_c]    (m, r),  s_all and V_all likewise,  p = (r - c) / T
+    delta = scaling * mean(s_all) * polar(U_all) polar(V_all^T)   # orthogonalise, flatten the spectrum
+
+with ``c = int(r * common_space_fraction)``, then moved so that ``r - c`` splits evenly between the
+tasks: ``c = r - round((r - c) / T) * T`` (Python's ``round``, half to even). Every other tensor
+(and each 2-D tensor matched by ``exclude``): ``delta = scaling * mean_t tau_t``.
+
+Follows the official code, danielm1405/iso-merging (commit d34010a) ``src/utils/iso.py::iso_cts``,
+ported unchanged by FusionBench (``fusion_bench/method/isotropic_merging/iso_utils.py::iso_cts``).
+Departure: where that rounding would give the task subspaces more than ``r`` dimensions (a small
+``common_space_fraction`` with ``r`` not much larger than ``T``, e.g. r=7, T=2, fraction 0), the
+official code slices with a negative ``c`` and breaks; we round down instead (one ``T`` fewer).
+Departure on exactly rank-deficient input, as in ``tsv``: triplets with numerically zero singular
+values (their vectors are the SVD routine's arbitrary choice) are dropped, from the common block
+used for the projection as well as before orthogonalising, and linearly dependent blocks (duplicated models) get the partial-isometry polar factor
+(``_spectral.significant``, ``polar``); the mean still runs over all ``r`` slots. Generic inputs
+are unaffected.
+With ``common_space_fraction=1`` Iso-CTS is Iso-C. Task order does not matter: permuting tasks
+permutes the blocks of ``U_all`` and ``V_all`` alike, and the flat spectrum commutes with that.
+
+Defaults: ``common_space_fraction=0.8`` (official README command and config/method/iso_cts.yaml;
+FusionBench config/method/isotropic_merging/iso_cts.yaml). ``scaling=1.0`` (FusionBench
+iso_cts.yaml, ``scaling_factor: 1.0``); the official repo picks alpha on validation data from
+``linspace(0, 3, 31)[1:]`` (src/eval/eval.py), and FusionBench's docs run Iso-CTS on CLIP ViT-B/32
+(8 tasks) with ``scaling_factor=1.5``. ``exclude=[]``; ``OFFICIAL_EXCLUDE["iso_cts"]``
+(``["*text_projection*"]``, see ``_spectral``) reproduces the official repo. ``svd_dtype="float64"``
+is ours (the official code runs in float32; float32 changed the output by 8 % on a fast-decaying
+synthetic spectrum, see ``_spectral``); ``svd_dtype="float32"`` gives the official numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, polar, significant, svd
+from mergelab.methods.registry import TensorCtx, register
+
+
+def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
+    """``(common, per_task)`` dimensions with ``common + n_tasks * per_task == r`` (official rounding)."""
+    common = int(r * fraction)
+    task_total = round((r - common) / n_tasks) * n_tasks
+    if task_total > r:  # official code: negative common size (see module docstring)
+        task_total -= n_tasks
+    return r - task_total, task_total // n_tasks
+
+
+def iso_cts_matrix(
+    taus: torch.Tensor, common_space_fraction: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Iso-CTS merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
+    T, m, n = taus.shape
+    common, per_task = subspace_sizes(min(m, n), T, common_space_fraction)
+    U, S, Vh = svd(taus.sum(dim=0).to(dtype))  # (m, r) (r,) (r, n)
+    us, ss, vhs = [], [], []
+    if per_task > 0:
+        U_c = U[:, :common][:, significant(S, (m, n))[:common]]  # (m, <= c): no arbitrary null directions
+        for tau in taus:
+            tau = tau.to(dtype)
+            U_t, S_t, Vh_t = svd(tau - U_c @ (U_c.mT @ tau))  # task t outside the common left subspace
+            us.append(U_t[:, :per_task])
+            ss.append(S_t[:per_task])
+            vhs.append(Vh_t[:per_task])
+    u = torch.cat([*us, U[:, :common]], dim=1)  # (m, r): task blocks, then the common block (official order)
+    s = torch.cat([*ss, S[:common]])  # (r,)
+    vh = torch.cat([*vhs, Vh[:common]], dim=0)  # (r, n)
+    flat = flat_spectrum(s)  # the mean over all r slots, as in the official code
+    keep = significant(s, (m, n))  # triplets of zero singular values have arbitrary vectors: dropped
+    if not bool(keep.any()):
+        return torch.zeros_like(taus[0])
+    return ((polar(u[:, keep]) * flat[keep]) @ polar(vh[keep])).to(taus.dtype)
+
+
+def _check(hp: dict[str, Any], n_models: int) -> None:
+    check_hparams(hp)
+    if not 0.0 <= hp["common_space_fraction"] <= 1.0:
+        raise ValueError(f"common_space_fraction must be in [0, 1], got {hp['common_space_fraction']}")
+
+
+@register(
+    "iso_cts",
+    defaults={"scaling": 1.0, "common_space_fraction": 0.8, "exclude": [], "svd_dtype": "float64"},
+    choices={"svd_dtype": tuple(SVD_DTYPES)},
+    summary="Iso-CTS: common subspace of the sum plus per-task subspaces, orthogonalised, flat spectrum",
+    source="Marczak et al. ICML 2025 (arXiv:2502.04959); official danielm1405/iso-merging src/utils/iso.py::iso_cts; "
+    "common_space_fraction 0.8 (official README/config), scaling 1.0 (FusionBench iso_cts.yaml; "
+    "official: validation search over 0.1..3.0)",
+    check=_check,
+    linear_in_scaling=True,
+)
+def iso_cts(
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    ctx: TensorCtx,
+    *,
+    scaling: float,
+    common_space_fraction: float,
+    exclude: list[str],
+    svd_dtype: str,
+) -> torch.Tensor:
+    if not is_matrix(ctx.name, base.shape, exclude):
+        return taus.mean(dim=0) * scaling
+    return iso_cts_matrix(taus, common_space_fraction, SVD_DTYPES[svd_dtype]) * scaling

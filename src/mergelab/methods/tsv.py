@@ -1,0 +1,99 @@
+"""TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
+CVPR 2025, arXiv:2412.00081): Task Singular Vectors Merge.
+
+For each matrix with task matrices ``tau_t`` (m x n), ``r = min(m, n)``, ``T`` tasks::
+
+    tau_t = U_t diag(s_t) V_t^T,  k = floor(r / T)                      # each task keeps k triplets
+    U = [U_1[:, :k] .. U_T[:, :k]]  (m, Tk),   V = [V_1[:, :k] .. V_T[:, :k]]  (n, Tk)
+    S = diag(s_1[:k] .. s_T[:k])
+    U_perp = P Q^T  where  U = P Sigma Q^T        (polar factor / orthogonal Procrustes; same for V)
+    delta  = scaling * U_perp S V_perp^T
+
+Every other tensor (and each 2-D tensor matched by ``exclude``): ``delta = scaling * mean_t tau_t``.
+
+Follows the official code, AntoAndGar/task_singular_vectors (commit a6c9718)
+``src/utils/TSVM_utils.py::compute_and_sum_svd_mem_reduction`` (method ``TSVM``), which FusionBench
+ports unchanged (``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py``):
+
+* ``k = int(r * (1 / T))``, equal to ``r // T`` (checked for r < 5000, T < 40). A matrix with
+  ``r < T`` therefore gets a zero delta, as in the official code; name it in ``exclude`` to
+  average it instead.
+* The official code orthogonalises U padded with ``r - Tk`` zero columns (and V with zero rows).
+  We take the polar factor of the ``Tk`` kept columns only, dropping triplets whose singular value
+  is numerically zero, and use the partial isometry where the columns are linearly dependent
+  (``_spectral.significant``, ``polar``). On generic inputs this is the official product; on
+  exactly rank-deficient ones (a task vector that is zero on this tensor, duplicated models) the
+  official output depends on the SVD routine's arbitrary basis for zero singular values, ours
+  does not: e.g. T copies of one task give ``SVD_k(tau)``, and a zero task vector is ignored.
+* The official eigendecomposition variant (``TSVM_2``, ``U (U^T U)^(-1/2)``) is not offered: it
+  forms ``U^T U``, which squares the condition number.
+* Non-matrices: the running mean of the official code; ``scaling`` multiplies them too, as the
+  official ``scaling_coef`` does (it scales the whole merged task vector).
+
+Defaults: ``scaling=1.0``, FusionBench ``config/method/task_singular_vector/TaskSingularVectorMerging.yaml``
+(``alpha: 1``). The official repo instead picks alpha on validation data from
+``linspace(0, 3, 31)[1:]`` (src/eval/eval.py, ``evaluate_task_vector``); set ``scaling`` if you
+have validation data. ``exclude=[]``; ``OFFICIAL_EXCLUDE["tsv"]`` (``["*text_projection*"]``,
+see ``_spectral``) reproduces the official repo's rule; FusionBench excludes nothing by default.
+Task order does not matter: permuting tasks permutes the blocks of U, S and V alike.
+``svd_dtype="float64"`` is ours (the official code runs in float32): see ``_spectral`` for why and
+the measured differences; ``svd_dtype="float32"`` gives the official numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar, significant, svd
+from mergelab.methods.registry import TensorCtx, register
+
+
+def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """TSV-M merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
+    T, m, n = taus.shape
+    k = min(m, n) // T
+    if k == 0:
+        return torch.zeros_like(taus[0])
+    us, ss, vhs = [], [], []
+    for tau in taus:  # one SVD at a time: memory stays ~ one matrix, as in the official loop
+        U, S, Vh = svd(tau.to(dtype))  # (m, r) (r,) (r, n)
+        us.append(U[:, :k])
+        ss.append(S[:k])
+        vhs.append(Vh[:k])
+    u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)  # (m, Tk) (Tk,) (Tk, n)
+    keep = significant(s, (m, n))  # drop triplets of zero singular values: arbitrary vectors (see _spectral)
+    if not bool(keep.any()):
+        return torch.zeros_like(taus[0])
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    return ((polar(u) * s) @ polar(vh)).to(taus.dtype)
+
+
+def _check(hp: dict[str, Any], n_models: int) -> None:
+    check_hparams(hp)
+
+
+@register(
+    "tsv",
+    defaults={"scaling": 1.0, "exclude": [], "svd_dtype": "float64"},
+    choices={"svd_dtype": tuple(SVD_DTYPES)},
+    summary="TSV-M: top r/T singular triplets per task, orthogonalised U and V (polar factors), scaled",
+    source="Gargiulo et al. CVPR 2025 (arXiv:2412.00081); official AntoAndGar/task_singular_vectors "
+    "src/utils/TSVM_utils.py::compute_and_sum_svd_mem_reduction; scaling 1.0 from FusionBench "
+    "config/method/task_singular_vector/TaskSingularVectorMerging.yaml (official: validation search over 0.1..3.0)",
+    check=_check,
+    linear_in_scaling=True,
+)
+def tsv(
+    taus: torch.Tensor,
+    base: torch.Tensor,
+    ctx: TensorCtx,
+    *,
+    scaling: float,
+    exclude: list[str],
+    svd_dtype: str,
+) -> torch.Tensor:
+    if not is_matrix(ctx.name, base.shape, exclude):
+        return taus.mean(dim=0) * scaling
+    return tsv_matrix(taus, SVD_DTYPES[svd_dtype]) * scaling
