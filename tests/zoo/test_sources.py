@@ -102,9 +102,13 @@ def test_frozen_tsv_hash_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_file_names_the_install_command(roots: Path) -> None:
-    with pytest.raises(MergelabError, match="make zoo-data") as err:
+    with pytest.raises(MergelabError, match="apt-get install wordnet-base") as err:
         sources.wordnet("verb")
-    assert "data.verb" in str(err.value) and "\n" not in str(err.value)
+    assert "data.verb" in str(err.value) and "make zoo-data" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(MergelabError, match="vaderSentiment==3.3.2"):
+        sources.vader("nyt")
+    with pytest.raises(MergelabError, match="apt-get install wamerican"):
+        sources.word_lang()
 
 
 def test_dedupe_keeps_first_and_drops_clashes() -> None:

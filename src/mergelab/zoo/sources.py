@@ -22,6 +22,9 @@ from mergelab.errors import MergelabError
 Example = tuple[str, str]  # (text, label)
 
 INSTALL_HINT = "run `make zoo-data` (or scripts/install_zoo_data.sh)"
+FORTUNE_INSTALL = "apt-get install " + " ".join(
+    "fortunes fortunes-min fortunes-de fortunes-it fortunes-es fortunes-br fortunes-pl fortunes-ru fortunes-cs "
+    "fortunes-eo fortunes-mario fortune-anarchism fortunes-bofh-excuses".split())
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 VADER_FILES = {
     "movie": "movieReviewSnippets_GroundTruth.txt",
@@ -49,7 +52,7 @@ FORTUNE_PORTUGUESE = ("brasil", "mario.geral", "mario.gauchismos", "mario.comput
 FORTUNE_TOPICS = (
     "people definitions anarchism computers politics work science men-women songs-poems platitudes bofh-excuses art"
 ).split()
-# language -> (word list under /usr/share/dict, encoding)
+# language -> (word list under /usr/share/dict, encoding); Debian package: DICT_PACKAGES
 WORD_LISTS = {
     "en": ("american-english", "utf-8"), "fr": ("french", "utf-8"), "it": ("italian", "utf-8"),
     "es": ("spanish", "utf-8"), "de": ("ngerman", "utf-8"), "nl": ("dutch", "utf-8"),
@@ -59,6 +62,8 @@ WORD_LISTS = {
     "ga": ("irish", "utf-8"), "eo": ("esperanto", "utf-8"), "bg": ("bulgarian", "utf-8"),
     "uk": ("ukrainian", "utf-8"), "gv": ("manx", "iso-8859-1"),
 }
+DICT_PACKAGES = {"american-english": "wamerican", "ngerman": "wngerman", "bokmaal": "wnorwegian",
+                 "nynorsk": "wnorwegian", "galician-minimos": "wgalician-minimos"}
 DEBIAN_TSV = "debian_section.tsv.gz"
 DEBIAN_TSV_SHA256 = "c86459620e5ccc423721d1bed9df43a7bc9eaa4cece4f0e7574ba1b40ada44ea"
 
@@ -85,15 +90,16 @@ def dedupe(examples: Iterable[Example]) -> list[Example]:
     return [(text, label) for text, label in first.items() if text not in clash]
 
 
-def _need(path: Path) -> Path:
+def _need(path: Path, install: str) -> Path:
     if not path.exists():
-        raise MergelabError(f"dataset file missing; {INSTALL_HINT}", file=str(path))
+        raise MergelabError(f"dataset file missing; install it with `{install}` or run `make zoo-data`", file=str(path))
     return path
 
 
 def vader(domain: str) -> list[Example]:
     """VADER ground truth (Hutto & Gilbert 2014) of one domain, |mean score| >= 0.5, read from the sdist."""
-    sdist = _need(roots()["data"] / VADER_SDIST)
+    data = roots()["data"]
+    sdist = _need(data / VADER_SDIST, f"pip download --no-deps --no-binary :all: -d {data} vaderSentiment==3.3.2")
     with tarfile.open(sdist) as outer:
         inner_bytes = _extract(outer, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", sdist)
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
@@ -119,7 +125,7 @@ def wordnet(*parts: str, keep_pos: bool = False, drop: tuple[str, ...] = ()) -> 
     Labels in ``drop`` are left out before de-duplication (as DATA.md counted adj.ppl)."""
     out = []
     for part in parts:
-        with open(_need(roots()["wordnet"] / f"data.{part}"), encoding="utf-8") as handle:
+        with open(_need(roots()["wordnet"] / f"data.{part}", "apt-get install wordnet-base"), encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("  "):  # the licence header
                     continue
@@ -132,14 +138,14 @@ def wordnet(*parts: str, keep_pos: bool = False, drop: tuple[str, ...] = ()) -> 
 
 
 def _cookies(path: Path) -> list[str]:
-    with open(_need(path), encoding="utf-8") as handle:
+    with open(_need(path, FORTUNE_INSTALL), encoding="utf-8") as handle:
         cookies = [re.sub(r"\s+", " ", c).strip() for c in handle.read().split("\n%\n")]
     return [c for c in cookies if 20 <= len(c) <= 400]
 
 
 def _cookie_files(folder: Path) -> list[Path]:
     skip = (".dat", ".u8")
-    return sorted(p for p in _need(folder).iterdir()
+    return sorted(p for p in _need(folder, FORTUNE_INSTALL).iterdir()
                   if not p.is_symlink() and p.is_file() and not p.name.endswith(skip) and p.name != "debian-hints")
 
 
@@ -165,7 +171,8 @@ def word_lang() -> list[Example]:
     """Single words (>= 4 characters, no apostrophe) labelled by the language of their word list."""
     out = []
     for lang, (name, encoding) in WORD_LISTS.items():
-        with open(_need(roots()["dict"] / name), encoding=encoding) as handle:
+        package = DICT_PACKAGES.get(name, "w" + name)
+        with open(_need(roots()["dict"] / name, f"apt-get install {package}"), encoding=encoding) as handle:
             out += [(w.strip(), lang) for w in handle if len(w.strip()) >= 4 and "'" not in w]
     return dedupe(out)
 
