@@ -11,6 +11,7 @@ Methods with whole-model statistics get ``n_stat_passes`` extra streaming passes
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 from collections.abc import Generator, Iterator
@@ -36,26 +37,79 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
+def tune_malloc() -> None:
+    """Keep freed memory in the allocator (glibc only; elsewhere a no-op).
+
+    Column chunks make short-lived temporaries of ~1-4 MB. Above glibc's default mmap threshold each
+    is a fresh ``mmap`` whose every 4 KB page faults when touched (about one fault per 4 KB of
+    input, as much system time as compute). Raising the mmap threshold to its maximum (32 MiB)
+    and the trim threshold above it serves them from reused heap memory instead; the memory kept
+    back is bounded by the trim threshold (64 MiB) per allocator arena. Same effect as
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MALLOC_TUNED = False
+
+
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
 
 
 Raw = tuple[torch.Tensor, list[torch.Tensor]]  # one tensor of the base and of every model, as stored
 
 
-def read_raw(plan: MergePlan, name: str) -> Raw:
-    return plan.base.get(name), [model.get(name) for model in plan.models]
+class Buffers:
+    """Byte buffers reused from tensor to tensor, each grown to the largest request so far.
+
+    A fresh buffer per tensor costs a page fault per 4 KB on every read (reading into fresh memory
+    measured 3.6x slower than copying into a reused buffer); reused buffers are faulted in once."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(self, slot: int, role: int, nbytes: int) -> torch.Tensor:
+        buffer = self._buffers.get((slot, role))
+        if buffer is None or buffer.numel() < nbytes:
+            self._buffers[slot, role] = buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer
 
 
-def prefetched(plan: MergePlan, names: list[str]) -> Generator[tuple[str, Raw], None, None]:
+def read_raw(plan: MergePlan, name: str, buffers: Buffers | None = None, slot: int = 0) -> Raw:
+    """A tensor of the base and of every model, read into ``buffers[slot]`` if given (the result
+    then lives only until that slot is read into again)."""
+    sources = [plan.base, *plan.models]
+    if buffers is None:
+        raws = [source.get(name) for source in sources]
+    else:
+        raws = [source.get(name, buffers.get(slot, i, source.specs[name].nbytes)) for i, source in enumerate(sources)]
+    return raws[0], raws[1:]
+
+
+def prefetched(plan: MergePlan, names: list[str], buffers: Buffers | None = None) -> Generator[tuple[str, Raw], None, None]:
     """``(name, raw inputs)`` in order, the next tensor read in a background thread while the
-    caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most."""
+    caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most.
+    With ``buffers``, reads alternate between two buffer slots: a yielded tensor stays valid
+    until the caller asks for the next one."""
     pool = _worker("read")
-    pending = pool.submit(read_raw, plan, names[0]) if names else None
+    pending = pool.submit(read_raw, plan, names[0], buffers, 0) if names else None
     try:
         for index, name in enumerate(names):
             assert pending is not None
             raw = pending.result()
-            pending = pool.submit(read_raw, plan, names[index + 1]) if index + 1 < len(names) else None
+            if index + 1 < len(names):
+                pending = pool.submit(read_raw, plan, names[index + 1], buffers, (index + 1) % 2)
+            else:
+                pending = None
             yield name, raw
     finally:
         if pending is not None:
@@ -105,7 +159,9 @@ def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Ite
 def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch.Tensor] | Path:
     """Run a validated plan. Returns the merged state dict, or the output path if ``plan.out`` is set."""
     show = _want_progress(progress)
-    stats = _run_stat_passes(plan, show)
+    tune_malloc()
+    buffers = Buffers()  # read buffers, kept for every pass
+    stats = _run_stat_passes(plan, show, buffers)
     metadata = provenance(plan)
     writer = None
     if plan.out is not None:
@@ -118,7 +174,8 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
     computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in merged_names))
     out = _worker("write")
     with writer if writer is not None else nullcontext():
-        feed = prefetched(plan, computed)
+        feed = prefetched(plan, computed, buffers)
+        outputs, n_reused = Buffers(), 0  # two output slots: one being written while the other is filled
         written: Future[None] | None = None
         with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar, _drain(lambda: written):
             for name in plan.order:
@@ -130,7 +187,10 @@ def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch
                     else:
                         fed, raw = next(feed)
                         assert fed == canonical
-                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0)
+                        into = None
+                        if writer is not None and canonical not in remaining:  # a kept (tied) tensor needs its own
+                            into, n_reused = outputs.get(n_reused % 2, 0, plan.base.specs[name].nbytes), n_reused + 1
+                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0, into=into)
                 if canonical in remaining:
                     remaining[canonical] -= 1
                     if remaining[canonical] > 0:
@@ -186,10 +246,12 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
     return patches
 
 
-def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool) -> torch.Tensor:
-    """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU."""
+def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU (a view
+    of ``into``, a byte buffer, if given)."""
     spec = plan.base.specs[name]
-    out = torch.empty(spec.numel, dtype=spec.dtype)
+    out = torch.empty(spec.numel, dtype=spec.dtype) if into is None else into[: spec.nbytes].view(spec.dtype)
     if spec.numel == 0:
         return out.reshape(spec.shape)
     for start, taus, base in iter_chunks(plan, name, raw, check_finite):
@@ -201,13 +263,13 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
     return out.reshape(spec.shape)
 
 
-def _run_stat_passes(plan: MergePlan, show: bool) -> Any:
+def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None) -> Any:
     collector = plan.method.collector(plan.hparams, plan.n_models)
     if collector is None:
         return None
     for index in range(collector.n_passes):
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
-            for name, raw in prefetched(plan, plan.merged):
+            for name, raw in prefetched(plan, plan.merged, buffers):
                 for _, taus, base in iter_chunks(plan, name, raw, check_finite=index == 0):
                     collector.observe(index, name, taus, base)
                 bar.update(plan.base.specs[name].nbytes)

@@ -34,7 +34,10 @@ class TensorSource:
     def file_of(self, name: str) -> str:
         return self.label
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``. ``into`` (uint8, at least the tensor's bytes) may be used as the
+        read buffer, in which case the result is a view of it: readers that copy file data reuse
+        the caller's buffer instead of faulting in fresh memory for every tensor."""
         raise NotImplementedError
 
     def aliases(self) -> dict[str, str]:
@@ -62,7 +65,7 @@ class DictSource(TensorSource):
             self._state[str(name)] = value
         self.specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in self._state.items()}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[name].detach()
 
     def aliases(self) -> dict[str, str]:
@@ -82,8 +85,9 @@ class DictSource(TensorSource):
 class SafetensorsSource(TensorSource):
     """One or more safetensors files; ``files`` maps each tensor name to its shard.
 
-    Tensors are read with plain positioned reads into a fresh buffer (one copy, no memory map), so
-    the process's memory holds only the tensors in use, and reads release the GIL.
+    Tensors are read with plain positioned reads (one copy, no memory map) into a fresh buffer or
+    the caller's (``into``), so the process's memory holds only the tensors in use, and reads
+    release the GIL.
     """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
@@ -105,7 +109,7 @@ class SafetensorsSource(TensorSource):
     def file_of(self, name: str) -> str:
         return self._file.get(name, self.label)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         path, spec = self._file[name], self.specs[name]
         handle = self._handles.get(path)
         if handle is None:
@@ -113,7 +117,7 @@ class SafetensorsSource(TensorSource):
                 handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
             except OSError as err:
                 raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
-        buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(spec.nbytes, dtype=torch.uint8) if into is None else into[: spec.nbytes]
         view = buffer.numpy().data
         done, offset = 0, self._offset[name]
         while done < spec.nbytes:  # a single read() returns at most ~2 GB
@@ -151,7 +155,7 @@ class TorchSource(TensorSource):
     def file_of(self, name: str) -> str:
         return self._file.get(name, self.label)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[name]
 
     def aliases(self) -> dict[str, str]:

@@ -121,18 +121,20 @@ def ties(
         sign = elect_sign(trimmed)
     else:
         stats: TiesStats = ctx.stats
-        trimmed = torch.where(flat.abs() >= stats.thresholds.to(flat.device, flat.dtype)[:, None], flat, 0.0)
+        # masks as floats: arithmetic on float masks is several times faster than on bool tensors
+        trimmed = flat * (flat.abs() >= stats.thresholds.to(flat.device, flat.dtype)[:, None]).to(flat.dtype)
         total = trimmed.sum(dim=0)
         stats.sign_total += float(torch.sign(total).sum())
         # provisional majority +1 where the sum is 0; those with a non-zero entry wait for the real one
-        agree = trimmed * torch.where(total == 0, 1.0, total) > 0  # (T, n): agrees with the elected sign
+        # (a zero sum of non-zero entries has a positive one, so they are the zero sums with an agreeing entry)
+        zero = total == 0
+        agree = (trimmed * torch.where(zero, 1.0, total) > 0).to(flat.dtype)  # (T, n): agrees with the elected sign
+        count = agree.sum(dim=0)
+        ambiguous = torch.nonzero(zero & (count > 0)).reshape(-1)
         if merge_func == "mean":
-            count = agree.sum(dim=0)
-            ambiguous = torch.nonzero((total == 0) & (count > 0)).reshape(-1)
-            merged = torch.where(agree, trimmed, 0.0).sum(dim=0) / count.clamp(min=1)
+            merged = (trimmed * agree).sum(dim=0) / count.clamp(min=1)
         else:
-            ambiguous = torch.nonzero((total == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
-            merged = disjoint_merge(trimmed, torch.where(total == 0, 1.0, torch.sign(total)), merge_func)
+            merged = disjoint_merge(trimmed, torch.where(zero, 1.0, torch.sign(total)), merge_func)
         if ambiguous.numel():
             stats.pending.append((ctx.name, ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()))
         return (merged * scaling).reshape(base.shape)
