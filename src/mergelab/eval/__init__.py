@@ -71,7 +71,8 @@ class Evaluator:
         from mergelab.zoo.encoder import load_encoder, text_head
 
         if isinstance(suite, Zoo):
-            spec, base, known = suite.spec, suite.base, dict(suite.expert_accuracy)
+            spec = suite.spec if suite.spec is not None else resolve_suite(suite.suite)[0]
+            base, known = suite.base, dict(suite.expert_accuracy)
             if cache_dir is None and suite.path is not None:  # <cache>/zoo/<backbone>/<suite>
                 cache_dir = suite.path.parents[2]
         else:

@@ -3,7 +3,7 @@
 Task Arithmetic (Ilharco et al. 2023), TIES, TSV, CART, Weight Weaving and OPCM all merge the *vision*
 encoders of CLIP ViT-B/32 (or L/14) fine-tuned on 8 tasks, each scored with its frozen zero-shot head: per
 class, the mean of the normalised text embeddings of the dataset's prompt templates, renormalised
-(``get_zeroshot_classifier`` in mlfoundations/task_vectors ``src/heads.py``; templates from its
+(``build_classification_head`` in mlfoundations/task_vectors ``src/heads.py``; templates from its
 ``src/datasets/templates.py``, reproduced as data below). Logits = image features @ head.T (the logit
 scale does not change the argmax). Everything loads from local folders; see README "The papers' setting".
 """
