@@ -19,8 +19,14 @@ rank 64 + 0.1 % noise       1e-1    3e-4    6e-3    3e-6
 =========================== ======= ======= ======= =======
 
 (rank 64 + noise: TSV-M keeps 768 / 8 = 96 triplets per task, so 32 come from the noise.) The
-official codes (and FusionBench) run in float32; ``svd_dtype="float32"`` gives their numerics and
-is about 1.7x faster on CPU (more on GPUs with slow float64).
+official codes (and FusionBench) run in float32; ``svd_dtype="float32"`` gives their numerics
+(exact float32 LAPACK SVDs).
+
+Speed (``_svd``): with ``svd_dtype="float64"`` and a float32 result, each SVD is first tried as
+an eigendecomposition of the float64 Gram matrix (top-k triplets only where a method needs only
+those), checked against an error estimate below float32 rounding, with the exact SVD as fallback;
+the result is that of the exact float64 SVDs up to last-bit flips (tests check it), several times
+faster on CPU than the exact path. A float64 compute dtype always gets the exact SVDs.
 
 Which 2-D tensors are "matrices" is decided by :func:`is_matrix` from the tensor's shape and the
 method's ``exclude`` patterns (matched against the tensor name): a glob (``fnmatch``, matched
@@ -50,6 +56,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
+
+from mergelab.methods._svd import fast_svd
+from mergelab.methods._svd import svd as svd  # re-exported: the exact SVD and its CUDA driver live in _svd
+from mergelab.methods._svd import svd_driver as svd_driver
 
 SVD_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 
@@ -93,30 +103,12 @@ def is_matrix(name: str, shape: Sequence[int], exclude: Sequence[str]) -> bool:
     return len(shape) == 2 and not excluded(name, exclude)
 
 
-def svd_driver(device: torch.device) -> str | None:
-    """cuSOLVER driver for ``torch.linalg.svd``; ``None`` off CUDA (the argument is CUDA-only).
-
-    On CUDA we ask for ``gesvd`` (QR iteration, the LAPACK algorithm): task matrices are close to
-    low rank with clusters of tiny singular values, where the Jacobi solver (``gesvdj``, tried
-    first by PyTorch's default) may stop before convergence and ``gesvda`` is documented as
-    inaccurate for rank-deficient input. ``gesvd`` is the slowest of the three; accuracy first.
-    Not measured on a GPU in this project yet.
-    """
-    return "gesvd" if device.type == "cuda" else None
-
-
-def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reduced SVD of ``(..., m, n)`` in ``x``'s dtype: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)``."""
-    U, S, Vh = torch.linalg.svd(x, full_matrices=False, driver=svd_driver(x.device))
-    return U, S, Vh
-
-
-def low_rank(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``SVD_k(x)``: the best rank-``k`` approximation of each matrix of ``(..., m, n)``."""
+def low_rank(x: torch.Tensor, k: int, tol: float = 0.0) -> torch.Tensor:
+    """``SVD_k(x)``: the best rank-``k`` approximation of the 2-D ``x`` (``fast_svd`` with ``tol``)."""
     if k <= 0:
         return torch.zeros_like(x)
-    U, S, Vh = svd(x)
-    return (U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]  # (..., m, k) (..., k, n)
+    U, S, Vh = fast_svd(x, k, tol)
+    return (U * S) @ Vh  # (m, k) (k, n)
 
 
 def significant(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -135,11 +127,12 @@ def significant(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return s > s.max() * (16 * max(shape) * torch.finfo(torch.float64).eps)
 
 
-def polar(x: torch.Tensor) -> torch.Tensor:
+def polar(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     """Orthogonal polar factor ``P Q^T`` of ``x = P Sigma Q^T``: the matrix with orthonormal
     columns (rows, if wide) nearest to ``x`` in Frobenius norm (orthogonal Procrustes). If ``x`` is
-    rank-deficient, the partial isometry over its :func:`significant` singular values (unique)."""
-    P, S, Qh = svd(x)
+    rank-deficient, the partial isometry over its :func:`significant` singular values (unique).
+    ``tol``: see ``_svd.fast_svd`` (0: exact SVD)."""
+    P, S, Qh = fast_svd(x, None, tol)
     keep = significant(S, x.shape)
     return P[:, keep] @ Qh[keep]
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, low_rank
+from mergelab.methods._svd import tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 PRESETS: dict[str, dict[str, float]] = {
@@ -62,10 +63,10 @@ def kept_rank(r: int, rank_ratio: float) -> int:
 
 
 def cart_matrix(
-    taus: torch.Tensor, rank_ratio: float, scaling: float, dtype: torch.dtype = torch.float64
+    taus: torch.Tensor, rank_ratio: float, scaling: float, dtype: torch.dtype = torch.float64, tol: float = 0.0
 ) -> torch.Tensor:
     """CART delta of stacked task matrices ``(T, m, n)``: mean + scaling * sum of rank-k centred
-    vectors; the SVDs and their sum in ``dtype``."""
+    vectors; the SVDs (``_svd.fast_svd`` with error tolerance ``tol``, 0: exact) and their sum in ``dtype``."""
     mean = taus.mean(dim=0)
     k = kept_rank(min(taus.shape[1:]), rank_ratio)
     if k == 0:
@@ -73,7 +74,7 @@ def cart_matrix(
     centre = mean.to(dtype)
     reduced = torch.zeros_like(centre)
     for tau in taus:  # one SVD at a time: memory stays ~ one matrix
-        reduced += low_rank(tau.to(dtype) - centre, k)
+        reduced += low_rank(tau.to(dtype) - centre, k, tol)  # weighted by s: no gap check needed
     return mean + scaling * reduced.to(taus.dtype)
 
 
@@ -119,4 +120,6 @@ def cart(
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0)
     ratio, scale = resolve(preset, rank_ratio, scaling)
-    return cart_matrix(taus, ratio, scale, SVD_DTYPES[svd_dtype])
+    dtype = SVD_DTYPES[svd_dtype]
+    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
+    return cart_matrix(taus, ratio, scale, dtype, tol)

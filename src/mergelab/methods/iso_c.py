@@ -36,13 +36,16 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, significant, svd
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, significant
+from mergelab.methods._svd import fast_svd, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
-def iso_c_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
-    U, S, Vh = svd(taus.sum(dim=0).to(dtype))  # (m, r) (r,) (r, n)
+def iso_c_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: float = 0.0) -> torch.Tensor:
+    """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; the SVD
+    by ``_svd.fast_svd`` with error tolerance ``tol`` (0: exact)."""
+    # every triplet is used (a flat spectrum): the Gram path must resolve the smallest one
+    U, S, Vh = fast_svd(taus.sum(dim=0).to(dtype), None, tol)  # (m, r) (r,) (r, n)
     keep = significant(S, taus.shape[1:])  # directions of zero singular values are arbitrary: dropped
     return ((U[:, keep] * flat_spectrum(S)[keep]) @ Vh[keep]).to(taus.dtype)
 
@@ -72,4 +75,6 @@ def iso_c(
 ) -> torch.Tensor:
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0) * scaling
-    return iso_c_matrix(taus, SVD_DTYPES[svd_dtype]) * scaling
+    dtype = SVD_DTYPES[svd_dtype]
+    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
+    return iso_c_matrix(taus, dtype, tol) * scaling

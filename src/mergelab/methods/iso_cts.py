@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, polar, significant, svd
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, polar, significant
+from mergelab.methods._svd import fast_svd, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
@@ -56,29 +57,32 @@ def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts_matrix(
-    taus: torch.Tensor, common_space_fraction: float, dtype: torch.dtype = torch.float64
+    taus: torch.Tensor, common_space_fraction: float, dtype: torch.dtype = torch.float64, tol: float = 0.0
 ) -> torch.Tensor:
-    """Iso-CTS merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
+    """Iso-CTS merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
+    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact)."""
     T, m, n = taus.shape
     common, per_task = subspace_sizes(min(m, n), T, common_space_fraction)
-    U, S, Vh = svd(taus.sum(dim=0).to(dtype))  # (m, r) (r,) (r, n)
+    # the common subspace projects the tasks unweighted: its boundary (gap at c) must be resolved too
+    U, S, Vh = fast_svd(taus.sum(dim=0).to(dtype), common, tol, gap=per_task > 0)  # (m, c) (c,) (c, n)
     us, ss, vhs = [], [], []
     if per_task > 0:
-        U_c = U[:, :common][:, significant(S, (m, n))[:common]]  # (m, <= c): no arbitrary null directions
+        U_c = U[:, significant(S, (m, n))]  # (m, <= c): no arbitrary null directions
         for tau in taus:
             tau = tau.to(dtype)
-            U_t, S_t, Vh_t = svd(tau - U_c @ (U_c.mT @ tau))  # task t outside the common left subspace
-            us.append(U_t[:, :per_task])
-            ss.append(S_t[:per_task])
-            vhs.append(Vh_t[:per_task])
-    u = torch.cat([*us, U[:, :common]], dim=1)  # (m, r): task blocks, then the common block (official order)
-    s = torch.cat([*ss, S[:common]])  # (r,)
-    vh = torch.cat([*vhs, Vh[:common]], dim=0)  # (r, n)
+            # task t outside the common left subspace; its top triplets, as in tsv
+            U_t, S_t, Vh_t = fast_svd(tau - U_c @ (U_c.mT @ tau), per_task, tol)
+            us.append(U_t)
+            ss.append(S_t)
+            vhs.append(Vh_t)
+    u = torch.cat([*us, U], dim=1)  # (m, r): task blocks, then the common block (official order)
+    s = torch.cat([*ss, S])  # (r,)
+    vh = torch.cat([*vhs, Vh], dim=0)  # (r, n)
     flat = flat_spectrum(s)  # the mean over all r slots, as in the official code
     keep = significant(s, (m, n))  # triplets of zero singular values have arbitrary vectors: dropped
     if not bool(keep.any()):
         return torch.zeros_like(taus[0])
-    return ((polar(u[:, keep]) * flat[keep]) @ polar(vh[keep])).to(taus.dtype)
+    return ((polar(u[:, keep], tol) * flat[keep]) @ polar(vh[keep], tol)).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -110,4 +114,6 @@ def iso_cts(
 ) -> torch.Tensor:
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0) * scaling
-    return iso_cts_matrix(taus, common_space_fraction, SVD_DTYPES[svd_dtype]) * scaling
+    dtype = SVD_DTYPES[svd_dtype]
+    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
+    return iso_cts_matrix(taus, common_space_fraction, dtype, tol) * scaling

@@ -46,28 +46,32 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar, significant, svd
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar, significant
+from mergelab.methods._svd import fast_svd, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
-def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """TSV-M merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``."""
+def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: float = 0.0) -> torch.Tensor:
+    """TSV-M merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
+    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact)."""
     T, m, n = taus.shape
     k = min(m, n) // T
     if k == 0:
         return torch.zeros_like(taus[0])
     us, ss, vhs = [], [], []
     for tau in taus:  # one SVD at a time: memory stays ~ one matrix, as in the official loop
-        U, S, Vh = svd(tau.to(dtype))  # (m, r) (r,) (r, n)
-        us.append(U[:, :k])
-        ss.append(S[:k])
-        vhs.append(Vh[:k])
+        # only the top k triplets are used; the Gram path's error in them (eps lam_1 / lam_k) is
+        # weighted by s_k, so a small gap at k costs no more than in the exact SVD (no gap check)
+        U, S, Vh = fast_svd(tau.to(dtype), k, tol)  # (m, k) (k,) (k, n)
+        us.append(U)
+        ss.append(S)
+        vhs.append(Vh)
     u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)  # (m, Tk) (Tk,) (Tk, n)
     keep = significant(s, (m, n))  # drop triplets of zero singular values: arbitrary vectors (see _spectral)
     if not bool(keep.any()):
         return torch.zeros_like(taus[0])
     u, s, vh = u[:, keep], s[keep], vh[keep]
-    return ((polar(u) * s) @ polar(vh)).to(taus.dtype)
+    return ((polar(u, tol) * s) @ polar(vh, tol)).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -96,4 +100,6 @@ def tsv(
 ) -> torch.Tensor:
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0) * scaling
-    return tsv_matrix(taus, SVD_DTYPES[svd_dtype]) * scaling
+    dtype = SVD_DTYPES[svd_dtype]
+    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
+    return tsv_matrix(taus, dtype, tol) * scaling
