@@ -13,9 +13,9 @@ from mergelab.engine.select import StreamingKth
 TINY = 1.4e-45  # the smallest positive float32 denormal
 
 
-def streamed(chunks: list[torch.Tensor], ranks: list[list[int]]) -> list[list[float]]:
+def streamed(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False) -> list[list[float]]:
     """Both passes over the same chunks, as the engine runs them."""
-    kth = StreamingKth(chunks[0].shape[0])
+    kth = StreamingKth(chunks[0].shape[0], nonnegative=nonnegative)
     for chunk in chunks:
         kth.observe(chunk)
     kth.end_pass0(ranks)
@@ -24,9 +24,9 @@ def streamed(chunks: list[torch.Tensor], ranks: list[list[int]]) -> list[list[fl
     return kth.values()
 
 
-def check(chunks: list[torch.Tensor], ranks: list[list[int]]) -> None:
+def check(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False) -> None:
     flat = torch.cat([c.reshape(c.shape[0], -1) for c in chunks], dim=1)
-    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks), strict=True)):
+    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks, nonnegative), strict=True)):
         for k, value in zip(row_ranks, values, strict=True):
             assert value == flat[row].kthvalue(k).values.item(), (row, k)  # -0.0 == 0.0, inf == inf
 
@@ -52,6 +52,19 @@ def test_special_values_several_ranks_per_row():
     d = sum(c[0].numel() for c in chunks)
     ranks = [[1, 2, d // 2, d - 1, d], [d, 1, 7, 7], list(range(1, d + 1))]  # every rank of the last row
     check(chunks, ranks)
+
+
+def test_magnitudes_fast_path_special_values():
+    chunks = [c.abs() for c in special_chunks()]  # abs(-0.0) is +0.0
+    d = sum(c[0].numel() for c in chunks)
+    check(chunks, [[1, 2, d // 2, d - 1, d], [d, 1, 7, 7], list(range(1, d + 1))], nonnegative=True)
+
+
+def test_magnitudes_fast_path_refuses_negative_values():
+    kth = StreamingKth(1, nonnegative=True)
+    for value in (-1.0, -0.0):  # -0.0 would sort below +0.0 by its bits
+        with pytest.raises(ValueError, match="negative"):
+            kth.observe(torch.tensor([[1.0, value]]))
 
 
 def test_rank_1_and_d_on_constant_and_single_element_rows():
@@ -90,3 +103,20 @@ def test_matches_kthvalue(n_rows, lengths, data):
     d = sum(lengths)
     ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
     check(chunks, ranks)
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(
+    n_rows=st.integers(1, 3),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_magnitudes_fast_path_matches_kthvalue(n_rows, lengths, data):
+    chunks = [
+        torch.tensor(data.draw(st.lists(finite_or_inf | special, min_size=n * n_rows, max_size=n * n_rows)),
+                     dtype=torch.float32).reshape(n_rows, n).abs()
+        for n in lengths
+    ]
+    d = sum(lengths)
+    ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
+    check(chunks, ranks, nonnegative=True)

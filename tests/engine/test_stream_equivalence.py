@@ -107,6 +107,33 @@ def test_streamed_equals_in_memory_reference_for_every_form(tmp_path, monkeypatc
             assert torch.equal(merged[name], results["state dicts"][name]), (form, name)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_written_output_with_reused_buffers_equals_in_memory_merge(tmp_path, monkeypatch, case):
+    """Reads go into reused (and growing) buffers, outputs are computed into two alternating ones
+    while the other is written: the shards hold exactly what the plain in-memory merge returns."""
+    from mergelab.io.sources import SafetensorsSource
+
+    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 5)
+    into_given: list[bool] = []
+    real_get = SafetensorsSource.get
+    monkeypatch.setattr(SafetensorsSource, "get", lambda self, name, into=None: into_given.append(into is not None)
+                        or real_get(self, name, into))
+    hparams = CASES[case][0]
+    base = tiny_state(6, torch.bfloat16)
+    models = [finetune_of(base, i) for i in range(3)]
+    base_in, *model_in = as_form("sharded folders", [base, *models], tmp_path)
+    expected = mergelab.merge(case.split()[0], base, models, **hparams)
+    out = mergelab.merge(case.split()[0], base_in, model_in, out=tmp_path / "out", max_shard_size=100, **hparams)
+    written = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        written.update(load_file(str(shard)))
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
+    n_floating = sum(t.is_floating_point() for t in base.values())
+    assert sum(into_given) >= 4 * n_floating  # base + 3 models of every merged tensor, into reused buffers
+
+
 @pytest.mark.parametrize("merge_func", ["sum", "max"])
 def test_ties_global_other_merge_funcs(merge_func):
     base = tiny_state(1)

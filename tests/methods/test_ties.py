@@ -74,6 +74,43 @@ def test_tensor_scope_equals_official_per_tensor():
         assert_close(merged[name], tensor + official_ties(flat, 0.3, "mean").reshape(tensor.shape))
 
 
+def test_tensor_scope_radix_threshold_equals_official(monkeypatch):
+    from mergelab.methods import _common
+
+    monkeypatch.setattr(_common, "_RADIX_MIN", 1)  # every tensor takes the radix selection, not kthvalue
+    base = tiny_state(5)
+    models = [finetune_of(base, i) for i in range(3)]
+    for merge_func in ("mean", "sum", "max"):
+        merged = mergelab.merge("ties", base, models, density=0.3, scope="tensor", merge_func=merge_func)
+        for name, tensor in base.items():
+            if tensor.is_floating_point() and tensor.numel() > 1:
+                flat = torch.stack([(m[name] - tensor).reshape(-1) for m in models])
+                expected = tensor + official_ties(flat, 0.3, merge_func).reshape(tensor.shape)
+                assert torch.equal(merged[name], expected), (merge_func, name)
+
+
+taus_with_ties = st.integers(1, 4).flatmap(  # repeated values and signed zeros
+    lambda t: st.lists(st.floats(-4, 4, width=32) | st.sampled_from([0.0, -0.0, 1.0]), min_size=t * 7,
+                       max_size=t * 7).map(lambda v: torch.tensor(v).reshape(t, 7))
+)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(taus_with_ties, st.integers(0, 8))
+def test_kth_threshold_radix_path_equals_kthvalue(taus, rank):
+    from mergelab.methods import _common
+
+    magnitudes = taus.abs()
+    expected = _common.kth_threshold(magnitudes, rank)  # tiny rows: kthvalue (or the 0 / d + 1 cases)
+    original = _common._RADIX_MIN
+    _common._RADIX_MIN = 1
+    try:
+        got = _common.kth_threshold(magnitudes, rank)
+    finally:
+        _common._RADIX_MIN = original
+    assert torch.equal(got, expected)
+
+
 def test_density_one_keeps_everything_like_sign_aware_mean():
     taus = torch.tensor([[1.0, -1.0], [3.0, 2.0]])
     out = ties(taus, torch.zeros(2), TensorCtx("w"), density=1.0, scaling=1.0, merge_func="mean",

@@ -22,6 +22,8 @@ from mergelab.methods.registry import Method, get_method
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after import (~0.35-0.4 GB)
+MALLOC_KEPT_BYTES = 3 * 64 * 2**20  # freed memory the allocator may keep: trim threshold x 3 threads (stream.tune_malloc)
+CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
 
 
 @dataclass
@@ -62,16 +64,22 @@ class MergePlan:
         return self.base.nbytes + sum(m.nbytes for m in self.models)
 
     def peak_ram_bytes(self) -> int:
-        """Estimated peak RSS: per-tensor working set + statistics + one write buffer + baseline."""
+        """Estimated peak RSS: read and write buffers + compute temporaries + statistics + baseline."""
         n, t = self.largest, self.n_models
         compute = self.compute_dtype.itemsize
-        storage = max((self.base.specs[x].dtype.itemsize for x in self.merged), default=4)
-        on_cpu = self.device.type == "cpu"
-        # reads of base + models, then base, taus (T) and ~3 temporaries in the compute dtype
-        working = n * storage * (t + 1) + (n * compute * (t + 3) if on_cpu else 0)
+        storage = max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)
+        # two reused read slots (this tensor, and the next one read ahead) of base + models, and two
+        # output slots (one filled while the other is written)
+        buffers = 2 * n * storage * (t + 1) + 2 * n * storage
+        if self.device.type != "cpu":
+            temporaries = 0
+        elif self.method.is_elementwise(self.hparams):  # column chunks: base, taus (T) and ~4 temporaries
+            temporaries = min(n, CHUNK_ELEMENTS_CPU) * compute * (t + 5)
+        else:  # whole tensors: base, taus (T) and ~3 temporaries
+            temporaries = n * compute * (t + 4)
         stats = t * 2 * 65536 * 8 if self.n_stat_passes else 0
         aliased = sum(self.base.specs[c].nbytes for c in set(self.aliases.values()))
-        return PROCESS_BASELINE_BYTES + working + stats + n * storage + aliased
+        return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + buffers + temporaries + stats + aliased
 
     def peak_gpu_bytes(self) -> int:
         if self.device.type != "cuda":

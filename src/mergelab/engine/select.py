@@ -31,10 +31,6 @@ def _signed_key(values: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & _SIGN_FLIP)
 
 
-def _high_bins(chunk: torch.Tensor) -> torch.Tensor:
-    return (_signed_key(chunk) >> 16) + (1 << 15)  # in [0, 65536)
-
-
 def _key_to_float(high: int, low: int) -> float:
     signed = ((high - (1 << 15)) << 16) | low
     bits = signed ^ ((signed >> 31) & _SIGN_FLIP)
@@ -51,14 +47,17 @@ class StreamingKth:
 
     Args:
         n_rows: number of independent rows (e.g. one per task vector).
+        nonnegative: every value is >= 0 (magnitudes): their float32 bits are already ordered
+            keys, which saves the sign flip and the bin offset on every element.
 
     Usage: call :meth:`observe` with every chunk ``(n_rows, ...)`` in pass 0, then
     :meth:`end_pass0` with the ranks wanted (1-based, per row), then :meth:`observe` with the
     same chunks again in pass 1, then :meth:`values`.
     """
 
-    def __init__(self, n_rows: int):
+    def __init__(self, n_rows: int, nonnegative: bool = False):
         self.n_rows = n_rows
+        self.nonnegative = nonnegative
         self.count = 0
         self._hist_hi = torch.zeros(n_rows, _BINS, dtype=torch.int64)
         self._targets: list[list[tuple[int, int]]] = []  # per row: (rank within bin, bin)
@@ -71,19 +70,28 @@ class StreamingKth:
         if self._pass == 0:
             self.count += rows.shape[1]
             for row in range(self.n_rows):
-                hist = self._hist_hi[row]
+                hist = self._hist_hi[row, _BINS // 2 :] if self.nonnegative else self._hist_hi[row]
                 for part in _chunks(rows[row]):
-                    hist += torch.bincount(_high_bins(part), minlength=_BINS)
+                    high = self._key(part) >> 16  # in [0, 32768) if nonnegative, else [-32768, 32768)
+                    hist += torch.bincount(high if self.nonnegative else high + _BINS // 2, minlength=hist.numel())
             return
         for row in range(self.n_rows):
             wanted = self._hist_lo[row]
             for part in _chunks(rows[row]):
-                key = _signed_key(part)
-                high = (key >> 16) + (1 << 15)
+                key = self._key(part)
+                high = key >> 16
                 for bin_index, hist in wanted.items():
-                    low = key[high == bin_index] & (_BINS - 1)
+                    low = key[high == bin_index - _BINS // 2] & (_BINS - 1)
                     if low.numel():
                         hist += torch.bincount(low, minlength=_BINS)
+
+    def _key(self, part: torch.Tensor) -> torch.Tensor:
+        if not self.nonnegative:
+            return _signed_key(part)
+        bits = part.contiguous().view(torch.int32)
+        if bool((bits < 0).any()):  # also catches -0.0, whose key would sort below +0.0
+            raise ValueError("StreamingKth(nonnegative=True) got a negative value")
+        return bits
 
     def end_pass0(self, ranks: list[list[int]]) -> None:
         """``ranks[row]`` lists the 1-based ranks wanted for that row (1 <= k <= count)."""

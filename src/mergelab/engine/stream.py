@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mergelab import __version__
-from mergelab.engine.plan import MergePlan
+from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, MergePlan
 from mergelab.errors import MergelabError
 from mergelab.io.writer import CheckpointWriter
 from mergelab.methods.registry import TensorCtx
@@ -62,7 +62,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _MALLOC_TUNED = False
 
 
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
+CHUNK_ELEMENTS = {"cpu": CHUNK_ELEMENTS_CPU, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
 
 
 Raw = tuple[torch.Tensor, list[torch.Tensor]]  # one tensor of the base and of every model, as stored

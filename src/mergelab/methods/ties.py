@@ -50,7 +50,7 @@ class TiesGlobalStats:
 
     def __init__(self, hp: dict[str, Any], n_models: int):
         self.density, self.rule, self.n_models = hp["density"], hp["threshold"], n_models
-        self.selector = StreamingKth(n_models)
+        self.selector = StreamingKth(n_models, nonnegative=True)
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
         self.n_passes = 0 if self.keep_all else 2
         self.thresholds = torch.zeros(n_models)
@@ -116,8 +116,9 @@ def ties(
 ) -> torch.Tensor:
     flat = taus.reshape(taus.shape[0], -1)  # (T, n)
     if scope == "tensor":
-        thresholds = kth_threshold(flat.abs(), keep_rank(flat.shape[1], density, threshold))
-        trimmed = flat * (flat.abs() >= thresholds[:, None])
+        magnitudes = flat.abs()
+        thresholds = kth_threshold(magnitudes, keep_rank(flat.shape[1], density, threshold))
+        trimmed = flat * (magnitudes >= thresholds[:, None]).to(flat.dtype)
         sign = elect_sign(trimmed)
     else:
         stats: TiesStats = ctx.stats
