@@ -73,7 +73,10 @@ class StreamingKth:
                 hist = self._hist_hi[row, _BINS // 2 :] if self.nonnegative else self._hist_hi[row]
                 for part in _chunks(rows[row]):
                     high = self._key(part) >> 16  # in [0, 32768) if nonnegative, else [-32768, 32768)
-                    hist += torch.bincount(high if self.nonnegative else high + _BINS // 2, minlength=hist.numel())
+                    try:
+                        hist += torch.bincount(high if self.nonnegative else high + _BINS // 2, minlength=hist.numel())
+                    except RuntimeError:  # a negative bin: the sign bit of a "nonnegative" value (-0.0 too)
+                        raise ValueError("StreamingKth(nonnegative=True) got a negative value") from None
             return
         for row in range(self.n_rows):
             wanted = self._hist_lo[row]
@@ -88,10 +91,7 @@ class StreamingKth:
     def _key(self, part: torch.Tensor) -> torch.Tensor:
         if not self.nonnegative:
             return _signed_key(part)
-        bits = part.contiguous().view(torch.int32)
-        if bool((bits < 0).any()):  # also catches -0.0, whose key would sort below +0.0
-            raise ValueError("StreamingKth(nonnegative=True) got a negative value")
-        return bits
+        return part.contiguous().view(torch.int32)  # negative values are refused by pass 0's bincount
 
     def end_pass0(self, ranks: list[list[int]]) -> None:
         """``ranks[row]`` lists the 1-based ranks wanted for that row (1 <= k <= count)."""
