@@ -12,7 +12,7 @@ from mergelab.errors import MergelabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mergelab.cli import continual_cmd, eval_cmd, merge_cmd, methods_cmd, zoo_cmd
+    from mergelab.cli import continual_cmd, eval_cmd, experiment_cmd, merge_cmd, methods_cmd, report_cmd, zoo_cmd
 
     parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.")
     parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     continual_cmd.add_parser(sub)
     zoo_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    experiment_cmd.add_parser(sub)
+    report_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,44 @@
+"""``mergelab experiment CONFIG.yaml``: run a grid of merges and evaluations into an SQLite results database."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("experiment", help="run an experiment config (methods x hyperparameters x task "
+                                               "subsets x suites); results in SQLite, resumable")
+    parser.add_argument("config", help="experiment YAML (see experiments/ and README 'Experiments')")
+    parser.add_argument("--db", help="results database (default: the config's `db`, relative to the config)")
+    parser.add_argument("--retry-failed", action="store_true", help="run again the runs stored as failed")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mergelab.experiment import Store, load_config
+    from mergelab.experiment import run as run_experiment
+
+    config = load_config(args.config)
+    if args.dry_run:
+        db = args.db or config.db
+        status = {}
+        if Path(db).is_file():  # a dry run creates nothing
+            with Store(db) as store:
+                status = {r.hash: store.status(r.hash) for r in config.runs}
+        for spec in config.runs:
+            print(f"{spec.hash}  {status.get(spec.hash) or 'todo':6}  {spec.suite}  [{spec.subset}]  {spec.label}")
+        print(f"{len(config.runs)} runs ({config.kind}); database {db}")
+        return 0
+    summary = run_experiment(config, retry_failed=args.retry_failed, progress=False if args.quiet else None,
+                             db=args.db)
+    print(f"{config.name}: {summary.total} runs: {summary.ran} run now ({summary.failed} failed), "
+          f"{summary.reused} reused, {summary.skipped_failed} failed earlier and not retried (--retry-failed); "
+          f"results in {summary.db}")
+    for error in summary.errors:
+        print(f"failed: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0

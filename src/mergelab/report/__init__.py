@@ -1,0 +1,190 @@
+"""Markdown reports with PNG plots from an experiment results database (``mergelab report DB --out report.md``).
+
+Per experiment: who produced it (command, versions, hardware, git commit); then by kind
+* multitask: per-task accuracy table (+ average, normalised average) and bar chart of the runs on all
+  tasks, line plots of every numeric ``sweep`` (lambda sweeps, rank sweeps), and accuracy against the
+  number of merged tasks for task subsets (CART Fig. 6);
+* domain generalization: accuracy on each held-out task and the mean over hold-outs;
+* continual: ACC and BWT (mean and std over task orders), accuracy-matrix heatmaps, accuracy per step;
+* similarity: the task-vector cosine-similarity heatmap.
+Only numbers stored in the database appear; nothing is computed that was not run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergelab.errors import MergelabError
+from mergelab.experiment.store import Row, Store
+from mergelab.report import plots
+from mergelab.report.tables import md_table, mean_std, per_task, subset_size_means, sweeps
+
+__all__ = ["write_report"]
+
+
+def write_report(db: str | Path, out: str | Path = "report.md", *, experiment: str | None = None) -> Path:
+    """Write the Markdown report of ``db`` (a results database, or a folder of ``*.sqlite`` ones) to ``out``
+    and its plots to ``<out stem>_files/``; returns ``out``."""
+    out = Path(out)
+    paths = sorted(Path(db).glob("*.sqlite")) if Path(db).is_dir() else [Path(db)]
+    if not paths:
+        raise MergelabError("no *.sqlite results database in this folder", file=str(db))
+    done: list[Row] = []
+    failed: list[Row] = []
+    for path in paths:
+        with Store(path, create=False) as store:
+            done += store.rows(status="ok", experiment=experiment)
+            failed += store.rows(status="failed", experiment=experiment)
+    if not done and not failed:
+        raise MergelabError("no runs stored" + (f" for experiment {experiment!r}" if experiment else ""),
+                            file=str(db))
+    assets = out.parent / f"{out.stem}_files"
+    assets.mkdir(parents=True, exist_ok=True)
+    lines = ["# Experiment report", "",
+             f"From {', '.join(f'`{p.name}`' for p in paths)}: {len(done)} finished runs, {len(failed)} failed. "
+             "Accuracies are fractions (1.0 = 100 %); normalised = accuracy / the task's expert accuracy.", ""]
+    for name in dict.fromkeys(r.experiment for r in done):
+        rows = [r for r in done if r.experiment == name]
+        lines += _section(name, rows, assets, out.parent)
+    if failed:
+        lines += ["## Failed runs", "", md_table(["experiment", "run", "error"],
+                                                   [[r.experiment, r.label, r.error] for r in failed]), ""]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
+
+
+def _image(path: Path, root: Path, alt: str) -> str:
+    return f"![{alt}]({path.relative_to(root).as_posix()})"
+
+
+def _provenance(rows: Sequence[Row]) -> list[str]:
+    first = rows[0]
+    commands = sorted({r.command for r in rows if r.command})
+    commits = sorted({r.git_commit for r in rows if r.git_commit})
+    versions = ", ".join(f"{k} {v}" for k, v in first.versions.items() if v)
+    hardware = first.hardware
+    hw = f"{hardware.get('platform')}, {hardware.get('cpus')} CPUs, device {hardware.get('device')}"
+    if hardware.get("gpu"):
+        hw += f" ({hardware['gpu']})"
+    dates = sorted(r.created for r in rows)
+    merge_s = sum(r.merge_seconds or 0.0 for r in rows)
+    eval_s = sum(r.eval_seconds or 0.0 for r in rows)
+    return [f"- command: {'; '.join(f'`{c}`' for c in commands) or '-'}",
+            f"- versions: {versions}", f"- hardware: {hw}", f"- git commit: {', '.join(commits) or '-'}",
+            f"- runs: {len(rows)}, {dates[0]} to {dates[-1]}; merging {merge_s:.0f} s, evaluation {eval_s:.0f} s", ""]
+
+
+def _section(name: str, rows: list[Row], assets: Path, root: Path) -> list[str]:
+    kind = rows[0].kind
+    lines = [f"## {name} ({kind.replace('_', ' ')})", "", *_provenance(rows)]
+    for suite in dict.fromkeys(r.suite for r in rows):
+        in_suite = [r for r in rows if r.suite == suite]
+        lines += [f"### {suite}", ""]
+        render = {"multitask": _multitask, "domain_generalization": _domain_generalization,
+                  "continual": _continual, "similarity": _similarity}[kind]
+        lines += render(in_suite, assets, root, _slug(name, suite))
+    return lines
+
+
+def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+    lines: list[str] = []
+    full = [r for r in rows if r.config["subset"] == "all"]
+    if full:
+        tasks, table = per_task(full)
+        lines += ["Merged on all tasks, scored on each:", "",
+                  md_table(["run", *tasks, "average", "normalised"], table), ""]
+        fixed = {r.label for r in full if not r.config.get("swept")}  # sweeps get line plots below
+        series = {str(r[0]): r[1:1 + len(tasks)] for r in table if not fixed or r[0] in fixed}
+        path = plots.bar_chart(assets / f"{slug}_tasks.png", "accuracy per task", tasks, series)
+        lines += [_image(path, root, "accuracy per task"), ""]
+    swept = [r for r in rows if r.config["subset"] == "all" and r.config.get("swept")]
+    for param, groups in sweeps(swept).items():
+        lines += [f"Sweep of `{param}` (average accuracy over all tasks):", "",
+                  md_table([param, *groups], _sweep_rows(groups)), ""]
+        path = plots.line_plot(assets / f"{slug}_sweep_{_slug(param)}.png", f"{param} sweep", param, groups)
+        lines += [_image(path, root, f"{param} sweep"), ""]
+    subsets = [r for r in rows if r.config["subset"] != "all"]
+    if subsets:
+        means = subset_size_means(subsets)
+        sizes = sorted({k for m in means.values() for k in m})
+        lines += ["Task subsets: average accuracy over the merged tasks, mean over the subsets of each size "
+                  "(number of subsets in brackets):", "",
+                  md_table(["run", *[f"{k} tasks" for k in sizes]],
+                           [[label, *[f"{m[k][0]:.4f} ({m[k][1]})" if k in m else None for k in sizes]]
+                            for label, m in means.items()]), ""]
+        if len(sizes) > 1:
+            lines_by_label = {label: ([float(k) for k in m], [v[0] for v in m.values()])
+                              for label, m in means.items()}
+            path = plots.line_plot(assets / f"{slug}_subsets.png", "accuracy vs number of merged tasks",
+                                   "number of tasks", lines_by_label)
+            lines += [_image(path, root, "accuracy vs number of tasks"), ""]
+    return lines
+
+
+def _sweep_rows(groups: dict[str, tuple[list[float], list[float]]]) -> list[list[object]]:
+    xs = sorted({x for values, _ in groups.values() for x in values})
+    lookup = {g: dict(zip(v, a, strict=True)) for g, (v, a) in groups.items()}
+    return [[x, *[lookup[g].get(x) for g in groups]] for x in xs]
+
+
+def _domain_generalization(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+    held: list[str] = list(dict.fromkeys(r.config["eval_tasks"][0] for r in rows))
+    by_label: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, {})[r.config["eval_tasks"][0]] = r
+    table: list[list[object]] = []
+    series: dict[str, list[float | None]] = {}
+    for label, runs in by_label.items():
+        accs = [(runs[t].metrics or {})["accuracy"][t] if t in runs else None for t in held]
+        norms = [(runs[t].metrics or {}).get("normalized", {}).get(t) if t in runs else None for t in held]
+        known = [a for a in accs if a is not None]
+        known_norm = [n for n in norms if n is not None]
+        table.append([label, *accs, sum(known) / len(known) if known else None,
+                      sum(known_norm) / len(known_norm) if len(known_norm) == len(held) else None])
+        series[label] = accs
+    path = plots.bar_chart(assets / f"{slug}_heldout.png", "accuracy on the held-out task", held, series)
+    return ["Each column: that task held out, the other experts merged, scored on the held-out task.", "",
+            md_table(["run", *held, "mean", "normalised"], table), "", _image(path, root, "held-out accuracy"), ""]
+
+
+def _continual(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+    by_label: dict[str, list[Row]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, []).append(r)
+    table = []
+    steps: dict[str, tuple[list[float], list[float]]] = {}
+    lines: list[str] = []
+    for label, runs in by_label.items():
+        acc_m, acc_s = mean_std([float((r.metrics or {})["acc"]) for r in runs])
+        bwt_m, bwt_s = mean_std([float((r.metrics or {})["bwt"]) for r in runs])
+        table.append([label, len(runs), f"{acc_m:.4f} ± {acc_s:.4f}", f"{bwt_m:.4f} ± {bwt_s:.4f}"])
+        first = runs[0].metrics or {}
+        order = first["order"]
+        steps[label] = ([float(k) for k in range(1, len(order) + 1)], list(first["step_average"]))
+        path = plots.heatmap(assets / f"{slug}_{_slug(label)}_matrix.png",
+                             f"{label}: accuracy after each step ({runs[0].config['subset']} order)",
+                             [f"after {t}" for t in order], order, first["matrix"], vmin=0.0, vmax=1.0)
+        lines += [_image(path, root, f"{label} accuracy matrix"), ""]
+    path = plots.line_plot(assets / f"{slug}_steps.png", "average accuracy over the tasks merged so far",
+                           "number of merged tasks", steps)
+    head = ["ACC: final model's mean accuracy over all tasks; BWT: mean over tasks 1..T-1 of (final accuracy - "
+            "accuracy right after that task was merged) (OPCM Eq. 16). Mean ± std over task orders.", "",
+            md_table(["run", "orders", "ACC", "BWT"], table), "", _image(path, root, "accuracy per step"), ""]
+    return head + lines
+
+
+def _similarity(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+    m = rows[-1].metrics or {}
+    tasks, cos = m["tasks"], m["cosine"]
+    path = plots.heatmap(assets / f"{slug}_cosine.png", "task-vector cosine similarity", tasks, tasks, cos,
+                         vmin=min(0.0, min(min(r) for r in cos)), vmax=1.0)
+    return [md_table(["", *tasks], [[t, *row] for t, row in zip(tasks, cos, strict=True)]), "",
+            _image(path, root, "cosine similarity"), ""]

@@ -1,0 +1,68 @@
+"""Aggregations of stored runs into tables (pure functions over :class:`mergelab.experiment.Row`)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from mergelab.experiment.store import Row
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats with 4 decimals, None as '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def per_task(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
+    """One row per run: label, each task's accuracy, average, normalised average (tasks in first-seen order)."""
+    tasks: list[str] = []
+    for row in rows:
+        tasks += [t for t in row.config["eval_tasks"] if t not in tasks]  # the suite's order, not the JSON's
+    out = []
+    for row in rows:
+        m = row.metrics or {}
+        out.append([row.label, *[m["accuracy"].get(t) for t in tasks], m.get("average"),
+                    m.get("normalized_average")])
+    return tasks, out
+
+
+def subset_size_means(rows: Sequence[Row]) -> dict[str, dict[int, tuple[float, int]]]:
+    """``{group label: {number of tasks: (mean average accuracy, number of subsets)}}`` (CART Fig. 6)."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        size = len(row.config["tasks"])
+        acc.setdefault(row.label, {}).setdefault(size, []).append(float((row.metrics or {})["average"]))
+    return {label: {k: (statistics.fmean(v), len(v)) for k, v in sorted(sizes.items())}
+            for label, sizes in acc.items()}
+
+
+def sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """``{hyperparameter: {group: (values, average accuracies)}}`` for runs from a numeric ``sweep``."""
+    out: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for row in rows:
+        for name in row.config.get("swept", []):
+            value = row.config["params"][name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            xs, ys = out.setdefault(name, {}).setdefault(row.config.get("group", row.method), ([], []))
+            xs.append(float(value))
+            ys.append(float((row.metrics or {})["average"]))
+    for groups in out.values():  # sort each line by x
+        for group, (xs, ys) in list(groups.items()):
+            pairs = sorted(zip(xs, ys, strict=True))
+            groups[group] = ([p[0] for p in pairs], [p[1] for p in pairs])
+    return out

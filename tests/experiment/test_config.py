@@ -1,0 +1,127 @@
+"""Config validation and expansion: grids, sweeps, task subsets, orders, hashes; every error names file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from experiment.tiny import TASKS, Zoos
+from mergelab.errors import MergelabError
+from mergelab.experiment import load_config, parse_config
+
+
+def parse(raw: dict[str, Any], tmp_path: Path) -> Any:
+    return parse_config(raw, path=tmp_path / "exp.yaml", suite_tasks=Zoos(tmp_path).tasks)
+
+
+def test_grid_is_a_cartesian_product_and_params_lists_stay_literal(tmp_path: Path) -> None:
+    cfg = parse({"suites": ["tiny"], "methods": [
+        {"method": "ties", "grid": {"density": [0.1, 0.2, 0.5], "scaling": [0.5, 1.0]}},
+        {"method": "weight_average", "params": {"weights": [0.1, 0.2, 0.3, 0.4]}},
+    ]}, tmp_path)
+    ties = [r for r in cfg.runs if r.method == "ties"]
+    assert len(ties) == 6  # 3 x 2
+    assert {(r.params["density"], r.params["scaling"]) for r in ties} == {
+        (d, s) for d in (0.1, 0.2, 0.5) for s in (0.5, 1.0)}
+    assert "ties density=0.1 scaling=0.5" in {r.label for r in ties}
+    (wa,) = [r for r in cfg.runs if r.method == "weight_average"]
+    assert wa.params == {"weights": [0.1, 0.2, 0.3, 0.4]} and wa.label == "weight_average"
+    assert cfg.db == tmp_path / "exp.sqlite"
+
+
+def test_sweep_varies_one_hyperparameter_at_a_time(tmp_path: Path) -> None:
+    cfg = parse({"suites": ["tiny"], "methods": [
+        {"method": "ties", "label": "T", "params": {"density": 0.2},
+         "sweep": {"scaling": [0.5, 1.0], "merge_func": ["sum"]}}]}, tmp_path)
+    assert [r.params for r in cfg.runs] == [
+        {"density": 0.2, "scaling": 0.5}, {"density": 0.2, "scaling": 1.0}, {"density": 0.2, "merge_func": "sum"}]
+    assert [r.swept for r in cfg.runs] == [("scaling",), ("scaling",), ("merge_func",)]
+    assert {r.group for r in cfg.runs} == {"T"}
+
+
+def test_task_subsets(tmp_path: Path) -> None:
+    def subsets(spec: Any) -> list[list[str]]:
+        cfg = parse({"suites": ["tiny"], "tasks": [spec], "methods": ["task_arithmetic"]}, tmp_path)
+        return [r.tasks for r in cfg.runs]
+
+    assert subsets("all") == [TASKS]
+    assert subsets(["beta", "alpha"]) == [["beta", "alpha"]]
+    assert subsets({"leave_one_out": True}) == [[t for t in TASKS if t != held] for held in TASKS]
+    assert len(subsets({"size": 2})) == 6  # C(4, 2)
+    first = subsets({"random": {"size": 2, "count": 3, "seed": 7}})
+    assert first == subsets({"random": {"size": 2, "count": 3, "seed": 7}})  # seeded: same subsets every time
+    assert all(len(s) == 2 and set(s) <= set(TASKS) for s in first)
+
+
+def test_domain_generalization_holds_out_each_task(tmp_path: Path) -> None:
+    cfg = parse({"kind": "domain_generalization", "suites": ["tiny"], "methods": ["task_arithmetic"]}, tmp_path)
+    assert [(r.tasks, r.eval_tasks) for r in cfg.runs] == [([t for t in TASKS if t != h], [h]) for h in TASKS]
+
+
+def test_continual_orders(tmp_path: Path) -> None:
+    cfg = parse({"kind": "continual", "suites": ["tiny"], "methods": [{"method": "opcm", "params": {"alpha": 0.5}}],
+                 "orders": ["identity", {"random": 2, "seed": 1}]}, tmp_path)
+    assert cfg.runs[0].tasks == TASKS
+    assert all(sorted(r.tasks) == sorted(TASKS) for r in cfg.runs)
+    assert [r.subset for r in cfg.runs][0] == "identity"
+
+
+def test_hash_depends_on_resolved_hyperparameters_not_spelling(tmp_path: Path) -> None:
+    def run_hash(params: dict[str, Any]) -> str:
+        cfg = parse({"suites": ["tiny"], "methods": [{"method": "ties", "params": params}]}, tmp_path)
+        return cfg.runs[0].hash
+
+    assert run_hash({"scaling": 1}) == run_hash({"scaling": 1.0}) == run_hash({})  # 1.0 is the default
+    assert run_hash({"scaling": 0.5}) != run_hash({})
+
+
+def test_same_run_under_two_labels_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MergelabError, match=r"methods: 'a' and 'b' are the same run"):
+        parse({"suites": ["tiny"], "methods": [{"method": "ties", "label": "a"},
+                                               {"method": "ties", "label": "b", "params": {"scaling": 1.0}}]},
+              tmp_path)
+
+
+@pytest.mark.parametrize(("raw", "key", "message"), [
+    ({"suites": ["tiny"], "methods": ["nope"]}, "methods[0]", "unknown method 'nope'"),
+    ({"suites": ["tiny"], "methods": [{"method": "ties", "params": {"densty": 0.2}}]}, "methods[0]",
+     "no hyperparameter 'densty'"),
+    ({"suites": ["tiny"], "methods": [{"method": "ties", "grid": {"density": ["x"]}}]}, "methods[0]",
+     "should be a float"),
+    ({"suites": ["tiny"], "methods": [{"method": "ties", "grid": {"density": 0.2}}]}, "methods[0].grid.density",
+     "non-empty list"),
+    ({"suites": ["tiny"], "methods": [{"method": "ties", "params": {"merge_func": "median"}}]}, "methods[0]",
+     "is not one of"),
+    ({"suites": ["nosuch"], "methods": ["ties"]}, "suites[0]", "unknown suite 'nosuch'"),
+    ({"suites": ["tiny"], "tasks": [["alpha", "omega"]], "methods": ["ties"]}, "tasks[0]", "unknown task 'omega'"),
+    ({"suites": ["tiny"], "tasks": [{"random": {"size": 9}}], "methods": ["ties"]}, "tasks[0].random.size",
+     "integer in"),
+    ({"suites": ["tiny"], "methods": ["ties"], "typo": 1}, "typo", "unknown key"),
+    ({"kind": "magic", "suites": ["tiny"], "methods": ["ties"]}, "kind", "not one of"),
+    ({"kind": "continual", "suites": ["tiny"], "methods": ["ties"]}, "methods[0]", "unknown continual method"),
+    ({"kind": "continual", "suites": ["tiny"], "methods": ["swa"], "orders": [["alpha"]]}, "orders[0]",
+     "every task once"),
+    ({"suites": ["tiny"]}, "methods", "non-empty list"),
+    ({"suites": ["tiny"], "methods": ["ties"], "eval": {"device": "tpu"}}, "eval.device", "not cpu, cuda"),
+])
+def test_validation_errors_name_file_and_key(tmp_path: Path, raw: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(MergelabError) as info:
+        parse(raw, tmp_path)
+    text = str(info.value)
+    assert text.startswith(f"{tmp_path / 'exp.yaml'}: {key}: "), text
+    assert message in text and "\n" not in text
+
+
+def test_load_config_reads_yaml_and_reports_bad_yaml(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("name: g\ndb: out/g.sqlite\nsuites: [tiny]\nmethods: [task_arithmetic]\n")
+    cfg = load_config(good, suite_tasks=Zoos(tmp_path).tasks)
+    assert cfg.name == "g" and cfg.db == tmp_path / "out" / "g.sqlite" and len(cfg.runs) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("suites: [tiny\n")
+    with pytest.raises(MergelabError, match=r"bad\.yaml: not valid YAML \(line"):
+        load_config(bad, suite_tasks=Zoos(tmp_path).tasks)
+    with pytest.raises(MergelabError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
