@@ -20,13 +20,15 @@ def official_cart(
     finetuned: list[dict[str, torch.Tensor]],
     initial_rank_ratio: float,
     prior: float,
+    move_origin: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Literal port of ``StaticMergeModule._merge_weights("CART")`` with ``_get_origin`` and the
-    branch of ``_get_truncated_task_vectors`` it takes (``move_origin``, no energy threshold, no
-    discrete rank), https://github.com/JH-GEECS/CART/blob/964cfd7/src/merging.py; TaskVector sums
-    written out as dict sums."""
+    branch of ``_get_truncated_task_vectors`` it takes (no energy threshold, no discrete rank),
+    https://github.com/JH-GEECS/CART/blob/964cfd7/src/merging.py; TaskVector sums written out as
+    dict sums. ``move_origin=False``: the same function called without origins (the uncentred
+    task vectors), the result added to the pretrained model."""
     task_vectors = [{k: ft[k] - pretrained[k] for k in pretrained} for ft in finetuned]
-    avg_coeff = 1.0 / len(finetuned)
+    avg_coeff = 1.0 / len(finetuned) if move_origin else 0.0
     _theta_avg = {k: pretrained[k] + avg_coeff * sum(tv[k] for tv in task_vectors) for k in pretrained}
     prev_origin, new_origin, rank_ratio = pretrained, _theta_avg, initial_rank_ratio
     decomposed = []
@@ -54,7 +56,7 @@ def official_cart(
     return {k: _theta_avg[k] + prior * lowrank[k] for k in pretrained}
 
 
-def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=None, svd_dtype="float64"):
+def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=None, svd_dtype="float64", center=True):
     return cart(
         taus,
         torch.zeros(taus.shape[1:], dtype=taus.dtype),
@@ -64,6 +66,7 @@ def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=
         preset=preset,
         exclude=exclude or [],
         svd_dtype=svd_dtype,
+        center=center,
     )
 
 
@@ -212,3 +215,55 @@ def test_rotation_equivariance(n_tasks, seed, rank_ratio):
         rtol=1e-8,
         atol=1e-10,
     )
+
+
+@pytest.mark.parametrize("rank_ratio", [0.0, 0.08, 0.5, 1.0])
+def test_uncentred_matches_official_port(rank_ratio):
+    # center=False: the official truncation without an origin move, added to the pretrained model
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"blocks.0.attn.w": (12, 10), "blocks.0.mlp.bias": (10,), "head.w": (6, 10)}
+    pre = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in pre.items()}]
+    fts += [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in pre.items()}]
+    expected = official_cart(pre, fts, rank_ratio, 0.3, move_origin=False)
+    merged = mergelab.merge(
+        "cart",
+        pre,
+        fts,
+        dtype="float64",
+        rank_ratio=rank_ratio,
+        scaling=0.3,
+        center=False,
+        exclude=OFFICIAL_EXCLUDE["cart"],
+    )
+    for name in pre:
+        assert_close(merged[name], expected[name], rtol=1e-9, atol=1e-10)
+
+
+def test_uncentred_hand_checked():
+    # rank-1 task matrices are kept whole at k = 1; rank 1 of diag(3, 1) keeps 3 e1e1^T
+    taus = torch.stack([torch.diag(torch.tensor([3.0, 1.0])), torch.diag(torch.tensor([0.0, 2.0]))])
+    delta = cart(
+        taus,
+        torch.zeros(2, 2),
+        TensorCtx("w"),
+        rank_ratio=0.5,
+        scaling=0.5,
+        preset="paper",
+        exclude=[],
+        svd_dtype="float64",
+        center=False,
+    )
+    assert_close(delta, 0.5 * torch.diag(torch.tensor([3.0, 2.0])))
+    bias = cart(
+        torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        torch.zeros(2),
+        TensorCtx("b"),
+        rank_ratio=0.5,
+        scaling=0.5,
+        preset="paper",
+        exclude=[],
+        svd_dtype="float64",
+        center=False,
+    )
+    assert_close(bias, torch.tensor([2.0, 3.0]))  # task arithmetic: 0.5 * (4, 6)

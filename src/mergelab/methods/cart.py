@@ -33,6 +33,15 @@ are matrices: the official code decomposes only names containing ``attn`` or ``m
 ``exclude=OFFICIAL_EXCLUDE["cart"]`` (see ``_spectral``) reproduces that. Task order does not matter.
 ``svd_dtype="float64"`` is ours, for uniformity with the other spectral methods (the official code
 runs in float32; CART keeps true singular values, so the two differed by < 1e-5 in our tests).
+
+``center=False`` is the paper's comparison curve (Sec. 4.1, Fig. 1-2, blue: "rank reduction on the
+original task vectors", collapsing to the pre-trained model at rank zero), as the official
+``_get_truncated_task_vectors`` computes it without an origin move::
+
+    delta = scaling * sum_t SVD_k(tau_t)          per matrix; other tensors scaling * sum_t tau_t
+
+(other tensors are zeroed too when ``rank_ratio=0``, as in the official code). It is task arithmetic
+on rank-reduced task vectors, so pick a task-arithmetic ``scaling`` (e.g. 0.3) with it.
 """
 
 from __future__ import annotations
@@ -63,19 +72,25 @@ def kept_rank(r: int, rank_ratio: float) -> int:
 
 
 def cart_matrix(
-    taus: torch.Tensor, rank_ratio: float, scaling: float, dtype: torch.dtype = torch.float64, tol: float = 0.0
+    taus: torch.Tensor,
+    rank_ratio: float,
+    scaling: float,
+    dtype: torch.dtype = torch.float64,
+    tol: float = 0.0,
+    center: bool = True,
 ) -> torch.Tensor:
     """CART delta of stacked task matrices ``(T, m, n)``: mean + scaling * sum of rank-k centred
-    vectors; the SVDs (``_svd.fast_svd`` with error tolerance ``tol``, 0: exact) and their sum in ``dtype``."""
-    mean = taus.mean(dim=0)
+    vectors (``center=False``: scaling * sum of rank-k task vectors); the SVDs (``_svd.fast_svd``
+    with error tolerance ``tol``, 0: exact) and their sum in ``dtype``."""
+    origin = taus.mean(dim=0) if center else torch.zeros_like(taus[0])
     k = kept_rank(min(taus.shape[1:]), rank_ratio)
     if k == 0:
-        return mean
-    centre = mean.to(dtype)
+        return origin
+    centre = origin.to(dtype)
     reduced = torch.zeros_like(centre)
     for tau in taus:  # one SVD at a time: memory stays ~ one matrix
         reduced += low_rank(tau.to(dtype) - centre, k, tol)  # weighted by s: no gap check needed
-    return mean + scaling * reduced.to(taus.dtype)
+    return origin + scaling * reduced.to(taus.dtype)
 
 
 def resolve(preset: str, rank_ratio: float | None, scaling: float | None) -> tuple[float, float]:
@@ -98,12 +113,20 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 @register(
     "cart",
-    defaults={"rank_ratio": None, "scaling": None, "preset": "paper", "exclude": [], "svd_dtype": "float64"},
+    defaults={
+        "rank_ratio": None,
+        "scaling": None,
+        "preset": "paper",
+        "exclude": [],
+        "svd_dtype": "float64",
+        "center": True,
+    },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
-    "official_20 0.32/1.9 (official configs/CART/*.yaml)",
+    "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
+    "(Sec. 4.1, Fig. 1 blue)",
     check=_check,
 )
 def cart(
@@ -116,10 +139,13 @@ def cart(
     preset: str,
     exclude: list[str],
     svd_dtype: str,
+    center: bool,
 ) -> torch.Tensor:
-    if not is_matrix(ctx.name, base.shape, exclude):
-        return taus.mean(dim=0)
     ratio, scale = resolve(preset, rank_ratio, scaling)
+    if not is_matrix(ctx.name, base.shape, exclude):
+        if center:
+            return taus.mean(dim=0)
+        return taus.sum(dim=0) * (scale if ratio > 0.0 else 0.0)  # official: zeroed at rank 0
     dtype = SVD_DTYPES[svd_dtype]
     tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return cart_matrix(taus, ratio, scale, dtype, tol)
+    return cart_matrix(taus, ratio, scale, dtype, tol, center)
