@@ -44,6 +44,14 @@ def test_run_then_rerun_reuses_then_report(tmp_path: Path, fakes: dict[str, Any]
     assert "## cli (multitask)" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_without_a_terminal_one_line_per_run_is_logged(tmp_path: Path, fakes: dict[str, Any],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", str(write(tmp_path))]) == 0  # pytest's stderr is not a terminal
+    lines = [line for line in capsys.readouterr().err.splitlines() if "(merge " in line]
+    assert len(lines) == 10 and all(": average 0." in line or ": average 1." in line for line in lines)
+    assert any(" ties: average" in line for line in lines)
+
+
 def test_failed_runs_exit_1_and_are_retried_on_request(tmp_path: Path, fakes: dict[str, Any],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     fakes["scorer"].fail_at, fakes["scorer"].fail_with = 2, RuntimeError("broken scorer")

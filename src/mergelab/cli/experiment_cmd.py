@@ -34,11 +34,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.hash}  {status.get(spec.hash) or 'todo':6}  {spec.suite}  [{spec.subset}]  {spec.label}")
         print(f"{len(config.runs)} runs ({config.kind}); database {db}")
         return 0
-    summary = run_experiment(config, retry_failed=args.retry_failed, progress=False if args.quiet else None,
-                             db=args.db)
+    progress = False if args.quiet else sys.stderr.isatty()
+    log = None if args.quiet or progress else _log_run  # no bar (e.g. nohup): one line per finished run
+    summary = run_experiment(config, retry_failed=args.retry_failed, progress=progress, db=args.db, on_run=log)
     print(f"{config.name}: {summary.total} runs: {summary.ran} run now ({summary.failed} failed), "
           f"{summary.reused} reused, {summary.skipped_failed} failed earlier and not retried (--retry-failed); "
           f"results in {summary.db}")
     for error in summary.errors:
         print(f"failed: {error}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _log_run(row: Any) -> None:
+    average = (row.metrics or {}).get("average")
+    outcome = f"average {average:.4f}" if average is not None else row.status if row.error is None else row.error
+    print(f"{row.hash}  {row.label}: {outcome} (merge {row.merge_seconds:.1f} s, eval {row.eval_seconds:.1f} s)",
+          file=sys.stderr, flush=True)

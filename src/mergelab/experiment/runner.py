@@ -69,7 +69,7 @@ class CachedEvaluator:
 def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Callable[..., Any] | None = None,
         build_zoo: Callable[..., Any] | None = None, suite_tasks: Callable[[str, bool], list[str]] | None = None,
         retry_failed: bool = False, progress: bool | None = None, db: str | Path | None = None,
-        command: str | None = None) -> Summary:
+        command: str | None = None, on_run: Callable[[Row], None] | None = None) -> Summary:
     """Run every run of ``config`` that the results database does not hold yet.
 
     Args:
@@ -83,6 +83,7 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
         progress: progress bar over runs (default: when stderr is a terminal).
         db: results database (default: the config's ``db``, relative to the config file).
         command: the command line recorded with each row (default: this process's argv).
+        on_run: called with each stored row (the CLI logs one line per run when there is no progress bar).
 
     Returns:
         A :class:`Summary`. ``KeyboardInterrupt`` propagates; finished runs are already committed.
@@ -128,6 +129,8 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
                                              cache_dir=cfg.cache_dir, device=device, progress=progress)
             row = _run_one(spec, zoos[spec.suite], score, device, cfg.batch_size, progress, common)
             store.put(row)
+            if on_run is not None:
+                on_run(row)
             summary.ran += 1
             if row.status != "ok":
                 summary.failed += 1
