@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench clean
+.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual clean
 
 install: $(VENV)/.installed
 
@@ -46,8 +46,23 @@ style: install
 demo: install-demo zoo-data
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
-bench: install
+# all benchmarks; bench-spectral and bench-continual also build benchmarks/_work/fb-venv (FusionBench,
+# never installed into .venv). BENCH_THREADS=N sets torch's threads in every job (0: torch's default)
+BENCH_THREADS ?= 0
+bench: bench-engine bench-spectral bench-continual
+
+bench-engine: install
 	$(PY) benchmarks/bench_engine.py
+
+bench-spectral: install
+	PYTHON=$(PYTHON) benchmarks/fusionbench_venv.sh
+	$(PY) benchmarks/bench_spectral.py --threads $(BENCH_THREADS)
+
+bench-continual: install
+	PYTHON=$(PYTHON) benchmarks/fusionbench_venv.sh
+	$(PY) benchmarks/bench_continual.py --models 8 --threads $(BENCH_THREADS)
+	$(PY) benchmarks/bench_continual.py --models 20 --layers 2 --threads $(BENCH_THREADS)
+	$(PY) benchmarks/bench_continual.py --models 20 --no-fusionbench --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/_work .pytest_cache

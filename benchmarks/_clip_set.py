@@ -1,0 +1,183 @@
+"""Shared by ``bench_spectral.py`` and ``bench_continual.py``: the CLIP ViT-B/32-shaped checkpoint
+set, loading it back into a ``CLIPVisionModel`` (the FusionBench side), and a timer of the SVD /
+eigendecomposition calls.
+
+The set (built lazily, cached in ``benchmarks/_work/clip-vit-b32-l<layers>/``, git-ignored): a
+transformers ``CLIPVisionModel`` created from its default config (ViT-B/32: hidden 768, MLP 3072,
+patch 32, 224 px; 12 layers, 88 M parameters) with random weights (``torch.manual_seed(0)``), saved
+as a float32 safetensors file with the keys of a transformers 4 checkpoint (``vision_model.*``,
+the hub's layout, which both transformers 4 and 5 load), and fine-tunes ``ftNN.safetensors`` = base + structured low-rank noise:
+per 2-D tensor ``W``, ``0.05 std(W) (A B / 4 + 0.1 N)`` with ``A (m, 16)``, ``B (16, n)``, ``N``
+dense, all standard normal; other tensors ``W + 0.01 std(W) N``. Every tensor draws from its own
+generator (``crc32`` of model index and name), so fine-tune ``i`` is the same file whatever the
+number of models asked for: the 8-model set is the first 8 of the 20-model one, each written once.
+
+Runs in both venvs (.venv and the FusionBench one): only the standard library at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+RESULTS = HERE / "results"
+FB_PYTHON = WORK / "fb-venv" / "bin" / "python"
+FORMAT_VERSION = 2  # bump when the generated checkpoints change, so stale caches are rebuilt
+RANK, LOW_RANK_SCALE, NOISE = 16, 0.05, 0.1
+PREFIX = "vision_model."  # key prefix of CLIPVisionModel checkpoints saved by transformers 4 (5 drops it)
+
+
+def clip_set(n_models: int, layers: int = 12) -> tuple[Path, list[Path]]:
+    """Base + ``n_models`` fine-tunes of a CLIP ViT-B/32-shaped vision tower (built once, cached)."""
+    folder = WORK / f"clip-vit-b32-l{layers}"
+    spec = {"format": FORMAT_VERSION, "layers": layers, "rank": RANK, "scale": LOW_RANK_SCALE, "noise": NOISE}
+    spec_file = folder / "spec.json"
+    if not spec_file.exists() or json.loads(spec_file.read_text()) != spec:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        _base_state(folder / "base.safetensors", layers)
+        spec_file.write_text(json.dumps(spec))
+    models = [folder / f"ft{i:02d}.safetensors" for i in range(n_models)]
+    for index, path in enumerate(models):
+        if not path.exists():
+            _finetune(folder / "base.safetensors", path, index)
+    return folder / "base.safetensors", models
+
+
+def clip_config(layers: int) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(num_hidden_layers=layers)  # ViT-B/32 defaults otherwise
+
+
+def load_clip_model(path: str | Path, layers: int) -> Any:
+    """A ``CLIPVisionModel`` holding the tensors of ``path`` (strict: every key must match)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"):  # no random init: load_state_dict(assign=True) brings the real tensors
+        model = CLIPVisionModel(clip_config(layers))
+    expected = set(model.state_dict())
+    state = load_file(str(path))
+    if not expected <= set(state):  # transformers 5 names the keys without the prefix
+        state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _base_state(path: Path, layers: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(clip_config(layers))
+    state = {
+        (k if k.startswith(PREFIX) else PREFIX + k): v.detach().contiguous() for k, v in model.state_dict().items()
+    }
+    save_file(state, str(path))
+
+
+def _finetune(base_path: Path, path: Path, index: int) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for name, w in load_file(str(base_path)).items():
+        if not w.is_floating_point():
+            out[name] = w
+            continue
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{index}:{name}".encode()))
+        std = float(w.float().std()) if w.numel() > 1 else 1.0
+        if w.ndim == 2:
+            m, n = w.shape
+            low = torch.randn(m, RANK, generator=gen) @ torch.randn(RANK, n, generator=gen) / RANK**0.5
+            tau = LOW_RANK_SCALE * std * (low + NOISE * torch.randn(m, n, generator=gen))
+        else:
+            tau = 0.01 * std * torch.randn(w.shape, generator=gen)
+        out[name] = (w + tau).contiguous()
+    tmp = path.with_suffix(".tmp")  # a killed build leaves no half-written fine-tune behind
+    save_file(out, str(tmp))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def decomposition_timer() -> Iterator[dict[str, float]]:
+    """Accumulates seconds and calls inside ``torch.linalg.svd`` and ``torch.linalg.eigh`` (both
+    implementations look them up on ``torch.linalg`` at call time, so wrapping them there counts all)."""
+    import torch
+
+    spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}
+    originals = {name: getattr(torch.linalg, name) for name in ("svd", "eigh")}
+
+    def timed(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                spent[f"{name}_calls"] += 1
+
+        return call
+
+    for name in originals:
+        setattr(torch.linalg, name, timed(name))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.linalg, name, fn)
+
+
+def relative_difference(
+    base: dict[str, Any], one: dict[str, Any], two: dict[str, Any], skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Relative Frobenius difference of two merged task vectors (``one - base`` vs ``two - base``,
+    float64, all floating tensors together, names in ``skip`` left out), the worst tensor, and the
+    difference left after the best global rescaling of the first (``scale``): a global norm factor
+    computed over different tensors shows up in ``relative`` but not in ``relative_after_scale``."""
+    xx = yy = xy = 0.0
+    worst, worst_name = 0.0, ""
+    for name, w in base.items():
+        if not w.is_floating_point() or name in skip:
+            continue
+        tx, ty = one[name].double() - w.double(), two[name].double() - w.double()
+        d, n = float((tx - ty).norm() ** 2), float(ty.norm() ** 2)
+        xx, yy, xy = xx + float(tx.norm() ** 2), yy + n, xy + float((tx * ty).sum())
+        if n > 0 and (d / n) ** 0.5 > worst:
+            worst, worst_name = (d / n) ** 0.5, name
+    if yy == 0:
+        return {
+            "relative": 0.0,
+            "worst_tensor": 0.0,
+            "worst_tensor_name": "",
+            "scale": 1.0,
+            "relative_after_scale": 0.0,
+        }
+    scale = xy / xx if xx else 1.0  # argmin_c ||c x - y||
+    return {
+        "relative": max(xx - 2 * xy + yy, 0.0) ** 0.5 / yy**0.5,
+        "worst_tensor": worst,
+        "worst_tensor_name": worst_name,
+        "scale": scale,
+        "relative_after_scale": max(yy - xy * scale, 0.0) ** 0.5 / yy**0.5,
+    }
+
+
+def vm_rss_mb() -> float:
+    """This process's current RSS (``VmRSS``), MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
