@@ -13,20 +13,25 @@ from mergelab.engine.select import StreamingKth
 TINY = 1.4e-45  # the smallest positive float32 denormal
 
 
-def streamed(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False) -> list[list[float]]:
-    """Both passes over the same chunks, as the engine runs them."""
-    kth = StreamingKth(chunks[0].shape[0], nonnegative=nonnegative)
+def streamed(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False,
+             dtype: torch.dtype | None = torch.float32) -> list[list[float]]:
+    """Every pass over the same chunks, as the engine runs them."""
+    kth = StreamingKth(chunks[0].shape[0], nonnegative=nonnegative, dtype=dtype)
     for chunk in chunks:
         kth.observe(chunk)
     kth.end_pass0(ranks)
-    for chunk in chunks:
-        kth.observe(chunk)
+    for index in range(1, kth.n_passes):
+        if index > 1:
+            kth.end_pass()
+        for chunk in chunks:
+            kth.observe(chunk)
     return kth.values()
 
 
-def check(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False) -> None:
+def check(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False,
+          dtype: torch.dtype | None = torch.float32) -> None:
     flat = torch.cat([c.reshape(c.shape[0], -1) for c in chunks], dim=1)
-    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks, nonnegative), strict=True)):
+    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks, nonnegative, dtype), strict=True)):
         for k, value in zip(row_ranks, values, strict=True):
             assert value == flat[row].kthvalue(k).values.item(), (row, k)  # -0.0 == 0.0, inf == inf
 
@@ -58,6 +63,46 @@ def test_magnitudes_fast_path_special_values():
     chunks = [c.abs() for c in special_chunks()]  # abs(-0.0) is +0.0
     d = sum(c[0].numel() for c in chunks)
     check(chunks, [[1, 2, d // 2, d - 1, d], [d, 1, 7, 7], list(range(1, d + 1))], nonnegative=True)
+
+
+def float64_chunks() -> list[torch.Tensor]:
+    """Float64 specials, and neighbours that only the low 32 bits of a float64 key tell apart."""
+    one = torch.tensor(1.0, dtype=torch.float64)
+    up, down = torch.nextafter(one, one + 1).item(), torch.nextafter(one, one - 1).item()
+    tiny = 5e-324  # the smallest positive float64 denormal
+    gen = torch.Generator().manual_seed(1)
+    return [
+        torch.tensor([[1.0, up, down, -up], [tiny, -tiny, 0.0, -0.0], [1e300, -1e-300, float("inf"), 1.0 + 2**-40]],
+                     dtype=torch.float64),
+        torch.randn(3, 2, 5, generator=gen, dtype=torch.float64) * 1e-3,
+        torch.full((3, 4), 0.1, dtype=torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, None])  # None: the width follows the first chunk
+def test_float64_keys_are_exact(dtype):
+    chunks = float64_chunks()
+    d = sum(c[0].numel() for c in chunks)
+    ranks = [list(range(1, d + 1))] * 3  # every rank of every row
+    check(chunks, ranks, dtype=dtype)
+    check([c.abs() for c in chunks], ranks, nonnegative=True, dtype=dtype)
+    assert StreamingKth(1, dtype=torch.float64).n_passes == 4 and StreamingKth(1).n_passes == 2
+
+
+def test_float32_keys_round_float64_values():
+    """The default keys are float32: float64 neighbours of 1.0 are selected as 1.0 (PCB's documented choice)."""
+    chunk = float64_chunks()[0][:1]  # 1.0, 1.0 + ulp, 1.0 - ulp, -(1.0 + ulp)
+    assert streamed([chunk], [[2, 3, 4]]) == [[1.0, 1.0, 1.0]]
+    assert streamed([chunk], [[2, 3, 4]], dtype=None)[0] == sorted(chunk[0].tolist())[1:]
+
+
+def test_values_before_the_last_pass_is_refused():
+    kth = StreamingKth(1, dtype=torch.float64)
+    kth.observe(torch.zeros(1, 4, dtype=torch.float64))
+    kth.end_pass0([[2]])
+    kth.observe(torch.zeros(1, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="before the last of 4 passes"):
+        kth.values()
 
 
 def test_magnitudes_fast_path_refuses_negative_values():
@@ -120,3 +165,23 @@ def test_magnitudes_fast_path_matches_kthvalue(n_rows, lengths, data):
     d = sum(lengths)
     ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
     check(chunks, ranks, nonnegative=True)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(
+    n_rows=st.integers(1, 3),
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    nonnegative=st.booleans(),
+    data=st.data(),
+)
+def test_float64_keys_match_kthvalue(n_rows, lengths, nonnegative, data):
+    values = st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 5e-324, 1.0, 1.0 + 2**-52, float("inf")])
+    chunks = [
+        torch.tensor(data.draw(st.lists(values, min_size=n * n_rows, max_size=n * n_rows)),
+                     dtype=torch.float64).reshape(n_rows, n)
+        for n in lengths
+    ]
+    chunks = [c.abs() for c in chunks] if nonnegative else chunks
+    d = sum(lengths)
+    ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
+    check(chunks, ranks, nonnegative, dtype=torch.float64)

@@ -168,14 +168,20 @@ def test_float64_compute_option():
         assert torch.equal(ta[name], exact_ta[name]) and torch.equal(ties[name], exact_ties[name]), name
 
 
-@pytest.mark.xfail(strict=True, reason="StreamingKth selects in float32: with dtype='float64' the threshold is the "
-                   "float32 rounding of the k-th magnitude, and the k-th entry is dropped when it rounds up")
-def test_float64_ties_global_threshold_is_exact():
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.9])
+def test_float64_ties_global_threshold_is_exact(density):
+    """float64 taus get float64 selection keys (4 radix passes): the threshold is the exact k-th
+    magnitude, not its float32 rounding (which dropped the k-th entry when it rounded up)."""
     gen = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(50, generator=gen) * 1e-3}  # taus not representable in float32
-    models = [{"w": torch.randn(50, generator=gen)} for _ in range(2)]
-    merged = mergelab.merge("ties", base, models, density=0.3, dtype="float64")
-    assert torch.equal(merged["w"], ties_global_reference(base, models, 0.3, dtype=torch.float64)["w"])
+    base = {"w": torch.randn(50, generator=gen, dtype=torch.float64) * 1e-3,  # taus not representable in float32
+            "v": torch.randn(3, 7, generator=gen, dtype=torch.float64)}
+    models = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()} for _ in range(2)]
+    job = mergelab.plan("ties", base, models, density=density, dtype="float64")
+    assert job.n_stat_passes == 4 and "5 over the inputs (4 statistics + 1 merge)" in job.summary()
+    merged = mergelab.merge("ties", base, models, density=density, dtype="float64")
+    expected = ties_global_reference(base, models, density, dtype=torch.float64)
+    for name in base:
+        assert torch.equal(merged[name], expected[name]), name
 
 
 def tied(state: dict) -> dict:

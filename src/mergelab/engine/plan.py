@@ -164,7 +164,7 @@ def build_plan(
         device=target,
         compute_dtype=compute_dtype,
         out=Path(out) if out is not None else None,
-        n_stat_passes=collector.n_passes if collector is not None else 0,
+        n_stat_passes=_stat_passes(collector, compute_dtype),
         seed=int(resolved.get("seed", 0) or 0),
         max_shard_size=int(max_shard_size),
         overwrite=overwrite,
@@ -174,6 +174,15 @@ def build_plan(
         single = Path(out).name if Path(out).suffix == ".safetensors" else None
         plan.shards = plan_shards(layout, int(max_shard_size), single)
     return plan
+
+
+def _stat_passes(collector: Any, dtype: torch.dtype) -> int:
+    """Statistics passes before the merge pass; a collector whose count depends on the compute dtype
+    (float64 selection keys take more radix passes) says so with ``passes_for(dtype)``."""
+    if collector is None:
+        return 0
+    passes_for = getattr(collector, "passes_for", None)
+    return int(passes_for(dtype)) if passes_for is not None else int(collector.n_passes)
 
 
 def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:

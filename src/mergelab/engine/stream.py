@@ -311,13 +311,15 @@ def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None
     collector = plan.method.collector(plan.hparams, plan.n_models)
     if collector is None:
         return None
-    for index in range(collector.n_passes):
+    index = 0
+    while index < collector.n_passes:  # may grow once pass 0 has seen the data (float64 selection keys)
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
             for name, raw in prefetched(plan, plan.merged, buffers):
                 for _, taus, base in iter_chunks(plan, name, raw, check_finite=index == 0):
                     collector.observe(index, name, taus, base)
                 bar.update(plan.base.specs[name].nbytes)
         collector.end_pass(index)
+        index += 1
     return collector.result()
 
 

@@ -46,27 +46,40 @@ class TiesStats:
 
 
 class TiesGlobalStats:
-    """Passes 0-1: the exact per-task magnitude threshold (``StreamingKth``); none if all is kept."""
+    """The exact per-task magnitude threshold (``StreamingKth``, keys of the compute dtype: passes 0-1
+    in float32, 0-3 in float64); no pass if all is kept."""
 
     def __init__(self, hp: dict[str, Any], n_models: int):
         self.density, self.rule, self.n_models = hp["density"], hp["threshold"], n_models
-        self.selector = StreamingKth(n_models, nonnegative=True)
+        self.selector = StreamingKth(n_models, nonnegative=True, dtype=None)  # float64 taus get float64 keys
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
-        self.n_passes = 0 if self.keep_all else 2
         self.thresholds = torch.zeros(n_models)
         self.rank = 0
+
+    @property
+    def n_passes(self) -> int:
+        """Known once pass 0 has seen the compute dtype (4 for float64): the engine re-reads it after each pass."""
+        return 0 if self.keep_all else self.selector.n_passes
+
+    def passes_for(self, dtype: torch.dtype) -> int:
+        """Statistics passes a merge in compute ``dtype`` takes (for the plan, before any data is read)."""
+        return 0 if self.keep_all else StreamingKth(1, dtype=dtype).n_passes
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
         self.selector.observe(taus.reshape(self.n_models, -1).abs())
 
     def end_pass(self, index: int) -> None:
+        selecting = 1 <= self.rank <= self.selector.count
         if index == 0:
             self.rank = keep_rank(self.selector.count, self.density, self.rule)
             if 1 <= self.rank <= self.selector.count:
                 self.selector.end_pass0([[self.rank]] * self.n_models)
+        elif index < self.n_passes - 1:
+            if selecting:
+                self.selector.end_pass()
         elif self.rank > self.selector.count:
             self.thresholds = torch.full((self.n_models,), float("inf"))
-        elif self.rank >= 1:
+        elif selecting:
             self.thresholds = torch.tensor([row[0] for row in self.selector.values()], dtype=torch.float64)
 
     def result(self) -> TiesStats:
