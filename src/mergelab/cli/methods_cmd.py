@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         rows = {
             name: {"defaults": dict(m.defaults), "choices": {k: list(v) for k, v in m.choices.items()},
-                   "summary": m.summary, "source": m.source}
+                   "presets": dict(m.presets), "summary": m.summary, "source": m.source}
             for name, m in methods.items()
         }
         print(json.dumps(rows, indent=2))
@@ -31,5 +31,7 @@ def run(args: argparse.Namespace) -> int:
             options = method.choices.get(key)
             suffix = f"  (one of {', '.join(map(str, options))})" if options else ""
             print(f"    {key} = {value!r}{suffix}")
+        for preset, setting in method.presets.items():
+            print(f"    preset {preset}: {setting}")
         print(f"    source: {method.source}")
     return 0

@@ -122,6 +122,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         "center": True,
     },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
+    presets=PRESETS,
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "

@@ -86,7 +86,12 @@ class Method:
         choices: allowed values of string hyperparameters.
         finalize: ``finalize(hparams, stats) -> {name: (flat_indices, delta_values)}``, called after
             the merge pass for methods that learn a model-wide quantity while merging (TIES' majority
-            sign); the engine patches those few entries of the output.
+            sign); the engine patches those few entries of the output. Such a method lists the entries
+            it may patch as ``(name, flat_indices, ...)`` tuples in ``stats.pending`` while merging
+            (Weight Weaving re-pools exactly those).
+        resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
+            methods that take another method's hyperparameters too (``weave``).
+        presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
     """
 
     name: str
@@ -101,9 +106,13 @@ class Method:
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    resolver: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
+    presets: Mapping[str, Any] = field(default_factory=dict)
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
+        if self.resolver is not None:
+            return self.resolver(hparams, n_models)
         return resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, n_models)
 
     def is_elementwise(self, hparams: dict[str, Any]) -> bool:
