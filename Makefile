@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual clean
+.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,7 @@ demo: install-demo zoo-data
 # all benchmarks; bench-spectral and bench-continual also build benchmarks/_work/fb-venv (FusionBench,
 # never installed into .venv). BENCH_THREADS=N sets torch's threads in every job (0: torch's default)
 BENCH_THREADS ?= 0
-bench: bench-engine bench-spectral bench-continual
+bench: bench-engine bench-spectral bench-continual bench-weave
 
 bench-engine: install
 	$(PY) benchmarks/bench_engine.py
@@ -63,6 +63,9 @@ bench-continual: install
 	$(PY) benchmarks/bench_continual.py --models 8 --threads $(BENCH_THREADS)
 	$(PY) benchmarks/bench_continual.py --models 20 --layers 2 --threads $(BENCH_THREADS)
 	$(PY) benchmarks/bench_continual.py --models 20 --no-fusionbench --threads $(BENCH_THREADS)
+
+bench-weave: install
+	$(PY) benchmarks/bench_weave.py --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/_work .pytest_cache

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -146,14 +148,14 @@ def relative_difference(
     float64, all floating tensors together, names in ``skip`` left out), the worst tensor, and the
     difference left after the best global rescaling of the first (``scale``): a global norm factor
     computed over different tensors shows up in ``relative`` but not in ``relative_after_scale``."""
-    xx = yy = xy = 0.0
+    xx = yy = xy = dd = 0.0
     worst, worst_name = 0.0, ""
     for name, w in base.items():
         if not w.is_floating_point() or name in skip:
             continue
         tx, ty = one[name].double() - w.double(), two[name].double() - w.double()
         d, n = float((tx - ty).norm() ** 2), float(ty.norm() ** 2)
-        xx, yy, xy = xx + float(tx.norm() ** 2), yy + n, xy + float((tx * ty).sum())
+        xx, yy, xy, dd = xx + float(tx.norm() ** 2), yy + n, xy + float((tx * ty).sum()), dd + d
         if n > 0 and (d / n) ** 0.5 > worst:
             worst, worst_name = (d / n) ** 0.5, name
     if yy == 0:
@@ -166,12 +168,23 @@ def relative_difference(
         }
     scale = xy / xx if xx else 1.0  # argmin_c ||c x - y||
     return {
-        "relative": max(xx - 2 * xy + yy, 0.0) ** 0.5 / yy**0.5,
+        "relative": dd**0.5 / yy**0.5,  # summed directly: xx - 2 xy + yy cancels to 0 for tiny differences
         "worst_tensor": worst,
         "worst_tensor_name": worst_name,
         "scale": scale,
         "relative_after_scale": max(yy - xy * scale, 0.0) ** 0.5 / yy**0.5,
     }
+
+
+def run_json_child(script: str, job: dict[str, Any], label: str, python: str | None = None) -> dict[str, Any]:
+    """Runs ``script --child JOB`` in a fresh process (``python``: this interpreter by default) after
+    removing the job's output, and returns the JSON its last line of output prints; exits on failure."""
+    Path(job["out"]).unlink(missing_ok=True)
+    command = [python or sys.executable, script, "--child", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"job {label} failed:\n{done.stderr[-4000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def vm_rss_mb() -> float:

@@ -45,10 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from _clip_set import (
     FB_PYTHON,
@@ -59,6 +57,7 @@ from _clip_set import (
     decomposition_timer,
     load_clip_model,
     relative_difference,
+    run_json_child,
     vm_rss_mb,
 )
 from bench_engine import machine, peak_rss_mb
@@ -167,12 +166,8 @@ def child(job: dict) -> None:
 
 
 def run_job(job: dict) -> dict:
-    python = str(FB_PYTHON) if job["impl"] == "fusionbench" else sys.executable
-    Path(job["out"]).unlink(missing_ok=True)
-    done = subprocess.run([python, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"job {job['impl']} {job['method']} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    python = str(FB_PYTHON) if job["impl"] == "fusionbench" else None
+    return run_json_child(__file__, job, f"{job['impl']} {job['method']}", python)
 
 
 def summarise(impl: str, method: str, result: dict) -> dict:

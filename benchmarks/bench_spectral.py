@@ -37,12 +37,19 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _clip_set import FB_PYTHON, HERE, RESULTS, WORK, clip_set, decomposition_timer, relative_difference
+from _clip_set import (
+    FB_PYTHON,
+    HERE,
+    RESULTS,
+    WORK,
+    clip_set,
+    decomposition_timer,
+    relative_difference,
+    run_json_child,
+)
 from bench_engine import machine, peak_rss_mb
 
 FB_METHODS = ("tsv", "iso_c", "iso_cts")
@@ -106,12 +113,8 @@ def child(job: dict) -> None:
 
 
 def run_job(job: dict) -> dict:
-    python = str(FB_PYTHON) if job["impl"] == "fusionbench" else sys.executable
-    Path(job["out"]).unlink(missing_ok=True)
-    done = subprocess.run([python, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"job {job['impl']} {job['method']} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    python = str(FB_PYTHON) if job["impl"] == "fusionbench" else None
+    return run_json_child(__file__, job, f"{job['impl']} {job['method']}", python)
 
 
 def main() -> None:
