@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mergelab.engine.pool import BlockPool
 from mergelab.engine.select import StreamingKth
 from mergelab.methods._common import disjoint_merge, elect_sign, keep_mask_, keep_rank, kth_threshold
 from mergelab.methods.registry import TensorCtx, register
@@ -43,6 +44,7 @@ class TiesStats:
     thresholds: torch.Tensor  # (T,) smallest kept magnitude per task vector
     sign_total: float = 0.0
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pool: BlockPool = field(default_factory=BlockPool)  # holds the pending tensors off the heap
 
 
 class TiesGlobalStats:
@@ -152,6 +154,7 @@ def ties(
         pending = zero.logical_and_(count > 0)
         if bool(pending.any()):  # rare: skip the index scan otherwise
             ambiguous = torch.nonzero(pending).reshape(-1)
-            stats.pending.append((ctx.name, ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()))
+            index, values = ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()
+            stats.pending.append((ctx.name, stats.pool.keep(index), stats.pool.keep(values)))
         return merged.mul_(scaling).reshape(base.shape)
     return (disjoint_merge(trimmed, sign, merge_func) * scaling).reshape(base.shape)

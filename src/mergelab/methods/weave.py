@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from mergelab.engine.pool import BlockPool
 from mergelab.errors import MergelabError
 from mergelab.methods.magmax import max_magnitude
 from mergelab.methods.registry import Collector, Method, TensorCtx, get_method, register, resolve_hparams
@@ -132,6 +133,7 @@ class WeaveStats:
 
     inner: Any
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    pool: BlockPool = field(default_factory=BlockPool)  # holds the records off the heap
 
 
 class WeaveCollector:
@@ -253,7 +255,8 @@ def _record_pending(stats: WeaveStats, before: int, ctx: TensorCtx, a: torch.Ten
     for entry in stats.inner.pending[before:]:
         local = entry[1].to(a.device) - ctx.offset
         flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-        stats.records.setdefault(entry[0], []).append((entry[1], flat_a[local].cpu(), flat_b[local].cpu()))
+        kept = (stats.pool.keep(flat_a[local].cpu()), stats.pool.keep(flat_b[local].cpu()))
+        stats.records.setdefault(entry[0], []).append((entry[1], *kept))
 
 
 @register(
