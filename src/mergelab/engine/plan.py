@@ -75,8 +75,9 @@ class MergePlan:
             temporaries = 0
         elif self.method.is_elementwise(self.hparams):  # column chunks: base, taus (T) and ~4 temporaries
             temporaries = min(n, CHUNK_ELEMENTS_CPU) * compute * (t + 5)
-        else:  # whole tensors: base, taus (T) and ~3 temporaries
-            temporaries = n * compute * (t + 4)
+        else:  # whole tensors: base, taus (T) and ~3 temporaries unless the method says otherwise
+            units = self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
+            temporaries = n * compute * units
         stats = t * 2 * 65536 * 8 if self.n_stat_passes else 0
         aliased = sum(self.base.specs[c].nbytes for c in set(self.aliases.values()))
         return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + buffers + temporaries + stats + aliased

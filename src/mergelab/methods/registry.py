@@ -92,6 +92,9 @@ class Method:
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
         presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
+        temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in
+            the compute dtype) the method holds at its peak when it works on whole tensors, for the
+            plan's peak-RAM estimate; ``None``: ``n_models + 4`` (the task vectors, the base, ~3 more).
     """
 
     name: str
@@ -108,6 +111,7 @@ class Method:
     finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
     resolver: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
     presets: Mapping[str, Any] = field(default_factory=dict)
+    temporaries: Callable[[dict[str, Any], int], int] | None = None
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
