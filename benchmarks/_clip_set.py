@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,24 @@ def run_json_child(script: str, job: dict[str, Any], label: str, python: str | N
     if done.returncode != 0:
         sys.exit(f"job {label} failed:\n{done.stderr[-4000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def run_in_turn(
+    jobs: list[dict[str, Any]],
+    repeat: int,
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    key: Callable[[dict[str, Any]], tuple[str, ...]],
+) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Every job ``repeat`` times, one after the other in turn (drift on a shared machine hits every
+    job alike), printing each run's seconds; the results grouped by ``key(job)`` in job order."""
+    runs: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for round_ in range(repeat):
+        for job in jobs:
+            result = run(job)
+            runs.setdefault(key(job), []).append(result)
+            names = " ".join(f"{part:12s}" for part in key(job))
+            print(f"[{round_ + 1}/{repeat}] {names} {result['seconds']:7.2f} s", flush=True)
+    return runs
 
 
 def vm_rss_mb() -> float:

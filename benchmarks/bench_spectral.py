@@ -48,6 +48,7 @@ from _clip_set import (
     clip_set,
     decomposition_timer,
     relative_difference,
+    run_in_turn,
     run_json_child,
 )
 from bench_engine import machine, peak_rss_mb
@@ -148,15 +149,7 @@ def main() -> None:
             out = out_dir / f"{impl}-{method}.safetensors"
             jobs.append({"impl": impl, "method": method, "base": str(base), "models": [str(m) for m in models],
                          "out": str(out), "hparams": hparams, "threads": args.threads})  # fmt: skip
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for round_ in range(args.repeat):
-        for job in jobs:  # in turn: drift on a shared machine hits every job alike
-            result = run_job(job)
-            runs.setdefault((job["impl"], job["method"]), []).append(result)
-            print(
-                f"[{round_ + 1}/{args.repeat}] {job['impl']:11s} {job['method']:8s} {result['seconds']:7.1f} s",
-                flush=True,
-            )
+    runs = run_in_turn(jobs, args.repeat, run_job, lambda job: (job["impl"], job["method"]))
     rows = []
     for (impl, method), results in runs.items():
         best = min(results, key=lambda r: r["seconds"])

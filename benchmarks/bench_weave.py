@@ -42,7 +42,7 @@ import os
 import sys
 import time
 
-from _clip_set import HERE, RESULTS, WORK, clip_set, relative_difference, run_json_child
+from _clip_set import HERE, RESULTS, WORK, clip_set, relative_difference, run_in_turn, run_json_child
 from bench_engine import machine, peak_rss_mb
 
 CASES = {  # name -> (inner method, its hyperparameters, ways)
@@ -135,14 +135,7 @@ def main() -> None:
             jobs.append({"case": case, "way": way, "inner": inner, "hparams": hparams, "base": str(base),
                          "models": [str(m) for m in models], "out": str(out_dir / f"{case}-{way}.safetensors"),
                          "threads": args.threads})  # fmt: skip
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for round_ in range(args.repeat):
-        for job in jobs:  # in turn: drift on a shared machine hits every job alike
-            result = run_job(job)
-            runs.setdefault((job["case"], job["way"]), []).append(result)
-            print(
-                f"[{round_ + 1}/{args.repeat}] {job['case']:12s} {job['way']:9s} {result['seconds']:7.2f} s", flush=True
-            )
+    runs = run_in_turn(jobs, args.repeat, run_job, lambda job: (job["case"], job["way"]))
     from safetensors.torch import load_file
 
     base_state = load_file(str(base))

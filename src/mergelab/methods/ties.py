@@ -124,9 +124,10 @@ def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     finalize=_finalize,
     linear_in_scaling=True,
     elementwise=lambda hp: hp["scope"] == "global",
-    # per tensor, two more (T, n) arrays than the generic count (|taus| and kthvalue's working copy); fitted
-    # to the benchmark set: 2,840 MB measured, 2,092 MB with the generic count (benchmarks/README.md)
-    temporaries=lambda hp, t: 3 * t + 4 if hp["scope"] == "tensor" else t + 4,
+    # scope="tensor" (global is elementwise, so this count is not used for it): two more (T, n) arrays than
+    # the generic T + 4 (|taus| and kthvalue's working copy); fitted to the benchmark set: 2,840 MB measured,
+    # 2,092 MB with the generic count (benchmarks/README.md)
+    temporaries=lambda hp, t: 3 * t + 4,
 )
 def ties(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *,
