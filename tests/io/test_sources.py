@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import tiny_state, write_sharded
 from forms import FORMS, write_form
-from hostile import CASES, MARKER, split
+from hostile import CASES, MARKER, split, write_raw
 from mergelab.errors import MergelabError
 from mergelab.io.sources import open_source
 
@@ -87,3 +89,43 @@ def test_not_a_checkpoint(tmp_path, model, message):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(MergelabError, match=message):
         open_source(str(tmp_path / model) if isinstance(model, str) else model)
+
+
+def test_safetensors_views_are_private_and_released_pages_read_again(tmp_path):
+    state = {"a": torch.arange(5000.0), "b": torch.arange(3.0)}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    before = path.read_bytes()
+    source = open_source(str(path))
+    view = source.get("a")
+    view[:] = -1.0  # a copy-on-write map: the file never changes
+    assert path.read_bytes() == before
+    source.release("a")  # drops this process's pages (and the private copy): the next get reads the file
+    assert torch.equal(source.get("a"), state["a"]) and torch.equal(source.get("b"), state["b"])
+    source.close()
+
+
+def test_safetensors_tensor_at_an_unaligned_offset_is_read_by_copy(tmp_path):
+    # a hand-made file whose header is not padded: float32 data starting at an odd byte
+    header, data = split({"w": torch.arange(6.0).reshape(2, 3)})
+    path = write_raw(tmp_path / "odd.safetensors", json.dumps(header, separators=(",", ":")).encode() + b" ", data)
+    assert (path.stat().st_size - len(data)) % 4 != 0
+    source = open_source(str(path))
+    assert torch.equal(source.get("w"), torch.arange(6.0).reshape(2, 3))
+    into = torch.empty(100, dtype=torch.uint8)
+    assert source.get("w", into).data_ptr() == into.data_ptr()  # the caller's buffer, as documented
+    source.close()
+
+
+def test_safetensors_truncated_after_opening_is_a_clean_error(tmp_path):
+    state = {"a": torch.zeros(1000), "b": torch.ones(1000)}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    source = open_source(str(path))
+    source.get("a")
+    with open(path, "r+b") as handle:  # someone truncates the file during the merge
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(MergelabError, match="truncated") as err:
+        source.get("b")  # a map read past the end would crash the process (SIGBUS)
+    assert str(err.value).startswith(f"{path}: tensor 'b': file is truncated")
+    source.close()

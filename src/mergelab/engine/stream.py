@@ -15,7 +15,8 @@ import ctypes
 import gc
 import json
 import sys
-from collections.abc import Generator, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
@@ -97,10 +98,10 @@ def read_raw(plan: MergePlan, name: str, buffers: Buffers | None = None, slot: i
 
 
 def prefetched(plan: MergePlan, names: list[str], buffers: Buffers | None = None) -> Generator[tuple[str, Raw], None, None]:
-    """``(name, raw inputs)`` in order, the next tensor read in a background thread while the
-    caller computes (reads release the GIL): I/O overlaps compute, one tensor ahead at most.
-    With ``buffers``, reads alternate between two buffer slots: a yielded tensor stays valid
-    until the caller asks for the next one."""
+    """``(name, raw inputs)`` in order, the next tensor read (or, memory-mapped, its pages faulted
+    in) in a background thread while the caller computes (reads release the GIL): I/O overlaps
+    compute, one tensor ahead at most. A yielded tensor stays valid until the caller asks for the
+    next one: then its pages are released and, with ``buffers``, its buffer slot is reused."""
     pool = _worker("read")
     pending = pool.submit(read_raw, plan, names[0], buffers, 0) if names else None
     try:
@@ -112,6 +113,8 @@ def prefetched(plan: MergePlan, names: list[str], buffers: Buffers | None = None
             else:
                 pending = None
             yield name, raw
+            for source in (plan.base, *plan.models):  # the caller is done with it: free its pages
+                source.release(name)
     finally:
         if pending is not None:
             pending.cancel() or pending.exception()  # never leave a read running past the caller
@@ -128,35 +131,69 @@ def _worker(role: str) -> ThreadPoolExecutor:
     return _WORKERS[role]
 
 
-def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(offset, taus, base)`` of one tensor in the compute dtype on the compute device.
+def chunk_starts(plan: MergePlan, name: str) -> range:
+    """Where the chunks of one tensor start: column chunks of the flattened tensor for
+    elementwise methods (so the float32 temporaries never exceed a chunk), else one chunk."""
+    numel = plan.base.specs[name].numel
+    step = CHUNK_ELEMENTS[plan.device.type] if plan.method.is_elementwise(plan.hparams) else max(numel, 1)
+    return range(0, max(numel, 1), step)
 
-    For elementwise methods the tensor is flattened and cut into column chunks: ``taus`` is
-    ``(T, c)``; the storage-dtype inputs are read once and converted a chunk at a time, so the
-    float32 temporaries never exceed a chunk. Otherwise one chunk: ``taus`` is ``(T, *shape)``.
-    """
+
+def load_chunk(plan: MergePlan, name: str, raw: Raw, start: int, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(taus, base)`` of the chunk at ``start`` in the compute dtype on the compute device:
+    ``taus`` is ``(T, c)`` for a column chunk, ``(T, *shape)`` for a whole tensor. The storage-dtype
+    inputs are converted here, a chunk at a time."""
     spec = plan.base.specs[name]
     base_raw, model_raws = raw
-    if plan.method.is_elementwise(plan.hparams):
-        shape: tuple[int, ...]
-        step, shape = CHUNK_ELEMENTS[plan.device.type], (-1,)
-    else:
-        step, shape = max(spec.numel, 1), spec.shape
-    base_flat = base_raw.reshape(-1)
-    for start in range(0, max(spec.numel, 1), step):
-        part = slice(start, start + step)
-        base = base_flat[part].to(plan.device, plan.compute_dtype).reshape(shape)
-        taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
-        for t, stored in enumerate(model_raws):
-            stored = stored.reshape(-1)[part].reshape(shape)
-            if stored.device == base.device:  # one op: the storage dtype is widened exactly inside the subtraction
-                torch.sub(stored, base, out=taus[t])
-            else:
-                taus[t].copy_(stored)
-                taus[t] -= base
-        if check_finite and not all_finite(taus):  # a NaN/Inf in the base or any model reaches every tau it is in
-            _raise_non_finite(plan, name, base, taus)
-        yield start, taus, base
+    elementwise = plan.method.is_elementwise(plan.hparams)
+    shape: tuple[int, ...] = (-1,) if elementwise else spec.shape
+    part = slice(start, start + CHUNK_ELEMENTS[plan.device.type]) if elementwise else slice(None)
+    base = base_raw.reshape(-1)[part].to(plan.device, plan.compute_dtype).reshape(shape)
+    taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
+    for t, stored in enumerate(model_raws):
+        taus[t].copy_(stored.reshape(-1)[part].reshape(shape))  # the storage dtype widened exactly
+    taus -= base
+    if check_finite and not all_finite(taus):  # a NaN/Inf in the base or any model reaches every tau it is in
+        _raise_non_finite(plan, name, base, taus)
+    return taus, base
+
+
+def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(offset, taus, base)`` for every chunk of one tensor, in order (see :func:`load_chunk`)."""
+    for start in chunk_starts(plan, name):
+        yield (start, *load_chunk(plan, name, raw, start, check_finite))
+
+
+def run_chunks(work: Callable[[int], None], starts: range, threads: int) -> None:
+    """``work(start)`` for every chunk, on ``threads`` threads (this one and helpers) pulling the next
+    chunk as each finishes -- so a thread slowed by the reader or writer takes fewer. The chunks
+    must be independent; the first error stops the others and is raised here."""
+    if threads < 2 or len(starts) < 2:
+        for start in starts:
+            work(start)
+        return
+    todo, lock, failed = iter(starts), threading.Lock(), threading.Event()
+
+    def drain() -> None:
+        while not failed.is_set():
+            with lock:
+                start = next(todo, None)
+            if start is None:
+                return
+            try:
+                work(start)
+            except BaseException:
+                failed.set()
+                raise
+
+    helpers = [_worker(f"compute-{i}").submit(drain) for i in range(1, threads)]
+    try:
+        drain()
+    finally:
+        for helper in helpers:
+            error = helper.exception()  # waits: no chunk runs on past this call
+            if error is not None and not sys.exc_info()[0]:
+                raise error
 
 
 def _raise_non_finite(plan: MergePlan, name: str, base: torch.Tensor, taus: torch.Tensor) -> None:
@@ -170,19 +207,21 @@ def _raise_non_finite(plan: MergePlan, name: str, base: torch.Tensor, taus: torc
 
 def execute(plan: MergePlan, *, progress: bool | None = None) -> dict[str, torch.Tensor] | Path:
     """Run a validated plan. Returns the merged state dict, or the output path if ``plan.out`` is set."""
-    with _quiet_runtime(plan):
-        return _execute(plan, progress)
+    with _quiet_runtime(plan) as threads:
+        return _execute(plan, progress, threads)
 
 
 @contextmanager
-def _quiet_runtime(plan: MergePlan) -> Iterator[None]:
+def _quiet_runtime(plan: MergePlan) -> Iterator[int]:
     """The process settings a streaming merge runs best under, restored afterwards.
 
     * One torch intra-op thread for chunked (elementwise) CPU work: a ~1 MB chunk gains little
       from splitting, and every parallel op waits for its slowest thread -- on a machine where
       another process keeps a core busy, 2 threads made a merge 9-45x slower than 1 (measured,
-      2 cores). The reader and writer threads use the other cores. Whole-tensor methods (SVDs,
-      per-tensor top-k) keep torch's setting.
+      2 cores). Instead, independent chunks run on as many Python threads as torch had intra-op
+      threads (yielded; :func:`run_chunks`), each taking the next chunk when done, so a thread
+      held up by another process or by the reader/writer threads just takes fewer. Whole-tensor
+      methods (SVDs, per-tensor top-k) keep torch's setting.
     * No cyclic garbage collection: the loop allocates many small Python objects, and every
       collection walks all of torch's (6-8 % of a task-arithmetic merge); nothing it makes is cyclic.
     """
@@ -194,7 +233,7 @@ def _quiet_runtime(plan: MergePlan) -> Iterator[None]:
         torch.set_num_threads(1)
     gc.disable()
     try:
-        yield
+        yield threads
     finally:
         if collecting:
             gc.enable()
@@ -202,7 +241,7 @@ def _quiet_runtime(plan: MergePlan) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _execute(plan: MergePlan, progress: bool | None) -> dict[str, torch.Tensor] | Path:
+def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[str, torch.Tensor] | Path:
     show = _want_progress(progress)
     buffers = Buffers()  # read buffers, kept for every pass
     stats = _run_stat_passes(plan, show, buffers)
@@ -234,7 +273,8 @@ def _execute(plan: MergePlan, progress: bool | None) -> dict[str, torch.Tensor] 
                         into = None
                         if writer is not None and canonical not in remaining:  # a kept (tied) tensor needs its own
                             into, n_reused = outputs.get(n_reused % 2, 0, plan.base.specs[name].nbytes), n_reused + 1
-                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0, into=into)
+                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0, into=into,
+                                              threads=threads)
                 if canonical in remaining:
                     remaining[canonical] -= 1
                     if remaining[canonical] > 0:
@@ -291,19 +331,26 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
 
 
 def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool,
-                 into: torch.Tensor | None = None) -> torch.Tensor:
+                 into: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
     """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU (a view
-    of ``into``, a byte buffer, if given)."""
+    of ``into``, a byte buffer, if given); independent chunks on up to ``threads`` threads."""
     spec = plan.base.specs[name]
     out = torch.empty(spec.numel, dtype=spec.dtype) if into is None else into[: spec.nbytes].view(spec.dtype)
     if spec.numel == 0:
         return out.reshape(spec.shape)
-    for start, taus, base in iter_chunks(plan, name, raw, check_finite):
+
+    def merge_chunk(start: int) -> None:
+        taus, base = load_chunk(plan, name, raw, start, check_finite)
         ctx = TensorCtx(name=name, stats=stats, seed=plan.seed, offset=start)
         merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
         if not all_finite(merged):
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
         out[start : start + merged.numel()] = merged.reshape(-1)
+
+    # chunks in parallel only where they are independent: elementwise, on CPU, and no model-wide
+    # statistics (whose methods update shared state chunk by chunk)
+    parallel = stats is None and plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams)
+    run_chunks(merge_chunk, chunk_starts(plan, name), threads if parallel else 1)
     return out.reshape(spec.shape)
 
 

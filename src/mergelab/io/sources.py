@@ -9,6 +9,7 @@ sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles ar
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,10 @@ class TensorSource:
         read buffer, in which case the result is a view of it: readers that copy file data reuse
         the caller's buffer instead of faulting in fresh memory for every tensor."""
         raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """A hint that the data of ``name`` read by :meth:`get` is no longer needed (the tensors
+        returned must not be used after it)."""
 
     def aliases(self) -> dict[str, str]:
         """``{name: canonical}`` for tensors that share storage with an earlier one (tied weights)."""
@@ -85,9 +90,14 @@ class DictSource(TensorSource):
 class SafetensorsSource(TensorSource):
     """One or more safetensors files; ``files`` maps each tensor name to its shard.
 
-    Tensors are read with plain positioned reads (one copy, no memory map) into a fresh buffer or
-    the caller's (``into``), so the process's memory holds only the tensors in use, and reads
-    release the GIL.
+    Tensors are views of a private (copy-on-write) memory map of their file: the data is read
+    where it lies in the page cache, with no copy into a buffer first (a copy costs as much
+    memory bandwidth as the merge's own read of the data, and a fresh buffer a page fault per
+    4 KB). ``get`` pre-faults the tensor's pages (``MADV_POPULATE_READ``; the engine calls it a
+    tensor ahead in its reader thread), and :meth:`release` drops them from this process once
+    the tensor is done, so the resident memory holds only the tensors in use. Writes into a view
+    never reach the file. A tensor whose offset is not a multiple of its element size (possible
+    in hand-made files) is read with a positioned read instead, into ``into`` if given.
     """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
@@ -105,18 +115,44 @@ class SafetensorsSource(TensorSource):
                 self._file[name] = path
                 self._offset[name] = header.offsets[name]
         self._handles: dict[str, BinaryIO] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def file_of(self, name: str) -> str:
         return self._file.get(name, self.label)
 
     def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         path, spec = self._file[name], self.specs[name]
+        offset = self._offset[name]
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        handle = self._handle(path, name)
+        if os.fstat(handle.fileno()).st_size < offset + spec.nbytes:  # a map past the end would crash on access
+            raise MergelabError("file is truncated (changed since it was opened?)", file=path, tensor=name)
+        if offset % spec.dtype.itemsize:
+            return self._pread(handle, path, name, into)
+        mapping = self._maps.get(path)
+        if mapping is None:
+            mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        _advise(mapping, _MADV_POPULATE_READ, offset, spec.nbytes)
+        data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
+        return data.view(spec.dtype).reshape(spec.shape)
+
+    def release(self, name: str) -> None:
+        mapping = self._maps.get(self._file[name])
+        if mapping is not None and self.specs[name].nbytes:
+            _advise(mapping, mmap.MADV_DONTNEED if hasattr(mmap, "MADV_DONTNEED") else None, self._offset[name], self.specs[name].nbytes)
+
+    def _handle(self, path: str, name: str) -> BinaryIO:
         handle = self._handles.get(path)
         if handle is None:
             try:
                 handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
             except OSError as err:
                 raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
+        return handle
+
+    def _pread(self, handle: BinaryIO, path: str, name: str, into: torch.Tensor | None) -> torch.Tensor:
+        spec = self.specs[name]
         buffer = torch.empty(spec.nbytes, dtype=torch.uint8) if into is None else into[: spec.nbytes]
         view = buffer.numpy().data
         done, offset = 0, self._offset[name]
@@ -128,9 +164,26 @@ class SafetensorsSource(TensorSource):
         return buffer.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
+        # The maps are not closed: tensors handed out may still view them (each keeps its map
+        # alive), and closing a map under a live view would crash on the next access.
+        self._maps.clear()
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14 (not in Python 3.11's mmap module); refused harmlessly elsewhere
+
+
+def _advise(mapping: mmap.mmap, advice: int | None, offset: int, nbytes: int) -> None:
+    """``madvise`` on the pages holding ``[offset, offset + nbytes)`` -- a hint: refusals are ignored."""
+    if advice is None or not hasattr(mapping, "madvise"):
+        return
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mapping.madvise(advice, start, offset + nbytes - start)
+    except OSError:  # an older kernel, or an advice this platform does not know
+        pass
 
 
 class TorchSource(TensorSource):

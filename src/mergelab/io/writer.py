@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -106,6 +107,10 @@ class CheckpointWriter:
         self._next = 0
         self._handle: BinaryIO | None = None
         self._shard_index = -1
+        # a finished shard is fsynced in the background while the next one is written: the
+        # merge does not wait on the disk until commit()
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-fsync")
+        self._syncs: list[Future[None]] = []
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected, shard_index = self._order[self._next]
@@ -126,6 +131,7 @@ class CheckpointWriter:
         if self._next != len(self._order):
             raise RuntimeError("patch() is for after every tensor has been written")
         self._close_handle()
+        self._wait_syncs()
         shard_index, offset = self._where[name]
         spec = self.specs[name]
         with open(self.tmp / self.shards[shard_index].filename, "r+b") as handle:
@@ -148,9 +154,14 @@ class CheckpointWriter:
     def _close_handle(self) -> None:
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            self._syncs.append(self._syncer.submit(_sync_and_close, self._handle))
             self._handle = None
+
+    def _wait_syncs(self) -> None:
+        """Every finished shard is on disk (its fsync's error, if any, is raised here)."""
+        syncs, self._syncs = self._syncs, []
+        for sync in syncs:
+            sync.result()
 
     def commit(self, extras_from: Path | None = None) -> Path:
         """Finish the last shard, write the index, copy extras and move the result into place."""
@@ -159,6 +170,8 @@ class CheckpointWriter:
         if not self._order:
             self._open_shard(0)  # an empty model still gets a valid file
         self._close_handle()
+        self._wait_syncs()
+        self._syncer.shutdown()
         if self.single:
             return self._move_into_place(self.tmp / self.shards[0].filename)
         if len(self.shards) > 1:
@@ -189,6 +202,9 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         self._close_handle_quietly()
+        for sync in self._syncs:
+            sync.exception()  # wait, and ignore: the output is discarded anyway
+        self._syncer.shutdown()
         _remove(self.tmp)
 
     def _close_handle_quietly(self) -> None:
@@ -202,6 +218,13 @@ class CheckpointWriter:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _sync_and_close(handle: BinaryIO) -> None:
+    try:
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()
 
 
 def check_output(out: Path, overwrite: bool) -> None:
