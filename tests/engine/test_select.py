@@ -9,29 +9,33 @@ from hypothesis import strategies as st
 
 from mergelab.engine import select
 from mergelab.engine.select import StreamingKth
+from mergelab.engine.stream import run_chunks
 
 TINY = 1.4e-45  # the smallest positive float32 denormal
 
 
 def streamed(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False,
-             dtype: torch.dtype | None = torch.float32) -> list[list[float]]:
-    """Every pass over the same chunks, as the engine runs them."""
+             dtype: torch.dtype | None = torch.float32, threads: int = 1) -> list[list[float]]:
+    """Every pass over the same chunks, as the engine runs them (on ``threads`` threads, in any order)."""
     kth = StreamingKth(chunks[0].shape[0], nonnegative=nonnegative, dtype=dtype)
-    for chunk in chunks:
-        kth.observe(chunk)
+
+    def each_chunk() -> None:
+        run_chunks(lambda i: kth.observe(chunks[i]), range(len(chunks)), threads)
+
+    each_chunk()
     kth.end_pass0(ranks)
     for index in range(1, kth.n_passes):
         if index > 1:
             kth.end_pass()
-        for chunk in chunks:
-            kth.observe(chunk)
+        each_chunk()
     return kth.values()
 
 
 def check(chunks: list[torch.Tensor], ranks: list[list[int]], nonnegative: bool = False,
-          dtype: torch.dtype | None = torch.float32) -> None:
+          dtype: torch.dtype | None = torch.float32, threads: int = 1) -> None:
     flat = torch.cat([c.reshape(c.shape[0], -1) for c in chunks], dim=1)
-    for row, (row_ranks, values) in enumerate(zip(ranks, streamed(chunks, ranks, nonnegative, dtype), strict=True)):
+    results = streamed(chunks, ranks, nonnegative, dtype, threads)
+    for row, (row_ranks, values) in enumerate(zip(ranks, results, strict=True)):
         for k, value in zip(row_ranks, values, strict=True):
             assert value == flat[row].kthvalue(k).values.item(), (row, k)  # -0.0 == 0.0, inf == inf
 
@@ -185,3 +189,13 @@ def test_float64_keys_match_kthvalue(n_rows, lengths, nonnegative, data):
     d = sum(lengths)
     ranks = [data.draw(st.lists(st.integers(1, d), min_size=1, max_size=4)) for _ in range(n_rows)]
     check(chunks, ranks, nonnegative, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_chunks_observed_from_several_threads(dtype, nonnegative):
+    gen = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(2, 5000, generator=gen, dtype=dtype) for _ in range(40)]
+    if nonnegative:
+        chunks = [c.abs() for c in chunks]
+    check(chunks, [[1, 777, 200_000], [100_000]], nonnegative, dtype, threads=4)

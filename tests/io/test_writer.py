@@ -176,3 +176,21 @@ def test_bad_output_locations(tmp_path):
     with pytest.raises(MergelabError, match="is not a folder") as info:
         mergelab.merge("task_arithmetic", tiny_state(0), [tiny_state(1)], out=tmp_path / "file" / "out")
     assert str(tmp_path / "file" / "out") in str(info.value)
+
+
+@pytest.mark.parametrize(("code", "fails"), [(28, True), (95, False)])  # ENOSPC; EOPNOTSUPP (no preallocation)
+def test_shard_space_is_reserved_before_writing(monkeypatch, tmp_path, code, fails):
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(writer_module.os, "posix_fallocate", refuse, raising=False)
+    base = tiny_state(0)
+    out = tmp_path / "merged"
+    if fails:
+        with pytest.raises(MergelabError, match="not enough disk space") as err:
+            mergelab.merge("task_arithmetic", base, [finetune_of(base, 1)], out=out)
+        assert str(out) in str(err.value)
+        assert list(tmp_path.iterdir()) == []  # nothing half-written, no temporary left
+    else:
+        mergelab.merge("task_arithmetic", base, [finetune_of(base, 1)], out=out)
+        assert set(read_all(out)) == set(base)

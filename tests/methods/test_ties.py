@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,13 +182,20 @@ def test_continual_ties_applies_the_majority_sign_too():
     assert cm.merged()["w"][0] == models[0]["w"][0] + expected_step[0]
 
 
-def test_majority_patches_span_several_chunks(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])  # 3: the chunks are merged (and their pending patches kept) in parallel
+def test_majority_patches_span_several_chunks(monkeypatch, threads):
     from mergelab.engine import stream
 
     monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
     base, models = cancellation_case()
     models[0]["w"][5], models[1]["w"][5] = 0.75, -0.75  # a second cancellation, in another chunk
+    models[0]["w"][3], models[1]["w"][3] = 0.5, -0.5  # and a third
     flat = torch.stack([torch.cat([m["v"].reshape(-1), m["w"]]) for m in models])
     expected = official_ties(flat, 1.0 - 1e-9, "mean")
-    merged = mergelab.merge("ties", base, models, density=1.0 - 1e-9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        merged = mergelab.merge("ties", base, models, density=1.0 - 1e-9)
+    finally:
+        torch.set_num_threads(before)
     assert_close(torch.cat([merged["v"].reshape(-1), merged["w"]]), expected)

@@ -17,6 +17,7 @@ Memory is two histograms per row and requested rank, whatever d is. The answer e
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -72,6 +73,7 @@ class StreamingKth:
         self._targets: list[list[list[int]]] = []  # per row, per rank: [rank among the keys with the prefix, prefix]
         self._hist: list[dict[int, torch.Tensor]] = []  # per row: prefix -> histogram of the next 16 bits
         self._pass = 0
+        self._lock = threading.Lock()
 
     @property
     def n_passes(self) -> int:
@@ -83,23 +85,29 @@ class StreamingKth:
         return 16 * self.n_passes
 
     def observe(self, chunk: torch.Tensor) -> None:
-        """``chunk`` is ``(n_rows, ...)`` float on any device."""
+        """``chunk`` is ``(n_rows, ...)`` float on any device. Thread-safe: chunks of one pass may be
+        observed from several threads at once (counts are added under a lock)."""
         if self.dtype is None:
-            self.dtype = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+            with self._lock:
+                if self.dtype is None:
+                    self.dtype = torch.float64 if chunk.dtype == torch.float64 else torch.float32
         rows = chunk.detach().reshape(self.n_rows, -1).to("cpu", self.dtype)
         top = self._bits - 16
         if self._pass == 0:
-            self.count += rows.shape[1]
+            counts = torch.zeros(self.n_rows, _BINS // 2 if self.nonnegative else _BINS, dtype=torch.int64)
             for row in range(self.n_rows):
-                hist = self._hist_hi[row, _BINS // 2 :] if self.nonnegative else self._hist_hi[row]
                 for part in _chunks(rows[row]):
                     high = self._key(part) >> top  # in [0, 32768) if nonnegative, else [-32768, 32768)
                     try:
-                        hist += torch.bincount(high if self.nonnegative else high + _BINS // 2, minlength=hist.numel())
+                        counts[row] += torch.bincount(high if self.nonnegative else high + _BINS // 2, minlength=counts.shape[1])
                     except RuntimeError:  # a negative bin: the sign bit of a "nonnegative" value (-0.0 too)
                         raise ValueError("StreamingKth(nonnegative=True) got a negative value") from None
+            with self._lock:
+                self.count += rows.shape[1]
+                self._hist_hi[:, -counts.shape[1] :] += counts
             return
         known = self._bits - 16 * self._pass  # the prefix holds the key's bits above this one
+        found = []
         for row in range(self.n_rows):
             wanted = self._hist[row]
             for part in _chunks(rows[row]):
@@ -108,7 +116,10 @@ class StreamingKth:
                 for value, hist in wanted.items():
                     digit = (key[prefix == value] >> (known - 16)) & (_BINS - 1)
                     if digit.numel():
-                        hist += torch.bincount(digit, minlength=_BINS)
+                        found.append((hist, torch.bincount(digit, minlength=_BINS)))
+        with self._lock:
+            for hist, count in found:
+                hist.add_(count)
 
     def _key(self, part: torch.Tensor) -> torch.Tensor:
         if not self.nonnegative:

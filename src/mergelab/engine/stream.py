@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,7 @@ def _quiet_runtime(plan: MergePlan) -> Iterator[int]:
 def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[str, torch.Tensor] | Path:
     show = _want_progress(progress)
     buffers = Buffers()  # read buffers, kept for every pass
-    stats = _run_stat_passes(plan, show, buffers)
+    stats = _run_stat_passes(plan, show, buffers, threads)
     metadata = provenance(plan)
     writer = None
     if plan.out is not None:
@@ -347,27 +348,38 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
         out[start : start + merged.numel()] = merged.reshape(-1)
 
-    # chunks in parallel only where they are independent: elementwise, on CPU, and no model-wide
-    # statistics (whose methods update shared state chunk by chunk)
-    parallel = stats is None and plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams)
+    # chunks in parallel only where they are independent: elementwise, on CPU, and either no
+    # model-wide statistics or statistics that declare their chunk-by-chunk updates thread-safe
+    parallel = plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and _thread_safe(stats)
     run_chunks(merge_chunk, chunk_starts(plan, name), threads if parallel else 1)
     return out.reshape(spec.shape)
 
 
-def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None) -> Any:
+def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None, threads: int = 1) -> Any:
     collector = plan.method.collector(plan.hparams, plan.n_models)
     if collector is None:
         return None
+    parallel = plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and _thread_safe(collector)
     index = 0
     while index < collector.n_passes:  # may grow once pass 0 has seen the data (float64 selection keys)
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
             for name, raw in prefetched(plan, plan.merged, buffers):
-                for _, taus, base in iter_chunks(plan, name, raw, check_finite=index == 0):
-                    collector.observe(index, name, taus, base)
+                observe = partial(_observe_chunk, plan, collector, index, name, raw)
+                run_chunks(observe, chunk_starts(plan, name), threads if parallel else 1)
                 bar.update(plan.base.specs[name].nbytes)
         collector.end_pass(index)
         index += 1
     return collector.result()
+
+
+def _observe_chunk(plan: MergePlan, collector: Any, index: int, name: str, raw: Raw, start: int) -> None:
+    collector.observe(index, name, *load_chunk(plan, name, raw, start, check_finite=index == 0))
+
+
+def _thread_safe(state: Any) -> bool:
+    """Whether a method's statistics (``None``: it has none) may be updated from several threads:
+    collectors and statistics opt in with a ``thread_safe = True`` attribute."""
+    return state is None or bool(getattr(state, "thread_safe", False))
 
 
 def provenance(plan: MergePlan) -> dict[str, str]:

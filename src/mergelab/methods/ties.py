@@ -23,8 +23,9 @@ scaling=0.3`` (config/method/ties_merging.yaml); pass those to reproduce it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,11 +46,15 @@ class TiesStats:
     sign_total: float = 0.0
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pool: BlockPool = field(default_factory=BlockPool)  # holds the pending tensors off the heap
+    lock: threading.Lock = field(default_factory=threading.Lock)  # chunks may be merged on several threads
+    thread_safe: ClassVar[bool] = True  # the engine may run the merge pass's chunks in parallel
 
 
 class TiesGlobalStats:
     """The exact per-task magnitude threshold (``StreamingKth``, keys of the compute dtype: passes 0-1
-    in float32, 0-3 in float64); no pass if all is kept."""
+    in float32, 0-3 in float64); no pass if all is kept. Chunks may be observed from several threads."""
+
+    thread_safe = True
 
     def __init__(self, hp: dict[str, Any], n_models: int):
         self.density, self.rule, self.n_models = hp["density"], hp["threshold"], n_models
@@ -143,7 +148,7 @@ def ties(
         stats: TiesStats = ctx.stats
         trimmed = keep_mask_(flat.abs(), stats.thresholds.to(flat.device, flat.dtype)).mul_(flat)
         sign = trimmed.sum(dim=0).sign_()
-        stats.sign_total += float(sign.sum())
+        signs = float(sign.sum())  # an integer: the total is exact, in any order of chunks
         # provisional majority +1 where the sum is 0 (adding the bool mask: a scalar torch.where was
         # 15 % of the merge); those with a non-zero entry wait for the real one
         # (a zero sum of non-zero entries has a positive one, so they are the zero sums with an agreeing entry)
@@ -156,9 +161,11 @@ def ties(
         else:
             merged = disjoint_merge(trimmed, sign, merge_func)
         pending = zero.logical_and_(count > 0)
-        if bool(pending.any()):  # rare: skip the index scan otherwise
-            ambiguous = torch.nonzero(pending).reshape(-1)
-            index, values = ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()
-            stats.pending.append((ctx.name, stats.pool.keep(index), stats.pool.keep(values)))
+        ambiguous = torch.nonzero(pending).reshape(-1) if bool(pending.any()) else None  # rare: skip the scan otherwise
+        with stats.lock:
+            stats.sign_total += signs
+            if ambiguous is not None:
+                index, values = ambiguous.cpu() + ctx.offset, trimmed[:, ambiguous].cpu()
+                stats.pending.append((ctx.name, stats.pool.keep(index), stats.pool.keep(values)))
         return merged.mul_(scaling).reshape(base.shape)
     return (disjoint_merge(trimmed, sign, merge_func) * scaling).reshape(base.shape)

@@ -147,6 +147,10 @@ class WeaveCollector:
         passes_for = getattr(self.inner, "passes_for", None)
         return int(passes_for(dtype)) if passes_for is not None else int(self.inner.n_passes)
 
+    @property
+    def thread_safe(self) -> bool:  # observing only forwards to the inner collector
+        return bool(getattr(self.inner, "thread_safe", False))
+
     def observe(self, pass_index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
         self.inner.observe(pass_index, name, taus, base)
 
