@@ -99,8 +99,8 @@ def read_raw(plan: MergePlan, name: str, buffers: Buffers | None = None, slot: i
 
 
 def prefetched(plan: MergePlan, names: list[str], buffers: Buffers | None = None) -> Generator[tuple[str, Raw], None, None]:
-    """``(name, raw inputs)`` in order, the next tensor read (or, memory-mapped, its pages faulted
-    in) in a background thread while the caller computes (reads release the GIL): I/O overlaps
+    """``(name, raw inputs)`` in order, the next tensor read (or, memory-mapped, read ahead) in a
+    background thread while the caller computes (reads release the GIL): I/O overlaps
     compute, one tensor ahead at most. A yielded tensor stays valid until the caller asks for the
     next one: then its pages are released and, with ``buffers``, its buffer slot is reused."""
     pool = _worker("read")
