@@ -114,31 +114,40 @@ def _finetune(base_path: Path, path: Path, index: int) -> None:
 
 @contextlib.contextmanager
 def decomposition_timer() -> Iterator[dict[str, float]]:
-    """Accumulates seconds and calls inside ``torch.linalg.svd`` and ``torch.linalg.eigh`` (both
-    implementations look them up on ``torch.linalg`` at call time, so wrapping them there counts all)."""
+    """Accumulates seconds and calls inside ``torch.linalg.svd``, ``torch.linalg.eigh`` and
+    ``scipy.linalg.eigh`` (mergelab's float64 CPU path; counted as eigh). Every implementation looks
+    them up on their module at call time, so wrapping them there counts all."""
     import torch
 
-    spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}
-    originals = {name: getattr(torch.linalg, name) for name in ("svd", "eigh")}
+    modules = [torch.linalg]
+    try:
+        import scipy.linalg
 
-    def timed(name: str) -> Any:
+        modules.append(scipy.linalg)
+    except ImportError:  # a benchmark venv without SciPy
+        pass
+    spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}
+    originals = {(module, name): getattr(module, name) for module in modules for name in ("svd", "eigh")
+                 if module is torch.linalg or name == "eigh"}
+
+    def timed(original: Any, name: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return originals[name](*args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 spent[name] += time.perf_counter() - start
                 spent[f"{name}_calls"] += 1
 
         return call
 
-    for name in originals:
-        setattr(torch.linalg, name, timed(name))
+    for (module, name), original in originals.items():
+        setattr(module, name, timed(original, name))
     try:
         yield spent
     finally:
-        for name, fn in originals.items():
-            setattr(torch.linalg, name, fn)
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
 
 
 def relative_difference(

@@ -21,7 +21,7 @@ Jobs, each in a fresh process (clock started after the imports), one after the o
   to the base, saved with ``save_file``. ``fn s`` is the merging function alone; ``total s``
   includes loading and saving, like mergelab's. Float32 throughout, as FusionBench runs.
 
-Per job: wall seconds, seconds inside ``torch.linalg.svd`` / ``torch.linalg.eigh`` (timed by
+Per job: wall seconds, seconds inside ``torch.linalg.svd`` / ``torch.linalg.eigh`` / ``scipy.linalg.eigh`` (timed by
 wrapping them in the child; mergelab's Gram-matrix products are not inside), their share, peak
 RSS (``VmHWM``). ``--threads N`` sets torch's threads in every job (both sides alike). The outputs are compared: relative Frobenius difference of the merged task vectors
 (all tensors together, and the worst tensor) between mergelab and FusionBench (FusionBench computes

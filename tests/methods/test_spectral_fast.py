@@ -29,9 +29,9 @@ def paths(monkeypatch):
     counts = {"gram": 0, "exact": 0}
     gram_eigh, exact = _svd_module.gram_eigh, _svd_module.svd
 
-    def counting_gram(x):
+    def counting_gram(x, top=None):
         counts["gram"] += 1
-        return gram_eigh(x)
+        return gram_eigh(x, top)
 
     def counting_exact(x):
         counts["exact"] += 1
@@ -225,3 +225,32 @@ def test_float64_compute_and_float32_svd_dtype_stay_exact(paths):
     tsv(taus, torch.zeros(12, 20), TensorCtx("w"), svd_dtype="float64", **hp)  # a float64 result: tol 0
     tsv(taus.float(), torch.zeros(12, 20), TensorCtx("w"), svd_dtype="float32", **hp)  # official numerics
     assert paths["gram"] == 0 and paths["exact"] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 60), st.one_of(st.none(), st.integers(1, 61)), st.integers(0, 10_000))
+def test_scipy_gram_path_equals_the_torch_path(m, n, top, seed):
+    """The float64 CPU path (NumPy syrk + LAPACK syevr/syevd, top pairs only) against torch's eigh."""
+    x = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    r = min(m, n)
+    want = r if top is None else min(top, r)
+    lam, w, tall = _svd_module.gram_eigh(x, top)
+    lam_ref, w_ref = _svd_module._gram_eigh_torch(x, m >= n, want)
+    assert tall == (m >= n) and lam.shape == (want,) and w.shape == (r, want)
+    assert torch.allclose(lam, lam_ref, rtol=0, atol=1e3 * EPS64 * float(lam_ref[0]))
+    # eigenvectors agree up to sign (random Gram matrices have distinct eigenvalues)
+    signs = torch.sign((w * w_ref).sum(dim=0))
+    every = _svd_module._gram_eigh_torch(x, m >= n, r)[0]
+    spaced = torch.cat([every[:-1] - every[1:], torch.tensor([float("inf")], dtype=every.dtype)]) > 1e-6 * float(every[0])
+    clear = spaced.clone()
+    clear[1:] &= spaced[:-1]  # separated from both neighbours: the vector is unique up to sign
+    assert torch.allclose((w * signs)[:, clear[:want]], w_ref[:, clear[:want]], atol=1e-6)
+
+
+def test_scipy_gram_path_leaves_blas_threads_as_they_were():
+    from threadpoolctl import threadpool_info
+
+    before = [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info()]
+    _svd_module.gram_eigh(torch.randn(30, 20, dtype=torch.float64), 3)
+    after = [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info()]
+    assert [entry for entry in after if entry in before] == before  # libraries loaded by the call may be added
