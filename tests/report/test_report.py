@@ -60,6 +60,12 @@ def test_markdown_holds_the_stored_numbers(report: tuple[Path, Path]) -> None:
         f" | {wa.metrics['average']:.4f} | {wa.metrics['normalized_average']:.4f} |"
     assert "Sweep of `scaling`" in text and "Sweep of `rank_ratio`" in text
     assert "| 2 tasks | 3 tasks |" in text.replace("| run ", "") or "2 tasks | 3 tasks" in text
+    # subsets: the normalised table holds the mean normalised average of the size-2 subsets (CART Fig. 6's view)
+    pairs = [r.metrics["normalized_average"] for r in rows
+             if r.label == "weight_average" and r.config["subset"] != "all" and len(r.config["tasks"]) == 2]
+    normalised = text[text.index("Task subsets: average normalised accuracy"):]
+    wa_line = next(row for row in normalised.splitlines() if row.startswith("| weight_average |"))
+    assert wa_line.startswith(f"| weight_average | {sum(pairs) / len(pairs):.4f} ({len(pairs)}) |")
     cl = [r for r in rows if r.experiment == "cl" and r.method == "swa"]
     mean_acc = sum(r.metrics["acc"] for r in cl if r.metrics) / 3
     assert re.search(rf"\| swa \| 3 \| {mean_acc:.4f} ± ", text)
@@ -71,7 +77,7 @@ def test_plots_are_valid_pngs_linked_from_the_markdown(report: tuple[Path, Path]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", out.read_text())
     names = {Path(link).name for link in links}
     assert {"mt_tiny_tasks.png", "mt_tiny_sweep_scaling.png", "mt_tiny_sweep_rank_ratio.png", "mt_tiny_subsets.png",
-            "dg_tiny_heldout.png", "cl_tiny_steps.png", "cl_tiny_swa_matrix.png", "cl_tiny_opcm_matrix.png",
+            "mt_tiny_subsets_normalised.png", "dg_tiny_heldout.png", "cl_tiny_steps.png", "cl_tiny_swa_matrix.png", "cl_tiny_opcm_matrix.png",
             "cos_tiny_cosine.png"} <= names
     for link in links:
         width, height = png_size(out.parent / link)

@@ -88,13 +88,13 @@ class Buffers:
 
 
 def read_raw(plan: MergePlan, name: str, buffers: Buffers | None = None, slot: int = 0) -> Raw:
-    """A tensor of the base and of every model, read into ``buffers[slot]`` if given (the result
-    then lives only until that slot is read into again)."""
+    """A tensor of the base and of every model. Inputs that are copied rather than mapped are read
+    into ``buffers[slot]`` if given (the result then lives only until that slot is read into again)."""
     sources = [plan.base, *plan.models]
-    if buffers is None:
-        raws = [source.get(name) for source in sources]
-    else:
-        raws = [source.get(name, buffers.get(slot, i, source.specs[name].nbytes)) for i, source in enumerate(sources)]
+    raws = [
+        source.get(name, buffers.get(slot, i, source.specs[name].nbytes) if buffers is not None and source.copies(name) else None)
+        for i, source in enumerate(sources)
+    ]
     return raws[0], raws[1:]
 
 

@@ -41,6 +41,10 @@ class TensorSource:
         the caller's buffer instead of faulting in fresh memory for every tensor."""
         raise NotImplementedError
 
+    def copies(self, name: str) -> bool:
+        """Whether :meth:`get` copies the data of ``name`` into memory (and so can use ``into``)."""
+        return False
+
     def release(self, name: str) -> None:
         """A hint that the data of ``name`` read by :meth:`get` is no longer needed (the tensors
         returned must not be used after it)."""
@@ -131,7 +135,7 @@ class SafetensorsSource(TensorSource):
         handle = self._handle(path, name)
         if os.fstat(handle.fileno()).st_size < offset + spec.nbytes:  # a map past the end would crash on access
             raise MergelabError("file is truncated (changed since it was opened?)", file=path, tensor=name)
-        if offset % spec.dtype.itemsize:
+        if self.copies(name):
             return self._pread(handle, path, name, into)
         mapping = self._maps.get(path)
         if mapping is None:
@@ -139,6 +143,9 @@ class SafetensorsSource(TensorSource):
         _advise(mapping, getattr(mmap, "MADV_WILLNEED", None), offset, spec.nbytes)
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
         return data.view(spec.dtype).reshape(spec.shape)
+
+    def copies(self, name: str) -> bool:
+        return self._offset[name] % self.specs[name].dtype.itemsize != 0  # unaligned: no view possible
 
     def release(self, name: str) -> None:
         mapping = self._maps.get(self._file[name])

@@ -120,7 +120,7 @@ def _gram_eigh_scipy(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tenso
     torch's thread count. Measured on this project's 2-core AMD EPYC, one thread, a 3072 x 768
     task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs 52 ms vs 98 (torch
     ``eigh``, all pairs); all 768 pairs 80 ms. TSV-M of 8 ViT-B/32-shaped tasks: 1.6x faster."""
-    from scipy.linalg import eigh
+    from scipy.linalg import eigh  # type: ignore[import-untyped]
 
     a = x.detach().numpy()
     r = min(a.shape)
@@ -140,7 +140,7 @@ def _blas_threads(n: int) -> Any:
     """A context limiting NumPy's and SciPy's BLAS/LAPACK to ``n`` threads (they have their own
     thread pools, which ignore ``torch.set_num_threads``)."""
     if not _CONTROLLER:
-        from threadpoolctl import ThreadpoolController
+        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0].limit(limits=n, user_api="blas")

@@ -112,10 +112,12 @@ def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str
         path = plots.line_plot(assets / f"{slug}_sweep_{_slug(param)}.png", f"{param} sweep", param, groups)
         lines += [_image(path, root, f"{param} sweep"), ""]
     subsets = [r for r in rows if r.config["subset"] != "all"]
-    if subsets:
-        means = subset_size_means(subsets)
+    for metric, what, suffix in (("average", "accuracy", ""), ("normalized_average", "normalised accuracy", "_normalised")):
+        means = subset_size_means(subsets, metric)
+        if not means:
+            continue
         sizes = sorted({k for m in means.values() for k in m})
-        lines += ["Task subsets: average accuracy over the merged tasks, mean over the subsets of each size "
+        lines += [f"Task subsets: average {what} over the merged tasks, mean over the subsets of each size "
                   "(number of subsets in brackets):", "",
                   md_table(["run", *[f"{k} tasks" for k in sizes]],
                            [[label, *[f"{m[k][0]:.4f} ({m[k][1]})" if k in m else None for k in sizes]]
@@ -123,9 +125,9 @@ def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str
         if len(sizes) > 1:
             lines_by_label = {label: ([float(k) for k in m], [v[0] for v in m.values()])
                               for label, m in means.items()}
-            path = plots.line_plot(assets / f"{slug}_subsets.png", "accuracy vs number of merged tasks",
+            path = plots.line_plot(assets / f"{slug}_subsets{suffix}.png", f"{what} vs number of merged tasks",
                                    "number of tasks", lines_by_label)
-            lines += [_image(path, root, "accuracy vs number of tasks"), ""]
+            lines += [_image(path, root, f"{what} vs number of tasks"), ""]
     return lines
 
 

@@ -40,12 +40,17 @@ def per_task(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
     return tasks, out
 
 
-def subset_size_means(rows: Sequence[Row]) -> dict[str, dict[int, tuple[float, int]]]:
-    """``{group label: {number of tasks: (mean average accuracy, number of subsets)}}`` (CART Fig. 6)."""
+def subset_size_means(rows: Sequence[Row], metric: str = "average") -> dict[str, dict[int, tuple[float, int]]]:
+    """``{group label: {number of tasks: (mean of ``metric``, number of subsets)}}`` (CART Fig. 6):
+    ``metric`` is ``"average"`` (accuracy) or ``"normalized_average"`` (accuracy / expert accuracy);
+    runs without it are left out."""
     acc: dict[str, dict[int, list[float]]] = {}
     for row in rows:
+        value = (row.metrics or {}).get(metric)
+        if value is None:
+            continue
         size = len(row.config["tasks"])
-        acc.setdefault(row.label, {}).setdefault(size, []).append(float((row.metrics or {})["average"]))
+        acc.setdefault(row.label, {}).setdefault(size, []).append(float(value))
     return {label: {k: (statistics.fmean(v), len(v)) for k, v in sorted(sizes.items())}
             for label, sizes in acc.items()}
 
