@@ -116,15 +116,20 @@ def _gram_eigh_torch(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tenso
 def _gram_eigh_scipy(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 CPU path: NumPy's ``a.T @ a`` (a ``syrk``: half the products of a general
     GEMM) and LAPACK's ``syevr`` for the ``top`` largest pairs only (MRRR: the vectors not asked
-    for are never computed), ``syevd`` for all of them, with the BLAS/LAPACK threads limited to
-    torch's thread count. Measured on this project's 2-core AMD EPYC, one thread, a 3072 x 768
-    task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs 52 ms vs 98 (torch
-    ``eigh``, all pairs); all 768 pairs 80 ms. TSV-M of 8 ViT-B/32-shaped tasks: 1.6x faster."""
+    for are never computed), ``syevd`` for all of them. Measured on this project's 2-core AMD EPYC,
+    one thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs
+    52 ms vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms. TSV-M of 8 ViT-B/32-shaped tasks:
+    1.6x faster.
+
+    SciPy's BLAS runs on one thread here, whatever torch's setting: with two, its worker thread and
+    torch's OpenMP threads (both spin-wait between calls) fought for the 2 cores and TSV-M took
+    10.7 s instead of 6.2 s per layer (torch at 2 threads in both cases). Running these
+    decompositions for several tasks at once on 2 threads gained 7 % and was not kept."""
     from scipy.linalg import eigh  # type: ignore[import-untyped]
 
     a = x.detach().numpy()
     r = min(a.shape)
-    with _blas_threads(torch.get_num_threads()):
+    with _blas_threads(1):
         gram = a.T @ a if tall else a @ a.T
         if top < r:
             lam, w = eigh(gram, subset_by_index=[r - top, r - 1], driver="evr", overwrite_a=True, check_finite=False)
@@ -138,7 +143,7 @@ _CONTROLLER: list[Any] = []  # threadpoolctl's view of the loaded BLAS libraries
 
 def _blas_threads(n: int) -> Any:
     """A context limiting NumPy's and SciPy's BLAS/LAPACK to ``n`` threads (they have their own
-    thread pools, which ignore ``torch.set_num_threads``)."""
+    thread pools, which ignore ``torch.set_num_threads``), restored on exit."""
     if not _CONTROLLER:
         from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
