@@ -68,8 +68,9 @@ class MergePlan:
         n, t = self.largest, self.n_models
         compute = self.compute_dtype.itemsize
         storage = max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)
-        # two reused read slots (this tensor, and the next one read ahead) of base + models, and two
-        # output slots (one filled while the other is written)
+        # the inputs (base + models) of this tensor and of the next one read ahead -- resident as mapped
+        # page-cache pages, or as copies in reused buffers -- and two output slots (one filled while
+        # the other is written)
         buffers = 2 * n * storage * (t + 1) + 2 * n * storage
         if self.device.type != "cpu":
             temporaries = 0
