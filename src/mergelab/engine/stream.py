@@ -159,12 +159,6 @@ def load_chunk(plan: MergePlan, name: str, raw: Raw, start: int, check_finite: b
     return taus, base
 
 
-def iter_chunks(plan: MergePlan, name: str, raw: Raw, check_finite: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(offset, taus, base)`` for every chunk of one tensor, in order (see :func:`load_chunk`)."""
-    for start in chunk_starts(plan, name):
-        yield (start, *load_chunk(plan, name, raw, start, check_finite))
-
-
 def run_chunks(work: Callable[[int], None], starts: range, threads: int) -> None:
     """``work(start)`` for every chunk, on ``threads`` threads (this one and helpers) pulling the next
     chunk as each finishes -- so a thread slowed by the reader or writer takes fewer. The chunks
@@ -190,11 +184,14 @@ def run_chunks(work: Callable[[int], None], starts: range, threads: int) -> None
     helpers = [_worker(f"compute-{i}").submit(drain) for i in range(1, threads)]
     try:
         drain()
-    finally:
+    except BaseException:
         for helper in helpers:
-            error = helper.exception()  # waits: no chunk runs on past this call
-            if error is not None and not sys.exc_info()[0]:
-                raise error
+            helper.exception()  # wait: no chunk runs on past this call
+        raise
+    for helper in helpers:
+        error = helper.exception()
+        if error is not None:
+            raise error
 
 
 def _raise_non_finite(plan: MergePlan, name: str, base: torch.Tensor, taus: torch.Tensor) -> None:

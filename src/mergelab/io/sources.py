@@ -102,9 +102,9 @@ class SafetensorsSource(TensorSource):
     from disk while the previous tensor is merged; pre-faulting them with ``MADV_POPULATE_READ``
     measured slower than faulting them in where they are used), and :meth:`release` drops them
     from this process once the tensor is done, so the resident memory holds only the tensors in
-    use. Writes into a view
-    never reach the file. A tensor whose offset is not a multiple of its element size (possible
-    in hand-made files) is read with a positioned read instead, into ``into`` if given.
+    use. Writes into a view never reach the file. A tensor whose offset is not a multiple of its
+    element size (possible in hand-made files) is read with a positioned read instead, into
+    ``into`` if given.
     """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
@@ -148,9 +148,11 @@ class SafetensorsSource(TensorSource):
         return self._offset[name] % self.specs[name].dtype.itemsize != 0  # unaligned: no view possible
 
     def release(self, name: str) -> None:
+        # The pages go back to the page cache, not away: a later get() faults them in again. Pages
+        # shared with a neighbouring tensor are dropped too, which costs that tensor a re-fault only.
         mapping = self._maps.get(self._file[name])
         if mapping is not None and self.specs[name].nbytes:
-            _advise(mapping, mmap.MADV_DONTNEED if hasattr(mmap, "MADV_DONTNEED") else None, self._offset[name], self.specs[name].nbytes)
+            _advise(mapping, getattr(mmap, "MADV_DONTNEED", None), self._offset[name], self.specs[name].nbytes)
 
     def _handle(self, path: str, name: str) -> BinaryIO:
         handle = self._handles.get(path)
