@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 from pathlib import Path
@@ -178,12 +180,16 @@ def test_bad_output_locations(tmp_path):
     assert str(tmp_path / "file" / "out") in str(info.value)
 
 
-@pytest.mark.parametrize(("code", "fails"), [(28, True), (95, False)])  # ENOSPC; EOPNOTSUPP (no preallocation)
+@pytest.mark.parametrize(("code", "fails"), [(errno.ENOSPC, True), (errno.EOPNOTSUPP, False)])
 def test_shard_space_is_reserved_before_writing(monkeypatch, tmp_path, code, fails):
-    def refuse(fd: int, offset: int, length: int) -> None:
-        raise OSError(code, os.strerror(code))
+    calls: list[int] = []
 
-    monkeypatch.setattr(writer_module.os, "posix_fallocate", refuse, raising=False)
+    def refuse(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append(length)
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(writer_module, "_libc_fallocate", lambda: refuse)
     base = tiny_state(0)
     out = tmp_path / "merged"
     if fails:
@@ -191,6 +197,23 @@ def test_shard_space_is_reserved_before_writing(monkeypatch, tmp_path, code, fai
             mergelab.merge("task_arithmetic", base, [finetune_of(base, 1)], out=out)
         assert str(out) in str(err.value)
         assert list(tmp_path.iterdir()) == []  # nothing half-written, no temporary left
-    else:
+    else:  # no preallocation on this file system: written all the same
         mergelab.merge("task_arithmetic", base, [finetune_of(base, 1)], out=out)
         assert set(read_all(out)) == set(base)
+    data = sum(t.numel() * t.element_size() for t in base.values())
+    assert len(calls) == 1 and data < calls[0] < data + 4096  # one shard: header + data
+
+
+def test_shards_are_preallocated_to_exactly_their_size(tmp_path):
+    if writer_module._libc_fallocate() is None:
+        pytest.skip("no fallocate on this platform")
+    base = tiny_state(0)
+    out = mergelab.merge("task_arithmetic", base, [finetune_of(base, 1)], out=tmp_path / "m", max_shard_size=300)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:  # no slack left by the reservation: u64 header length + header + data
+        raw = shard.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + length])
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert len(raw) == 8 + length + end

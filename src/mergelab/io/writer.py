@@ -8,16 +8,19 @@ place by :meth:`CheckpointWriter.commit`; an error or a crash leaves nothing at 
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -225,15 +228,34 @@ class CheckpointWriter:
 
 def _reserve(handle: BinaryIO, nbytes: int, out: Path) -> None:
     """Allocate the shard's blocks before writing it: a full disk is reported when the shard starts,
-    not partway through it, and the writes then skip block allocation (~13 % faster, measured)."""
-    if not hasattr(os, "posix_fallocate"):
+    not partway through it, and the writes then skip block allocation (~13 % faster, measured).
+
+    Linux ``fallocate(2)`` only: glibc's ``posix_fallocate`` emulates it on file systems without
+    preallocation (NFSv3, many FUSE mounts) by writing every block, which would double the writes;
+    there, and elsewhere, nothing is reserved."""
+    fallocate = _libc_fallocate()
+    if fallocate is None:
         return
+    if fallocate(handle.fileno(), 0, 0, nbytes) != 0:
+        if ctypes.get_errno() == errno.ENOSPC:
+            raise MergelabError(f"not enough disk space for the output ({nbytes / 1e9:.2f} GB shard)", file=str(out))
+        # EOPNOTSUPP etc.: a file system without preallocation; plain writes still work
+
+
+@functools.cache
+def _libc_fallocate() -> Any:
+    """``fallocate64`` (64-bit offsets on every Linux ABI) or ``fallocate``; ``None`` off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        os.posix_fallocate(handle.fileno(), 0, nbytes)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise MergelabError(f"not enough disk space for the output ({nbytes / 1e9:.2f} GB shard)", file=str(out)) from None
-        # EOPNOTSUPP/EINVAL etc.: a file system without preallocation; plain writes still work
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    function = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        function.restype = ctypes.c_int
+    return function
 
 
 def _sync_and_close(handle: BinaryIO) -> None:
