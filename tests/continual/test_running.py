@@ -104,3 +104,22 @@ def test_bad_inputs_are_rejected():
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(MergelabError, match="no CUDA GPU"):
         mergelab.ContinualMerger("opcm", tiny_state(0), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["opcm", "continual_ta", "continual_ties", "swa"])
+def test_gpu_equals_cpu(method):
+    """``device="cuda"`` runs each add's maths (OPCM's SVDs included) on the GPU; the merged model equals
+    the CPU one within float32 tolerance."""
+    base = tiny_state(0)
+    models = [finetune_of(base, i) for i in range(1, 5)]
+    merged = {}
+    for device in ("cpu", "cuda"):
+        cm = mergelab.ContinualMerger(method, base, device=device)
+        for model in models:
+            cm.add(model)
+        merged[device] = cm.merged()
+    for name in base:
+        assert merged["cuda"][name].device.type == "cpu" and merged["cuda"][name].dtype == base[name].dtype
+        assert_close(merged["cuda"][name], merged["cpu"][name], rtol=1e-4, atol=1e-5)
