@@ -345,10 +345,7 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
         out[start : start + merged.numel()] = merged.reshape(-1)
 
-    # chunks in parallel only where they are independent: elementwise, on CPU, and either no
-    # model-wide statistics or statistics that declare their chunk-by-chunk updates thread-safe
-    parallel = plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and _thread_safe(stats)
-    run_chunks(merge_chunk, chunk_starts(plan, name), threads if parallel else 1)
+    run_chunks(merge_chunk, chunk_starts(plan, name), _chunk_threads(plan, stats, threads))
     return out.reshape(spec.shape)
 
 
@@ -356,13 +353,13 @@ def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None
     collector = plan.method.collector(plan.hparams, plan.n_models)
     if collector is None:
         return None
-    parallel = plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and _thread_safe(collector)
+    chunk_threads = _chunk_threads(plan, collector, threads)
     index = 0
     while index < collector.n_passes:  # may grow once pass 0 has seen the data (float64 selection keys)
         with _bar(plan, show, f"statistics {index + 1}/{collector.n_passes}") as bar:
             for name, raw in prefetched(plan, plan.merged, buffers):
                 observe = partial(_observe_chunk, plan, collector, index, name, raw)
-                run_chunks(observe, chunk_starts(plan, name), threads if parallel else 1)
+                run_chunks(observe, chunk_starts(plan, name), chunk_threads)
                 bar.update(plan.base.specs[name].nbytes)
         collector.end_pass(index)
         index += 1
@@ -373,10 +370,12 @@ def _observe_chunk(plan: MergePlan, collector: Any, index: int, name: str, raw: 
     collector.observe(index, name, *load_chunk(plan, name, raw, start, check_finite=index == 0))
 
 
-def _thread_safe(state: Any) -> bool:
-    """Whether a method's statistics (``None``: it has none) may be updated from several threads:
-    collectors and statistics opt in with a ``thread_safe = True`` attribute."""
-    return state is None or bool(getattr(state, "thread_safe", False))
+def _chunk_threads(plan: MergePlan, state: Any, threads: int) -> int:
+    """Threads for a tensor's chunks: ``threads`` only where the chunks are independent --
+    elementwise, on CPU, and the method's statistics or collector (``state``; ``None``: it has
+    none) updated thread-safely (opted in with a ``thread_safe = True`` attribute) -- else 1."""
+    safe = state is None or bool(getattr(state, "thread_safe", False))
+    return threads if plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and safe else 1
 
 
 def provenance(plan: MergePlan) -> dict[str, str]:

@@ -38,6 +38,7 @@ GPU timings of either remain to be measured in this project.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -138,17 +139,18 @@ def _gram_eigh_scipy(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tenso
     return torch.from_numpy(lam[::-1].copy()), torch.from_numpy(w[:, ::-1].copy())
 
 
-_CONTROLLER: list[Any] = []  # threadpoolctl's view of the loaded BLAS libraries, built once SciPy is loaded
-
-
 def _blas_threads(n: int) -> Any:
     """A context limiting NumPy's and SciPy's BLAS/LAPACK to ``n`` threads (they have their own
     thread pools, which ignore ``torch.set_num_threads``), restored on exit."""
-    if not _CONTROLLER:
-        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
+    return _blas_controller().limit(limits=n, user_api="blas")
 
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=n, user_api="blas")
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries, built once (first called after SciPy is loaded)."""
+    from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
+
+    return ThreadpoolController()
 
 
 def error_estimate(lam: torch.Tensor, k: int, gap: bool = False) -> float:
