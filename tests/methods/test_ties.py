@@ -120,6 +120,15 @@ def test_density_one_keeps_everything_like_sign_aware_mean():
     assert_close(out, torch.tensor([2.0, 2.0]))
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_density_zero_exact_keeps_nothing_and_returns_the_base(scope):
+    # exact rule, density 0: rank d + 1, nothing kept (global scope used to crash in its last statistics pass)
+    base = tiny_state(0)
+    merged = mergelab.merge("ties", base, [finetune_of(base, 1), finetune_of(base, 2)], density=0.0,
+                            threshold="exact", scope=scope)
+    assert all(torch.equal(merged[k], base[k]) for k in base)
+
+
 small_taus = st.integers(1, 4).flatmap(
     lambda t: st.lists(st.floats(-4, 4, width=32), min_size=t * 6, max_size=t * 6).map(
         lambda v: torch.tensor(v).reshape(t, 6)

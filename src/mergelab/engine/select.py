@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
+from mergelab.engine import native
+
 _BINS = 1 << 16
 _CHUNK = 1 << 20  # elements per step: keeps temporaries in cache (measured 10x faster than whole tensors)
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -74,6 +76,9 @@ class StreamingKth:
         self._hist: list[dict[int, torch.Tensor]] = []  # per row: prefix -> histogram of the next 16 bits
         self._pass = 0
         self._lock = threading.Lock()
+        self._local = threading.local()  # the kernels' per-thread counts (observe_abs_diff)
+        self._partials: list[torch.Tensor] = []
+        self._broken = False
 
     @property
     def n_passes(self) -> int:
@@ -121,6 +126,53 @@ class StreamingKth:
             for hist, count in found:
                 hist.add_(count)
 
+    def observe_abs_diff(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+        """What ``observe(|models[t] - base|)`` does (row t: ``models[t]``), from the stored 1-D
+        chunks, in compiled kernels (:mod:`mergelab.engine.native`); the differences are taken in
+        float32, as the plain path does. Each thread counts into its own rows, added up at the end of
+        the pass. Returns False where the kernels do not apply (not built, float64 keys, a storage
+        dtype they do not take, several ranks in a row): then call :meth:`observe`. A difference
+        that is Inf or NaN also returns False, after some of the chunk was counted: an error the
+        caller must report (the selector is then unusable)."""
+        kernels = native.kernels()
+        if kernels is None or not native.takes(base, models) or not self.nonnegative:
+            return False
+        if self.dtype not in (None, torch.float32) or (self._pass > 0 and any(len(w) != 1 for w in self._hist)):
+            return False
+        if self._pass == 0:
+            with self._lock:
+                self.dtype = torch.float32
+                self.count += base.numel()
+            if not kernels.abs_diff_high_counts(base, models, self._own_counts(_BINS // 2)):
+                self._broken = True
+                return False
+            return True
+        prefixes = torch.tensor([next(iter(wanted)) for wanted in self._hist], dtype=torch.int32)
+        kernels.abs_diff_digit_counts(base, models, prefixes, self._own_counts(_BINS))
+        return True
+
+    def _own_counts(self, bins: int) -> torch.Tensor:
+        """This thread's count rows for the current pass (kernels add into them; :meth:`_fold` sums them)."""
+        mine = getattr(self._local, "counts", None)
+        if mine is None or self._local.pass_index != self._pass:
+            mine = torch.zeros(self.n_rows, bins, dtype=torch.int64)
+            self._local.counts, self._local.pass_index = mine, self._pass
+            with self._lock:
+                self._partials.append(mine)
+        return mine
+
+    def _fold(self) -> None:
+        """Add the threads' count rows of the pass just ended to the histograms."""
+        if self._broken:
+            raise RuntimeError("StreamingKth saw an Inf or NaN; its counts are incomplete")
+        for counts in self._partials:
+            if self._pass == 0:
+                self._hist_hi[:, _BINS // 2 :] += counts
+            else:
+                for wanted, row in zip(self._hist, counts, strict=True):
+                    next(iter(wanted.values())).add_(row)
+        self._partials = []
+
     def _key(self, part: torch.Tensor) -> torch.Tensor:
         if not self.nonnegative:
             return _signed_key(part)
@@ -128,6 +180,7 @@ class StreamingKth:
 
     def end_pass0(self, ranks: list[list[int]]) -> None:
         """``ranks[row]`` lists the 1-based ranks wanted for that row (1 <= k <= count)."""
+        self._fold()
         cumulative = self._hist_hi.cumsum(dim=1)
         for row, row_ranks in enumerate(ranks):
             targets: list[list[int]] = []
@@ -151,6 +204,7 @@ class StreamingKth:
         self._pass += 1
 
     def _refine(self) -> None:
+        self._fold()
         for row, targets in enumerate(self._targets):
             for target in targets:
                 rank, prefix = target

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mergelab import __version__
+from mergelab.engine import native
 from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, MergePlan
 from mergelab.errors import MergelabError
 from mergelab.io.writer import CheckpointWriter
@@ -140,19 +141,25 @@ def chunk_starts(plan: MergePlan, name: str) -> range:
     return range(0, max(numel, 1), step)
 
 
+def raw_chunk(plan: MergePlan, raw: Raw, start: int) -> Raw:
+    """The stored values (flat, in the storage dtypes) of the column chunk at ``start``."""
+    part = slice(start, start + CHUNK_ELEMENTS[plan.device.type])
+    base_raw, model_raws = raw
+    return base_raw.reshape(-1)[part], [stored.reshape(-1)[part] for stored in model_raws]
+
+
 def load_chunk(plan: MergePlan, name: str, raw: Raw, start: int, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(taus, base)`` of the chunk at ``start`` in the compute dtype on the compute device:
     ``taus`` is ``(T, c)`` for a column chunk, ``(T, *shape)`` for a whole tensor. The storage-dtype
     inputs are converted here, a chunk at a time."""
     spec = plan.base.specs[name]
-    base_raw, model_raws = raw
     elementwise = plan.method.is_elementwise(plan.hparams)
     shape: tuple[int, ...] = (-1,) if elementwise else spec.shape
-    part = slice(start, start + CHUNK_ELEMENTS[plan.device.type]) if elementwise else slice(None)
-    base = base_raw.reshape(-1)[part].to(plan.device, plan.compute_dtype).reshape(shape)
+    base_raw, model_raws = raw_chunk(plan, raw, start) if elementwise else raw
+    base = base_raw.to(plan.device, plan.compute_dtype).reshape(shape)
     taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
     for t, stored in enumerate(model_raws):
-        taus[t].copy_(stored.reshape(-1)[part].reshape(shape))  # the storage dtype widened exactly
+        taus[t].copy_(stored.reshape(shape))  # the storage dtype widened exactly
     taus -= base
     if check_finite and not all_finite(taus):  # a NaN/Inf in the base or any model reaches every tau it is in
         _raise_non_finite(plan, name, base, taus)
@@ -337,9 +344,15 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
     if spec.numel == 0:
         return out.reshape(spec.shape)
 
+    fused = plan.method.fused if _native_chunks(plan) else None
+
     def merge_chunk(start: int) -> None:
-        taus, base = load_chunk(plan, name, raw, start, check_finite)
         ctx = TensorCtx(name=name, stats=stats, seed=plan.seed, offset=start)
+        if fused is not None:
+            base_part, model_parts = raw_chunk(plan, raw, start)
+            if fused(base_part, model_parts, out[start : start + base_part.numel()], ctx, **plan.hparams):
+                return  # else (an input it does not take, or a NaN to report): the plain path below
+        taus, base = load_chunk(plan, name, raw, start, check_finite)
         merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
         if not all_finite(merged):
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
@@ -367,7 +380,16 @@ def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None
 
 
 def _observe_chunk(plan: MergePlan, collector: Any, index: int, name: str, raw: Raw, start: int) -> None:
+    observe_raw = getattr(collector, "observe_raw", None) if _native_chunks(plan) else None
+    if observe_raw is not None and observe_raw(index, name, *raw_chunk(plan, raw, start)):
+        return
     collector.observe(index, name, *load_chunk(plan, name, raw, start, check_finite=index == 0))
+
+
+def _native_chunks(plan: MergePlan) -> bool:
+    """Whether a method's compiled kernels (``Method.fused``, a collector's ``observe_raw``) may take
+    this merge's column chunks (they decline, chunk by chunk, inputs they do not take)."""
+    return plan.method.is_elementwise(plan.hparams) and native.usable(plan.device, plan.compute_dtype)
 
 
 def _chunk_threads(plan: MergePlan, state: Any, threads: int) -> int:

@@ -92,6 +92,12 @@ class Method:
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
         presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
+        fused: ``fused(base, models, out, ctx, **hparams) -> bool``: an optional compiled fast path for an
+            ``elementwise`` method on CPU in float32 (:mod:`mergelab.engine.native`). It gets one column
+            chunk's *stored* values (flat, storage dtype) and writes ``base + delta`` into ``out`` (the
+            output chunk, in the base's dtype), returning True; False leaves the chunk to ``fn``. It
+            must give the same result as ``fn``, bit for bit. A collector may likewise offer
+            ``observe_raw(pass_index, name, base, models) -> bool``.
         temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in
             the compute dtype) the method holds at its peak when it works on whole tensors, for the
             plan's peak-RAM estimate; ``None``: ``n_models + 4`` (the task vectors, the base, ~3 more).
@@ -112,6 +118,7 @@ class Method:
     resolver: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
     presets: Mapping[str, Any] = field(default_factory=dict)
     temporaries: Callable[[dict[str, Any], int], int] | None = None
+    fused: Callable[..., bool] | None = None
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""

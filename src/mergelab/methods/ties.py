@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mergelab.engine import native
 from mergelab.engine.pool import BlockPool
 from mergelab.engine.select import StreamingKth
 from mergelab.methods._common import disjoint_merge, elect_sign, keep_mask_, keep_rank, kth_threshold
@@ -62,6 +63,7 @@ class TiesGlobalStats:
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
         self.thresholds = torch.zeros(n_models)
         self.rank = 0
+        self.selecting = False  # known after pass 0
 
     @property
     def n_passes(self) -> int:
@@ -73,20 +75,28 @@ class TiesGlobalStats:
         return 0 if self.keep_all else StreamingKth(1, dtype=dtype).n_passes
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
-        self.selector.observe(taus.reshape(self.n_models, -1).abs())
+        if index == 0 or self.selecting:
+            self.selector.observe(taus.reshape(self.n_models, -1).abs())
+
+    def observe_raw(self, index: int, name: str, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+        """The compiled form of :meth:`observe` on one chunk's stored values (False: not taken)."""
+        if index > 0 and not self.selecting:
+            return True
+        return self.selector.observe_abs_diff(base, models)
 
     def end_pass(self, index: int) -> None:
-        selecting = 1 <= self.rank <= self.selector.count
         if index == 0:
             self.rank = keep_rank(self.selector.count, self.density, self.rule)
-            if 1 <= self.rank <= self.selector.count:
+            # rank 0 keeps all (thresholds 0), rank count + 1 keeps none: no selection, later passes idle
+            self.selecting = 1 <= self.rank <= self.selector.count
+            if self.selecting:
                 self.selector.end_pass0([[self.rank]] * self.n_models)
         elif index < self.n_passes - 1:
-            if selecting:
+            if self.selecting:
                 self.selector.end_pass()
         elif self.rank > self.selector.count:
             self.thresholds = torch.full((self.n_models,), float("inf"))
-        elif selecting:
+        elif self.selecting:
             self.thresholds = torch.tensor([row[0] for row in self.selector.values()], dtype=torch.float64)
 
     def result(self) -> TiesStats:
@@ -105,6 +115,30 @@ def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[to
         sign = torch.full((trimmed.shape[1],), majority, dtype=trimmed.dtype)
         grouped.setdefault(name, []).append((index, disjoint_merge(trimmed, sign, hp["merge_func"]) * hp["scaling"]))
     return {name: (torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])) for name, parts in grouped.items()}
+
+
+def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ctx: TensorCtx, *,
+           density: float, scaling: float, merge_func: str, scope: str, threshold: str) -> bool:
+    """Global TIES on one chunk in one compiled loop (``native.Kernels.ties_merge``): the same
+    arithmetic as :func:`ties` below, bit for bit. False (the chunk goes to :func:`ties`) for
+    per-tensor scope, inputs the kernel does not take, or an Inf/NaN to report."""
+    kernels = native.kernels()
+    if scope != "global" or kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
+        return False
+    stats: TiesStats = ctx.stats
+    thresholds = stats.thresholds.to(torch.float32)
+    finite, signs, index = kernels.ties_merge(base, models, thresholds, scaling, merge_func, out)
+    if not finite:
+        return False
+    values = None
+    if index.numel():  # the trimmed entries of the parameters whose elected sign waits for the majority
+        taus = torch.stack([m[index].to(torch.float32) for m in models]) - base[index].to(torch.float32)
+        values = keep_mask_(taus.abs(), thresholds).mul_(taus)
+    with stats.lock:
+        stats.sign_total += signs
+        if values is not None:
+            stats.pending.append((ctx.name, stats.pool.keep(index + ctx.offset), stats.pool.keep(values)))
+    return True
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -133,6 +167,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     # the generic T + 4 (|taus| and kthvalue's working copy); fitted to the benchmark set: 2,840 MB measured,
     # 2,092 MB with the generic count (benchmarks/README.md)
     temporaries=lambda hp, t: 3 * t + 4,
+    fused=_fused,
 )
 def ties(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *,

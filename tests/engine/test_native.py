@@ -1,0 +1,205 @@
+"""The compiled kernels of global TIES (engine/kernels.cpp via engine.native) against the plain torch path.
+
+The kernels promise the plain path's bits, not just its values: every test compares with
+``torch.equal``. They are built here with the machine's C++ compiler (CI has one); where none is
+installed the tests that need them are skipped and the fallback is tested instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import mergelab
+from mergelab.engine import native, stream
+from mergelab.engine.select import StreamingKth
+from mergelab.errors import MergelabError
+
+needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                   reason="no C++ compiler to build the kernels")
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """``plain(True)``: the kernels turned off (the plain torch path); ``plain(False)``: on again."""
+    loaded = native.kernels
+
+    def switch(off: bool) -> None:
+        monkeypatch.setattr(native, "kernels", (lambda: None) if off else loaded)
+
+    return switch
+
+
+def try_loading_again(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_KERNELS", None)
+
+
+def states(n_models: int, dtype: torch.dtype, seed: int = 0, quantised: bool = True) -> tuple[dict, list[dict]]:
+    """A base and fine-tunes; bf16 rounding of small differences makes many exact ties and
+    sign cancellations, the cases where the two paths could part."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(300, 70, generator=gen).to(dtype), "b": torch.randn(513, generator=gen).to(dtype),
+            "s": torch.randn((), generator=gen).to(dtype)}
+    scale = 0.01 if quantised else 0.1
+    models = [{k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+              for _ in range(n_models)]
+    return base, models
+
+
+def merged_both_ways(plain, base, models, **hparams) -> tuple[dict, dict]:
+    fast = mergelab.merge("ties", base, models, **hparams)
+    plain(True)
+    slow = mergelab.merge("ties", base, models, **hparams)
+    plain(False)
+    return fast, slow
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_models", [1, 2, 3, 8, 9])  # 9: the merge kernel declines (T <= 8), selection still native
+@pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
+def test_kernels_give_the_plain_paths_bits(monkeypatch, plain, dtype, n_models, merge_func):
+    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 1000)  # several chunks per tensor, on both threads
+    base, models = states(n_models, dtype)
+    fast, slow = merged_both_ways(plain, base, models, merge_func=merge_func, scaling=0.7)
+    assert all(torch.equal(fast[k], slow[k]) for k in base)
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 8), density=st.floats(0.0, 1.0),
+       threshold=st.sampled_from(["official", "exact"]), bf16=st.booleans())
+def test_kernels_equal_the_plain_path_property(seed, n_models, density, threshold, bf16):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base, models = states(n_models, dtype, seed, quantised=seed % 2 == 0)
+    hparams = {"density": density, "threshold": threshold}
+    fast = mergelab.merge("ties", base, models, **hparams)
+    loaded, native.kernels = native.kernels, lambda: None  # type: ignore[assignment]  # (no fixtures in @given)
+    try:
+        slow = mergelab.merge("ties", base, models, **hparams)
+    finally:
+        native.kernels = loaded  # type: ignore[assignment]
+    assert all(torch.equal(fast[k], slow[k]) for k in base)
+
+
+@needs_kernels
+def test_the_kernels_do_the_work(monkeypatch):
+    calls: dict[str, int] = {}
+    kernels = native.kernels()
+    assert kernels is not None
+    for name in ("abs_diff_high_counts", "abs_diff_digit_counts", "ties_merge"):
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    base, models = states(3, torch.bfloat16)
+    mergelab.merge("ties", base, models)
+    assert calls == {"abs_diff_high_counts": 3, "abs_diff_digit_counts": 3, "ties_merge": 3}  # one chunk per tensor
+
+
+@needs_kernels
+def test_majority_sign_patch_through_the_kernels(plain):
+    # every parameter's trimmed entries cancel except where the models agree on a negative value:
+    # the model-wide majority sign is -1, so the cancelled parameters are patched after the pass
+    base = {"w": torch.zeros(64)}
+    first = torch.full((64,), 1.0)
+    first[:8] = -1.0
+    models = [{"w": first}, {"w": -first}, {"w": torch.where(torch.arange(64) < 8, -1.0, 0.0)}]
+    fast, slow = merged_both_ways(plain, base, models, density=1.0)
+    assert torch.equal(fast["w"], slow["w"])
+    assert (fast["w"][8:] == -1.0).all()  # merged with the majority sign, not the provisional +1
+
+
+@needs_kernels
+def test_selection_kernels_equal_kthvalue():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(50_000, generator=gen).bfloat16()
+    models = [(base.float() + 0.02 * torch.randn(50_000, generator=gen)).bfloat16() for _ in range(3)]
+    magnitudes = torch.stack([(m.float() - base.float()).abs() for m in models])
+    ranks = [1, 12_345, 50_000]
+    selector = StreamingKth(3, nonnegative=True, dtype=None)
+    for part in range(0, 50_000, 7_000):  # several chunks, as the engine streams them
+        assert selector.observe_abs_diff(base[part : part + 7_000], [m[part : part + 7_000] for m in models])
+    selector.end_pass0([[r] for r in ranks])
+    for part in range(0, 50_000, 7_000):
+        assert selector.observe_abs_diff(base[part : part + 7_000], [m[part : part + 7_000] for m in models])
+    values = [row[0] for row in selector.values()]
+    assert values == [float(magnitudes[t].kthvalue(r).values) for t, r in enumerate(ranks)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("culprit", [0, 2])
+def test_non_finite_input_is_named_on_the_kernel_path(tmp_path, culprit):
+    base, models = states(2, torch.bfloat16)
+    all_states = [base, *models]
+    all_states[culprit]["w"][5, 6] = float("nan")
+    paths = []
+    for i, state in enumerate(all_states):
+        save_file(state, str(tmp_path / f"m{i}.safetensors"))
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    with pytest.raises(MergelabError, match="NaN or Inf") as err:
+        mergelab.merge("ties", paths[0], paths[1:])
+    assert str(err.value).startswith(f"{paths[culprit]}: tensor 'w'")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_inputs_the_kernels_do_not_take_go_the_plain_way(plain, dtypes):
+    base_dtype, model_dtype = dtypes
+    base, models = states(3, model_dtype)
+    base = {k: v.to(base_dtype) for k, v in base.items()}
+    assert not native.takes(base["w"].reshape(-1), [m["w"].reshape(-1) for m in models])
+    fast, slow = merged_both_ways(plain, base, models)
+    assert all(torch.equal(fast[k], slow[k]) for k in base)
+
+
+@needs_kernels
+def test_library_is_built_once_and_reused(tmp_path):
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch left beside it
+
+
+def test_no_compiler_means_the_plain_path_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path))
+    try_loading_again(monkeypatch)
+    with pytest.warns(UserWarning, match="compiled kernels unavailable"):
+        assert native.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.kernels() is None  # decided once
+    base, models = states(3, torch.bfloat16)
+    assert set(mergelab.merge("ties", base, models)) == set(base)
+
+
+def test_compile_error_is_reported_not_raised(monkeypatch, tmp_path):
+    broken = tmp_path / "kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    try_loading_again(monkeypatch)
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    with pytest.warns(UserWarning, match="failed on kernels.cpp"):
+        assert native.kernels() is None
+    assert not any((tmp_path / "cache" / "native").glob("*.so"))
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("MERGELAB_NATIVE", "0")
+    try_loading_again(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.kernels() is None
