@@ -2,9 +2,12 @@
 //
 // The plain torch path builds each chunk's float32 task vectors and runs ~14 eager operations over
 // (T, chunk) arrays per pass. Here every per-element step runs in one loop, in registers. The
-// arithmetic is the plain path's, operation for operation and in the same order (built without
-// fast-math and without fused multiply-add contraction), so the results are bit-identical to it;
-// tests/engine/test_native.py checks that.
+// arithmetic is the plain path's, operation for operation (built without fast-math and without
+// fused multiply-add contraction). Sums over the task vectors run t = 0, 1, ..., T-1, which is the
+// order of torch's vectorised sum over the task dimension -- except in the last (chunk mod 32)
+// positions of a chunk (AVX2), which torch sums in four interleaved accumulators. So the selection
+// is exact and identical, and merged values are the plain path's bits everywhere but there, where
+// they may differ by float rounding; tests/engine/test_native.py checks both.
 //
 // Storage: bfloat16 (as uint16 bits) or float32 for the base, the models and the output alike.
 // In the merge, the number of task vectors T (1..8) is a template constant: the loops over tasks
@@ -65,7 +68,7 @@ template <typename S>
 void digit_counts(int64_t n, int tasks, const void* base_ptr, const void* const* models, const uint32_t* prefixes,
                   int64_t* __restrict__ counts) {
     const S* __restrict__ base = static_cast<const S*>(base_ptr);
-    constexpr int64_t kGroup = 64;  // keys of a group computed vectorised; few groups hold a key with the prefix
+    constexpr int64_t kGroup = 16;  // keys of a group computed vectorised; few groups hold a key with the prefix
     for (int t = 0; t < tasks; ++t) {
         const S* __restrict__ model = static_cast<const S*>(models[t]);
         int64_t* __restrict__ row = counts + static_cast<int64_t>(t) * 65536;

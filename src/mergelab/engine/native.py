@@ -4,8 +4,10 @@ The two selection passes and the merge pass of global TIES are per-element arith
 torch runs as ~14 separate operations over ``(T, chunk)`` arrays, each reading and writing memory;
 ``kernels.cpp`` (beside this module) does each pass in one loop (measured 1.1 ns per position
 for T = 3 against ~18 ns for the torch operations, one thread). They are a pure speed-up: the same
-IEEE operations in the same order, so the same bits (``tests/engine/test_native.py``), and every
-input they do not take -- float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU,
+IEEE operations, so the same thresholds (exact selection) and the same merged bits, except that
+sums over the task vectors always run t = 0..T-1 where torch's vectorised sum groups the last
+(chunk mod 32) positions of a chunk differently (float rounding there; ``tests/engine/test_native.py``
+checks both). Every input they do not take -- float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU,
 more than 8 models for the merge pass -- goes through the plain torch path.
 
 The source is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``;

@@ -96,7 +96,7 @@ class Method:
             ``elementwise`` method on CPU in float32 (:mod:`mergelab.engine.native`). It gets one column
             chunk's *stored* values (flat, storage dtype) and writes ``base + delta`` into ``out`` (the
             output chunk, in the base's dtype), returning True; False leaves the chunk to ``fn``. It
-            must give the same result as ``fn``, bit for bit. A collector may likewise offer
+            must give the same result as ``fn`` (up to float summation order). A collector may likewise offer
             ``observe_raw(pass_index, name, base, models) -> bool``.
         temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in
             the compute dtype) the method holds at its peak when it works on whole tensors, for the

@@ -120,7 +120,7 @@ def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[to
 def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ctx: TensorCtx, *,
            density: float, scaling: float, merge_func: str, scope: str, threshold: str) -> bool:
     """Global TIES on one chunk in one compiled loop (``native.Kernels.ties_merge``): the same
-    arithmetic as :func:`ties` below, bit for bit. False (the chunk goes to :func:`ties`) for
+    arithmetic as :func:`ties` below (``engine/native.py``: up to summation order). False (the chunk goes to :func:`ties`) for
     per-tensor scope, inputs the kernel does not take, or an Inf/NaN to report."""
     kernels = native.kernels()
     if scope != "global" or kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
