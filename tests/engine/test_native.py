@@ -1,4 +1,4 @@
-"""The compiled kernels of global TIES (engine/kernels.cpp via engine.native) against the plain torch path.
+"""The compiled kernels (engine/kernels.cpp via engine.native: global TIES, task arithmetic) against the plain torch path.
 
 The kernels promise the plain path's bits, with one documented exception: torch's vectorised sum
 over the task dimension groups the last (chunk mod 32) positions of each column chunk differently
@@ -87,6 +87,23 @@ def test_kernels_give_the_plain_paths_bits(monkeypatch, plain, dtype, n_models, 
     base, models = states(n_models, dtype)
     fast, slow = merged_both_ways(plain, base, models, merge_func=merge_func, scaling=0.7)
     assert_same(fast, slow, chunk=1000)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_models", [1, 3, 8, 9])  # 9: declined, the plain path
+def test_task_arithmetic_kernel_gives_the_plain_paths_bits(monkeypatch, plain, dtype, n_models):
+    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 1000)
+    base, models = states(n_models, dtype, quantised=False)
+    calls: list[int] = []
+    kernels = native.kernels()
+    real = kernels.task_arithmetic
+    monkeypatch.setattr(kernels, "task_arithmetic", lambda *a: calls.append(1) or real(*a))
+    fast = mergelab.merge("task_arithmetic", base, models, scaling=0.37)
+    plain(True)
+    slow = mergelab.merge("task_arithmetic", base, models, scaling=0.37)
+    assert_same(fast, slow, chunk=1000)
+    assert bool(calls) == (n_models <= native.MAX_MERGE_MODELS)
 
 
 @needs_kernels

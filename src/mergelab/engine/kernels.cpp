@@ -1,4 +1,5 @@
-// Compiled kernels for the streaming passes of global TIES (mergelab.engine.native builds and loads them).
+// Compiled kernels for the streaming passes of global TIES and for task arithmetic
+// (mergelab.engine.native builds and loads them).
 //
 // The plain torch path builds each chunk's float32 task vectors and runs ~14 eager operations over
 // (T, chunk) arrays per pass. Here every per-element step runs in one loop, in registers. The
@@ -161,6 +162,47 @@ void compact(int64_t n, const uint8_t* waits, int64_t* index) {
         if (waits[i]) index[found++] = i;
 }
 
+// Task arithmetic on n positions: base + scaling * sum_t (model_t - base), as
+// mergelab.methods.task_arithmetic followed by the engine's base + delta.
+template <typename S, std::size_t... I>
+int task_arithmetic_fixed(int64_t n, const S* __restrict__ base, const S* const* models, float scaling,
+                          S* __restrict__ out, std::index_sequence<I...>) {
+    const S* const model[] = {models[I]...};
+    uint32_t bad = 0;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+        const float b = widen(base[i]);
+        const float tau[] = {(widen(model[I][i]) - b)...};
+        ((bad |= !(std::fabs(tau[I]) < INFINITY)), ...);
+        float total = 0.0f;
+        ((total += tau[I]), ...);
+        const float value = b + total * scaling;
+        bad |= !(std::fabs(value) < INFINITY);
+        narrow(value, out + i);
+    }
+    return bad == 0;
+}
+
+template <typename S>
+int task_arithmetic_for(int64_t n, int tasks, const void* base, const void* const* models, float scaling, void* out) {
+    const S* b = static_cast<const S*>(base);
+    const S* const* m = reinterpret_cast<const S* const*>(models);
+    S* o = static_cast<S*>(out);
+#define CALL(K) task_arithmetic_fixed<S>(n, b, m, scaling, o, std::make_index_sequence<K>())
+    switch (tasks) {
+        case 1: return CALL(1);
+        case 2: return CALL(2);
+        case 3: return CALL(3);
+        case 4: return CALL(4);
+        case 5: return CALL(5);
+        case 6: return CALL(6);
+        case 7: return CALL(7);
+        case 8: return CALL(8);
+        default: return -1;
+    }
+#undef CALL
+}
+
 template <typename S, int kMode>
 int ties_merge_for(int64_t n, int tasks, const void* base, const void* const* models, const float* thresholds,
                    float scaling, void* out, uint8_t* waits, int64_t* totals) {
@@ -224,6 +266,14 @@ int mergelab_ties_merge(int64_t n, int tasks, int storage, const void* base, con
             : ties_merge_mode<float>(n, tasks, base, models, thresholds, scaling, mode, out, waits, totals);
     if (status == 1 && totals[1] > 0) compact(n, waits, index);
     return status;
+}
+
+// out = base + scaling * sum_t (models[t] - base). Returns 1; 0 if a task vector or result is Inf or
+// NaN (out is then not usable); -1 if T > 8 (nothing done).
+int mergelab_task_arithmetic(int64_t n, int tasks, int storage, const void* base, const void* const* models,
+                             float scaling, void* out) {
+    if (storage == BFLOAT16) return task_arithmetic_for<uint16_t>(n, tasks, base, models, scaling, out);
+    return task_arithmetic_for<float>(n, tasks, base, models, scaling, out);
 }
 
 }  // extern "C"

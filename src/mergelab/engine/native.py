@@ -1,4 +1,4 @@
-"""Compiled kernels for global TIES' streaming passes: built on first use, loaded with ctypes.
+"""Compiled kernels for global TIES' streaming passes and task arithmetic: built on first use, loaded with ctypes.
 
 The two selection passes and the merge pass of global TIES are per-element arithmetic that eager
 torch runs as ~14 separate operations over ``(T, chunk)`` arrays, each reading and writing memory;
@@ -8,7 +8,8 @@ IEEE operations, so the same thresholds (exact selection) and the same merged bi
 sums over the task vectors always run t = 0..T-1 where torch's vectorised sum groups the last
 (chunk mod 32) positions of a chunk differently (float rounding there; ``tests/engine/test_native.py``
 checks both). Every input they do not take -- float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU,
-more than 8 models for the merge pass -- goes through the plain torch path.
+more than 8 models for a merge pass -- goes through the plain torch path. Task arithmetic's merge
+pass is one such loop too (the engine's hottest elementwise case).
 
 The source is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native``, never ``-ffast-math``, and ``-ffp-contract=off`` so that no multiply-add is
@@ -39,7 +40,7 @@ _FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-
 _ABI_VERSION = 1
 _STORAGE = {torch.bfloat16: 0, torch.float32: 1}  # kernels.cpp's Storage
 MERGE_FUNCS = {"mean": 0, "sum": 1, "max": 2}  # kernels.cpp's MergeFunc
-MAX_MERGE_MODELS = 8  # ties_merge takes T <= 8 (a compile-time T per instantiation)
+MAX_MERGE_MODELS = 8  # ties_merge and task_arithmetic take T <= 8 (a compile-time T per instantiation)
 
 _P = ctypes.c_void_p
 
@@ -56,6 +57,8 @@ class Kernels:
         library.mergelab_ties_merge.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_float,
                                                 ctypes.c_int, _P, _P, _P, _P]
         library.mergelab_ties_merge.restype = ctypes.c_int
+        library.mergelab_task_arithmetic.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
+        library.mergelab_task_arithmetic.restype = ctypes.c_int
 
     def abs_diff_high_counts(self, base: torch.Tensor, models: list[torch.Tensor], counts: torch.Tensor) -> bool:
         """``counts[t, key >> 16] += 1`` for the float32 bits ``key`` of every ``|models[t] - base|``
@@ -89,6 +92,16 @@ class Kernels:
                                                thresholds.data_ptr(), scaling, MERGE_FUNCS[merge_func],
                                                out.data_ptr(), waits.data_ptr(), index.data_ptr(), totals.data_ptr())
         return status == 1, int(totals[0]), index[: int(totals[1])]
+
+
+    def task_arithmetic(self, base: torch.Tensor, models: list[torch.Tensor], scaling: float, out: torch.Tensor) -> bool:
+        """``out = base + scaling * sum_t (models[t] - base)`` (in float32, stored in ``out``'s dtype).
+        False if a task vector or result is Inf or NaN (``out`` then not usable)."""
+        n, tasks = base.numel(), len(models)
+        assert 1 <= tasks <= MAX_MERGE_MODELS and out.dtype == base.dtype and out.numel() == n and out.is_contiguous()
+        status = self._lib.mergelab_task_arithmetic(n, tasks, _STORAGE[base.dtype], base.data_ptr(), _pointers(models),
+                                                    scaling, out.data_ptr())
+        return bool(status == 1)
 
 
 def _check_counts(counts: torch.Tensor, rows: int, bins: int) -> None:

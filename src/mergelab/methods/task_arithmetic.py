@@ -13,12 +13,23 @@ from typing import Any
 
 import torch
 
+from mergelab.engine import native
 from mergelab.methods.registry import TensorCtx, register
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
     if not -1e6 < hp["scaling"] < 1e6:
         raise ValueError(f"scaling={hp['scaling']} is not a finite number")
+
+
+def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> bool:
+    """:func:`task_arithmetic` and the engine's ``base + delta`` in one compiled loop (``native.py``:
+    the same arithmetic, up to summation order); False (the plain path) for inputs it does not take
+    or an Inf/NaN to report."""
+    kernels = native.kernels()
+    if kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
+        return False
+    return kernels.task_arithmetic(base, models, scaling, out)
 
 
 @register(
@@ -29,6 +40,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     check=_check,
     linear_in_scaling=True,
     elementwise=True,
+    fused=_fused,
 )
 def task_arithmetic(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> torch.Tensor:
     return taus.sum(dim=0) * scaling
