@@ -148,8 +148,11 @@ int ties_merge_fixed(int64_t n, const S* __restrict__ base, const S* const* mode
     return bad == 0;
 }
 
-// The positions i with waits[i] != 0, in order, into index; 8 flags at a time (most words are 0).
-void compact(int64_t n, const uint8_t* waits, int64_t* index) {
+// The positions i with waits[i] != 0, in order, into index (8 flags at a time: most words are 0),
+// and their trimmed task-vector entries into trimmed (T rows of n_waiting), as the plain path keeps them.
+template <typename S>
+void collect_waiting(int64_t n, int tasks, const void* base_ptr, const void* const* models, const float* thresholds,
+                     const uint8_t* waits, int64_t n_waiting, int64_t* index, float* trimmed) {
     int64_t found = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
         uint64_t word;
@@ -160,6 +163,14 @@ void compact(int64_t n, const uint8_t* waits, int64_t* index) {
     }
     for (; i < n; ++i)
         if (waits[i]) index[found++] = i;
+    const S* base = static_cast<const S*>(base_ptr);
+    for (int t = 0; t < tasks; ++t) {
+        const S* model = static_cast<const S*>(models[t]);
+        for (int64_t j = 0; j < n_waiting; ++j) {
+            const float tau = widen(model[index[j]]) - widen(base[index[j]]);
+            trimmed[t * n_waiting + j] = tau * static_cast<float>(std::fabs(tau) >= thresholds[t]);
+        }
+    }
 }
 
 // Task arithmetic on n positions: base + scaling * sum_t (model_t - base), as
@@ -255,16 +266,19 @@ void mergelab_abs_diff_digit_counts(int64_t n, int tasks, int storage, const voi
 }
 
 // totals[0] = sum of elected signs, totals[1] = positions waiting for the majority sign, listed in
-// index[0 : totals[1]] (waits: n bytes of scratch). Returns 1; 0 if a task vector or result is Inf or
+// index[0 : totals[1]] with their trimmed entries in trimmed (T x totals[1]; room for T x n; waits: n
+// bytes of scratch). Returns 1; 0 if a task vector or result is Inf or
 // NaN (out is then not usable); -1 if T > 8 (nothing done).
 int mergelab_ties_merge(int64_t n, int tasks, int storage, const void* base, const void* const* models,
                         const float* thresholds, float scaling, int mode, void* out, uint8_t* waits, int64_t* index,
-                        int64_t* totals) {
-    const int status =
-        storage == BFLOAT16
-            ? ties_merge_mode<uint16_t>(n, tasks, base, models, thresholds, scaling, mode, out, waits, totals)
-            : ties_merge_mode<float>(n, tasks, base, models, thresholds, scaling, mode, out, waits, totals);
-    if (status == 1 && totals[1] > 0) compact(n, waits, index);
+                        float* trimmed, int64_t* totals) {
+    const bool bf16 = storage == BFLOAT16;
+    const int status = bf16 ? ties_merge_mode<uint16_t>(n, tasks, base, models, thresholds, scaling, mode, out, waits, totals)
+                            : ties_merge_mode<float>(n, tasks, base, models, thresholds, scaling, mode, out, waits, totals);
+    if (status == 1 && totals[1] > 0) {
+        if (bf16) collect_waiting<uint16_t>(n, tasks, base, models, thresholds, waits, totals[1], index, trimmed);
+        else collect_waiting<float>(n, tasks, base, models, thresholds, waits, totals[1], index, trimmed);
+    }
     return status;
 }
 

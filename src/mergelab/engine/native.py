@@ -55,7 +55,7 @@ class Kernels:
         library.mergelab_abs_diff_digit_counts.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
         library.mergelab_abs_diff_digit_counts.restype = None
         library.mergelab_ties_merge.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_float,
-                                                ctypes.c_int, _P, _P, _P, _P]
+                                                ctypes.c_int, _P, _P, _P, _P, _P]
         library.mergelab_ties_merge.restype = ctypes.c_int
         library.mergelab_task_arithmetic.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
         library.mergelab_task_arithmetic.restype = ctypes.c_int
@@ -77,22 +77,23 @@ class Kernels:
                                                  _pointers(models), prefixes.data_ptr(), counts.data_ptr())
 
     def ties_merge(self, base: torch.Tensor, models: list[torch.Tensor], thresholds: torch.Tensor, scaling: float,
-                   merge_func: str, out: torch.Tensor) -> tuple[bool, int, torch.Tensor]:
+                   merge_func: str, out: torch.Tensor) -> tuple[bool, int, torch.Tensor, torch.Tensor]:
         """Global TIES on one chunk (see ``kernels.cpp``): ``base + scaling * merged`` into ``out``.
 
-        Returns ``(finite, sum of elected signs, waiting)``: ``waiting`` lists the positions whose
-        sign sum is 0 while a trimmed entry is not (merged with +1 for now). ``finite`` False: a task
-        vector or result is Inf or NaN and ``out`` is not usable."""
+        Returns ``(finite, sum of elected signs, waiting, trimmed)``: ``waiting`` lists the positions
+        whose sign sum is 0 while a trimmed entry is not (merged with +1 for now), ``trimmed`` is
+        ``(T, len(waiting))``, their trimmed task-vector entries. ``finite`` False: a task vector or
+        result is Inf or NaN and ``out`` is not usable."""
         n, tasks = base.numel(), len(models)
         assert 1 <= tasks <= MAX_MERGE_MODELS and out.dtype == base.dtype and out.numel() == n and out.is_contiguous()
         assert thresholds.dtype == torch.float32 and thresholds.shape == (tasks,)
         waits, index = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.int64)
-        totals = torch.zeros(2, dtype=torch.int64)
+        trimmed, totals = torch.empty(tasks * n, dtype=torch.float32), torch.zeros(2, dtype=torch.int64)
         status = self._lib.mergelab_ties_merge(n, tasks, _STORAGE[base.dtype], base.data_ptr(), _pointers(models),
-                                               thresholds.data_ptr(), scaling, MERGE_FUNCS[merge_func],
-                                               out.data_ptr(), waits.data_ptr(), index.data_ptr(), totals.data_ptr())
-        return status == 1, int(totals[0]), index[: int(totals[1])]
-
+                                               thresholds.data_ptr(), scaling, MERGE_FUNCS[merge_func], out.data_ptr(),
+                                               waits.data_ptr(), index.data_ptr(), trimmed.data_ptr(), totals.data_ptr())
+        waiting = int(totals[1])
+        return status == 1, int(totals[0]), index[:waiting], trimmed[: tasks * waiting].view(tasks, waiting)
 
     def task_arithmetic(self, base: torch.Tensor, models: list[torch.Tensor], scaling: float, out: torch.Tensor) -> bool:
         """``out = base + scaling * sum_t (models[t] - base)`` (in float32, stored in ``out``'s dtype).

@@ -23,6 +23,7 @@ scaling=0.3`` (config/method/ties_merging.yaml); pass those to reproduce it.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,6 +45,11 @@ class TiesStats:
     provisional +1 and kept in ``pending`` until :func:`_finalize` knows the real majority."""
 
     thresholds: torch.Tensor  # (T,) smallest kept magnitude per task vector
+
+    @functools.cached_property
+    def float32_thresholds(self) -> torch.Tensor:
+        """The thresholds as the float32 merge compares them (converted once, not per chunk)."""
+        return self.thresholds.to(torch.float32)
     sign_total: float = 0.0
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pool: BlockPool = field(default_factory=BlockPool)  # holds the pending tensors off the heap
@@ -126,18 +132,13 @@ def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ct
     if scope != "global" or kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
         return False
     stats: TiesStats = ctx.stats
-    thresholds = stats.thresholds.to(torch.float32)
-    finite, signs, index = kernels.ties_merge(base, models, thresholds, scaling, merge_func, out)
+    finite, signs, waiting, trimmed = kernels.ties_merge(base, models, stats.float32_thresholds, scaling, merge_func, out)
     if not finite:
         return False
-    values = None
-    if index.numel():  # the trimmed entries of the parameters whose elected sign waits for the majority
-        taus = torch.stack([m[index].to(torch.float32) for m in models]) - base[index].to(torch.float32)
-        values = keep_mask_(taus.abs(), thresholds).mul_(taus)
     with stats.lock:
         stats.sign_total += signs
-        if values is not None:
-            stats.pending.append((ctx.name, stats.pool.keep(index + ctx.offset), stats.pool.keep(values)))
+        if waiting.numel():  # the parameters whose elected sign waits for the model-wide majority
+            stats.pending.append((ctx.name, stats.pool.keep(waiting + ctx.offset), stats.pool.keep(trimmed)))
     return True
 
 
