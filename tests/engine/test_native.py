@@ -238,3 +238,17 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch):
         warnings.simplefilter("error")
         assert native.kernels() is None
 
+
+
+
+@needs_kernels
+def test_a_library_others_may_write_is_not_loaded(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    library = native.build(cache / "native")
+    library.chmod(0o666)  # as if opened up (or planted) in a shared cache
+    with pytest.raises(OSError, match="writable by others"):
+        native.build(cache / "native")
+    monkeypatch.setenv("MERGELAB_CACHE", str(cache))
+    try_loading_again(monkeypatch)
+    with pytest.warns(UserWarning, match="writable by others"):
+        assert native.kernels() is None

@@ -14,7 +14,8 @@ pass is one such loop too (the engine's hottest elementwise case).
 The source is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native``, never ``-ffast-math``, and ``-ffp-contract=off`` so that no multiply-add is
 fused) into ``$MERGELAB_CACHE/native`` (default ``~/.cache/mergelab/native``), under a name hashing
-the source, the flags, the compiler and the CPU's features; a second process reuses it. Without a
+the source, the flags, the compiler and the CPU's features; a second process reuses it (only if it and
+its folder belong to this user and nobody else may write them). Without a
 compiler, merges run on the torch path (a warning says so once). ``MERGELAB_NATIVE=0`` turns the
 kernels off. ctypes releases the GIL during each call, so the engine's chunk threads run them in
 parallel.
@@ -163,8 +164,11 @@ def build(cache_dir: Path | None = None) -> Path:
     root = cache_dir or Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "native"
     target = root / f"kernels-{key[:16]}.so"
     if target.exists():
+        _check_trusted(root)
+        _check_trusted(target)
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_trusted(root)
     with tempfile.TemporaryDirectory(dir=root) as scratch:  # built aside, renamed into place: never half-written
         built = Path(scratch) / target.name
         result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
@@ -174,6 +178,15 @@ def build(cache_dir: Path | None = None) -> Path:
             raise OSError(f"{compiler} failed on {SOURCE.name}: {errors[0].strip()}")
         os.replace(built, target)
     return target
+
+
+def _check_trusted(path: Path) -> None:
+    """Loading a library runs its code: refuse one (or a folder) that another user owns or may write."""
+    if not hasattr(os, "getuid"):
+        return  # no POSIX ownership to check
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not owned by this user or is writable by others; not loading compiled code from it")
 
 
 def _cpu_features() -> bytes:
