@@ -252,3 +252,15 @@ def test_a_library_others_may_write_is_not_loaded(monkeypatch, tmp_path):
     try_loading_again(monkeypatch)
     with pytest.warns(UserWarning, match="writable by others"):
         assert native.kernels() is None
+
+
+@needs_kernels
+def test_plan_says_whether_the_kernels_will_run(plain):
+    base, models = states(2, torch.bfloat16)
+    assert "float32 on cpu (compiled kernels)" in mergelab.plan("ties", base, models).summary()
+    half = {k: v.half() for k, v in base.items()}
+    mixed = {**base, "w": half["w"]}
+    assert "(compiled kernels for 2 of 3 tensors" in mergelab.plan("ties", mixed, [{**m, "w": m["w"].half()} for m in models]).summary()
+    assert "(compiled kernels" not in mergelab.plan("ties", base, models, scope="tensor").summary()
+    plain(True)
+    assert "(torch operations)" in mergelab.plan("task_arithmetic", base, models).summary()

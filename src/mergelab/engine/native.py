@@ -114,8 +114,13 @@ def _check_counts(counts: torch.Tensor, rows: int, bins: int) -> None:
 def takes(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
     """Whether the kernels take these stored chunks: CPU, 1-D contiguous, one storage dtype that they know."""
     tensors = (base, *models)
-    return (base.dtype in _STORAGE and all(t.dtype == base.dtype for t in tensors)
+    return (takes_dtypes(base.dtype, [m.dtype for m in models])
             and all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() for t in tensors))
+
+
+def takes_dtypes(base: torch.dtype, models: list[torch.dtype]) -> bool:
+    """Whether the kernels take a tensor stored in these dtypes: bfloat16 or float32, the same in every input."""
+    return base in _STORAGE and all(dtype == base for dtype in models)
 
 
 def usable(device: torch.device, compute_dtype: torch.dtype) -> bool:

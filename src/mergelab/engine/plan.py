@@ -93,6 +93,20 @@ class MergePlan:
         for source in (self.base, *self.models):
             source.close()
 
+    def _kernels_note(self) -> str:
+        """For methods with compiled kernels: whether this merge can use them (builds them on first use)."""
+        if self.method.fused is None or not self.method.is_elementwise(self.hparams):
+            return ""
+        from mergelab.engine import native
+
+        if not native.usable(self.device, self.compute_dtype) or self.n_models > native.MAX_MERGE_MODELS:
+            return " (torch operations)"
+        taken = sum(native.takes_dtypes(self.base.specs[n].dtype, [m.specs[n].dtype for m in self.models])
+                    for n in self.merged)
+        if taken == len(self.merged):
+            return " (compiled kernels)"
+        return f" (compiled kernels for {taken} of {len(self.merged)} tensors; torch for other storage dtypes)"
+
     def summary(self) -> str:
         """The human-readable plan printed by ``--dry-run`` and ``mergelab plan``."""
         passes = self.n_stat_passes + 1
@@ -103,7 +117,7 @@ class MergePlan:
             f"tensors       {len(self.merged)} merged, {len(self.copied)} copied from base, {len(self.aliases)} tied",
             f"passes        {passes} over the inputs ({self.n_stat_passes} statistics + 1 merge)",
             f"input         {_size(self.input_bytes)} read per pass",
-            f"compute       {str(self.compute_dtype).removeprefix('torch.')} on {self.device}",
+            f"compute       {str(self.compute_dtype).removeprefix('torch.')} on {self.device}{self._kernels_note()}",
             f"peak RAM      ~{_size(self.peak_ram_bytes())} (largest tensor {self.largest:,} elements)",
         ]
         if self.device.type == "cuda":
