@@ -1,24 +1,24 @@
 """Compiled kernels for global TIES' streaming passes and task arithmetic: built on first use, loaded with ctypes.
 
-The two selection passes and the merge pass of global TIES are per-element arithmetic that eager
-torch runs as ~14 separate operations over ``(T, chunk)`` arrays, each reading and writing memory;
-``kernels.cpp`` (beside this module) does each pass in one loop (measured 1.1 ns per position
-for T = 3 against ~18 ns for the torch operations, one thread). They are a pure speed-up: the same
-IEEE operations, so the same thresholds (exact selection) and the same merged bits, except that
-sums over the task vectors always run t = 0..T-1 where torch's vectorised sum groups the last
-(chunk mod 32) positions of a chunk differently (float rounding there; ``tests/engine/test_native.py``
-checks both). Every input they do not take -- float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU,
-more than 8 models for a merge pass -- goes through the plain torch path. Task arithmetic's merge
-pass is one such loop too (the engine's hottest elementwise case).
+The two selection passes and the merge pass of global TIES, and task arithmetic's merge pass, are
+per-element arithmetic that eager torch runs as separate operations over ``(T, chunk)`` arrays (~14
+for TIES), each reading and writing memory; ``kernels.cpp`` (beside this module) does each pass in
+one loop (the TIES merge: 1.1 ns per position for T = 3 against ~18 ns for the torch operations, one
+thread). They are a pure speed-up: the same IEEE operations, so the same thresholds (exact
+selection) and the same merged bits, except that sums over the task vectors always run t = 0..T-1
+where torch's vectorised sum groups the last (chunk mod 32) positions of a chunk differently (float
+rounding there; ``tests/engine/test_native.py`` checks both). Every input they do not take --
+float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU, more than 8 models for a
+merge pass -- goes through the plain torch path.
 
 The source is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``;
-``-O3 -march=native``, never ``-ffast-math``, and ``-ffp-contract=off`` so that no multiply-add is
-fused) into ``$MERGELAB_CACHE/native`` (default ``~/.cache/mergelab/native``), under a name hashing
-the source, the flags, the compiler and the CPU's features; a second process reuses it (only if it and
-its folder belong to this user and nobody else may write them). Without a
-compiler, merges run on the torch path (a warning says so once). ``MERGELAB_NATIVE=0`` turns the
-kernels off. ctypes releases the GIL during each call, so the engine's chunk threads run them in
-parallel.
+``-O3 -march=native`` (without it if the compiler refuses it), never ``-ffast-math``, and
+``-ffp-contract=off`` so that no multiply-add is fused) into ``$MERGELAB_CACHE/native`` (default
+``~/.cache/mergelab/native``), under a name hashing the source, the flags, the compiler and the
+CPU's features; a second process reuses it (only if it and its folder belong to this user and
+nobody else may write them). Without a compiler, merges run on the torch path (a warning says so
+once). ``MERGELAB_NATIVE=0`` turns the kernels off. ctypes releases the GIL during each call, so
+the engine's chunk threads run them in parallel.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ def _load() -> Kernels | None:
         return Kernels(library)
     except (OSError, subprocess.SubprocessError) as err:
         reason = (str(err).strip().splitlines() or [repr(err)])[0]
-        warnings.warn(f"mergelab: compiled kernels unavailable ({reason}); global TIES runs on the slower torch "
-                      "path (MERGELAB_NATIVE=0 silences this)", stacklevel=3)
+        warnings.warn(f"mergelab: compiled kernels unavailable ({reason}); global TIES and task arithmetic run on "
+                      "the slower torch path (MERGELAB_NATIVE=0 silences this)", stacklevel=3)
         return None
 
 
@@ -176,9 +176,12 @@ def build(cache_dir: Path | None = None) -> Path:
     _check_trusted(root)
     with tempfile.TemporaryDirectory(dir=root) as scratch:  # built aside, renamed into place: never half-written
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                                timeout=600)
-        if result.returncode != 0:
+        for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # some compilers lack -march=native
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+                                    timeout=600)
+            if result.returncode == 0:
+                break
+        else:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["?"]
             raise OSError(f"{compiler} failed on {SOURCE.name}: {errors[0].strip()}")
         os.replace(built, target)
