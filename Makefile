@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave clean
+.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave bench-memory clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,7 @@ demo: install-demo zoo-data
 # all benchmarks; bench-spectral and bench-continual also build benchmarks/_work/fb-venv (FusionBench,
 # never installed into .venv). BENCH_THREADS=N sets torch's threads in every job (0: torch's default)
 BENCH_THREADS ?= 0
-bench: bench-engine bench-spectral bench-continual bench-weave
+bench: bench-engine bench-spectral bench-continual bench-weave bench-memory
 
 bench-engine: install
 	$(PY) benchmarks/bench_engine.py
@@ -66,6 +66,10 @@ bench-continual: install
 
 bench-weave: install
 	$(PY) benchmarks/bench_weave.py --threads $(BENCH_THREADS)
+
+# four Llama-2-7B-shaped bf16 models (sparse inputs) merged for real: peak RSS at 7 B scale; ~14 GB of disk
+bench-memory: install
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/_work .pytest_cache
