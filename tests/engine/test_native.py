@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import mergelab
 from mergelab.engine import native, stream
-from mergelab.engine.select import StreamingKth
+from mergelab.engine.select import StreamingKth, WindowCount
 from mergelab.errors import MergelabError
 
 needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -128,7 +128,7 @@ def test_the_kernels_do_the_work(monkeypatch):
     calls: dict[str, int] = {}
     kernels = native.kernels()
     assert kernels is not None
-    for name in ("abs_diff_high_counts", "abs_diff_digit_counts", "ties_merge"):
+    for name in ("abs_diff_high_counts", "abs_diff_window_counts", "abs_diff_digit_counts", "ties_merge"):
         real = getattr(kernels, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -138,7 +138,8 @@ def test_the_kernels_do_the_work(monkeypatch):
         monkeypatch.setattr(kernels, name, spy)
     base, models = states(3, torch.bfloat16)
     mergelab.merge("ties", base, models)
-    assert calls == {"abs_diff_high_counts": 3, "abs_diff_digit_counts": 3, "ties_merge": 3}  # one chunk per tensor
+    # one chunk per tensor: the sample pass, the window count (which held every threshold: no third pass), the merge
+    assert calls == {"abs_diff_high_counts": 3, "abs_diff_window_counts": 3, "ties_merge": 3}
 
 
 @needs_kernels
@@ -173,10 +174,11 @@ def test_selection_kernels_equal_kthvalue():
 
 @needs_kernels
 @pytest.mark.parametrize("culprit", [0, 2])
-def test_non_finite_input_is_named_on_the_kernel_path(tmp_path, culprit):
+@pytest.mark.parametrize("where", [(5, 6), (299, 69)])  # inside the sample pass's 1/32 of the chunk, and past it
+def test_non_finite_input_is_named_on_the_kernel_path(tmp_path, culprit, where):
     base, models = states(2, torch.bfloat16)
     all_states = [base, *models]
-    all_states[culprit]["w"][5, 6] = float("nan")
+    all_states[culprit]["w"][where] = float("nan")
     paths = []
     for i, state in enumerate(all_states):
         save_file(state, str(tmp_path / f"m{i}.safetensors"))
@@ -264,3 +266,41 @@ def test_plan_says_whether_the_kernels_will_run(plain):
     assert "(compiled kernels" not in mergelab.plan("ties", base, models, scope="tensor").summary()
     plain(True)
     assert "(torch operations)" in mergelab.plan("task_arithmetic", base, models).summary()
+
+
+@needs_kernels
+def test_window_count_kernel_equals_the_torch_count():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(40_000, generator=gen).bfloat16()
+    models = [(base.float() + 0.05 * torch.randn(40_000, generator=gen)).bfloat16() for _ in range(2)]
+    magnitudes = torch.stack([(m.float() - base.float()).abs() for m in models])
+    rank = 31_000
+    expected = magnitudes.kthvalue(rank, dim=1).values
+    lows = [(int(v.view(torch.int32)) >> 16) - 1 for v in expected]
+    fast, slow = WindowCount(lows, 3), WindowCount(lows, 3)
+    for part in range(0, 40_000, 9_000):
+        assert fast.observe_abs_diff(base[part : part + 9_000], [m[part : part + 9_000] for m in models])
+    slow.observe(magnitudes)
+    assert fast.values(rank) == slow.values(rank) == expected.tolist()
+
+
+@needs_kernels
+@pytest.mark.parametrize("guess", ["hit", "miss", "none"])
+def test_window_guess_hit_miss_or_none_gives_the_same_merge(monkeypatch, plain, guess):
+    """A missed guess costs the two histogram passes (4 in all), no guess one more pass (3); never exactness."""
+    from mergelab.methods import ties
+
+    real = ties.TiesGlobalStats._guess_window
+    if guess == "miss":
+        monkeypatch.setattr(ties.TiesGlobalStats, "_guess_window",
+                            lambda self: WindowCount([int(lo) + 40 for lo in real(self).lows], 1))
+    elif guess == "none":
+        monkeypatch.setattr(ties.TiesGlobalStats, "_guess_window", lambda self: None)
+    passes: list[int] = []
+    end_pass = ties.TiesGlobalStats.end_pass
+    monkeypatch.setattr(ties.TiesGlobalStats, "end_pass", lambda self, i: passes.append(i) or end_pass(self, i))
+    base, models = states(3, torch.bfloat16)
+    fast, slow = merged_both_ways(plain, base, models)
+    assert_same(fast, slow)
+    kernel_passes = {"hit": 2, "miss": 4, "none": 3}[guess]
+    assert passes == [*range(kernel_passes), 0, 1]  # then the plain path's two

@@ -199,3 +199,22 @@ def test_chunks_observed_from_several_threads(dtype, nonnegative):
     if nonnegative:
         chunks = [c.abs() for c in chunks]
     check(chunks, [[1, 777, 200_000], [100_000]], nonnegative, dtype, threads=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.lists(st.integers(1, 300), min_size=1, max_size=4), st.integers(-2, 2),
+       st.integers(1, 3), st.data())
+def test_window_count_gives_kthvalue_or_none(n_rows, lengths, shift, width, data):
+    """``WindowCount`` is exact when the k-th key's high bits are in the window, and says None otherwise."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    chunks = [torch.randn(n_rows, n, generator=gen).abs() for n in lengths]
+    whole = torch.cat(chunks, dim=1)
+    rank = data.draw(st.integers(1, whole.shape[1]))
+    expected = whole.kthvalue(rank, dim=1).values
+    bins = [int(v.view(torch.int32)) >> 16 for v in expected]
+    lows = [max(b + shift, 0) for b in bins]
+    window = select.WindowCount(lows, width)
+    for chunk in chunks:
+        window.observe(chunk)
+    for value, want, b, low in zip(window.values(rank), expected.tolist(), bins, lows, strict=True):
+        assert value == (want if 0 <= b - low < width else None)

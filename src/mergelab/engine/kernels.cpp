@@ -65,6 +65,42 @@ int high_counts(int64_t n, int tasks, const void* base_ptr, const void* const* m
     return bad == 0;
 }
 
+// One pass of a selection whose k-th key is expected in a window of high bins [lows[t], lows[t] + width):
+// above[t] += the keys past the window (a vectorised count), fine[t, p, key & 0xFFFF] += 1 for the keys in
+// bin lows[t] + p (a few per cent). Returns 0 if a difference is Inf or NaN (counts then incomplete).
+template <typename S>
+int window_counts(int64_t n, int tasks, const void* base_ptr, const void* const* models, const uint32_t* lows,
+                  uint32_t width, int64_t* __restrict__ above, int64_t* __restrict__ fine) {
+    const S* __restrict__ base = static_cast<const S*>(base_ptr);
+    constexpr int64_t kGroup = 16;  // few groups of 16 hold a key inside the window
+    uint32_t bad = 0;
+    for (int t = 0; t < tasks; ++t) {
+        const S* __restrict__ model = static_cast<const S*>(models[t]);
+        int64_t* __restrict__ row = fine + static_cast<int64_t>(t) * width * 65536;
+        const uint32_t low = lows[t], end = (lows[t] + width) << 16;  // keys >= end are past the window
+        int64_t past = 0;
+        for (int64_t lo = 0; lo < n; lo += kGroup) {
+            const int64_t span = std::min(kGroup, n - lo);
+            uint32_t keys[kGroup];
+            uint32_t inside = 0;
+            for (int64_t j = 0; j < span; ++j) {
+                const uint32_t key = magnitude_key(model[lo + j], widen(base[lo + j]));
+                bad |= key >= kInfBits;
+                keys[j] = key;
+                past += key >= end;
+                inside |= ((key >> 16) - low) < width;  // wraps to a huge value below the window
+            }
+            if (!inside) continue;
+            for (int64_t j = 0; j < span; ++j) {
+                const uint32_t bin = (keys[j] >> 16) - low;
+                if (bin < width) ++row[static_cast<int64_t>(bin) * 65536 + (keys[j] & 0xFFFFu)];
+            }
+        }
+        above[t] += past;
+    }
+    return bad == 0;
+}
+
 template <typename S>
 void digit_counts(int64_t n, int tasks, const void* base_ptr, const void* const* models, const uint32_t* prefixes,
                   int64_t* __restrict__ counts) {
@@ -256,6 +292,13 @@ int mergelab_abs_diff_high_counts(int64_t n, int tasks, int storage, const void*
                                   int64_t* counts) {
     if (storage == BFLOAT16) return high_counts<uint16_t>(n, tasks, base, models, counts);
     return high_counts<float>(n, tasks, base, models, counts);
+}
+
+// above: T int64; fine: T x width x 65536 int64 (see window_counts).
+int mergelab_abs_diff_window_counts(int64_t n, int tasks, int storage, const void* base, const void* const* models,
+                                    const uint32_t* lows, uint32_t width, int64_t* above, int64_t* fine) {
+    if (storage == BFLOAT16) return window_counts<uint16_t>(n, tasks, base, models, lows, width, above, fine);
+    return window_counts<float>(n, tasks, base, models, lows, width, above, fine);
 }
 
 // counts: T x 65536 int64, the low 16 bits of the keys whose high 16 bits are prefixes[t].

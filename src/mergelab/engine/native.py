@@ -53,6 +53,9 @@ class Kernels:
         self._lib = library
         library.mergelab_abs_diff_high_counts.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P]
         library.mergelab_abs_diff_high_counts.restype = ctypes.c_int
+        library.mergelab_abs_diff_window_counts.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P,
+                                                            ctypes.c_uint32, _P, _P]
+        library.mergelab_abs_diff_window_counts.restype = ctypes.c_int
         library.mergelab_abs_diff_digit_counts.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
         library.mergelab_abs_diff_digit_counts.restype = None
         library.mergelab_ties_merge.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_float,
@@ -64,16 +67,29 @@ class Kernels:
     def abs_diff_high_counts(self, base: torch.Tensor, models: list[torch.Tensor], counts: torch.Tensor) -> bool:
         """``counts[t, key >> 16] += 1`` for the float32 bits ``key`` of every ``|models[t] - base|``
         (``counts``: ``(T, 32768)`` int64). False if a difference is Inf or NaN (counts then partial)."""
-        _check_counts(counts, len(models), 32768)
+        _check_counts(counts, (len(models), 32768))
         return bool(self._lib.mergelab_abs_diff_high_counts(base.numel(), len(models), _STORAGE[base.dtype],
                                                             base.data_ptr(), _pointers(models), counts.data_ptr()))
+
+    def abs_diff_window_counts(self, base: torch.Tensor, models: list[torch.Tensor], lows: torch.Tensor, width: int,
+                               above: torch.Tensor, fine: torch.Tensor) -> bool:
+        """For the keys of ``|models[t] - base|``: ``above[t] +=`` how many have high 16 bits at or past
+        ``lows[t] + width``; ``fine[t, p, key & 0xFFFF] += 1`` for those whose high 16 bits are ``lows[t] + p``,
+        ``0 <= p < width`` (``lows``: ``(T,)`` int32 >= 0; ``above``: ``(T,)`` int64; ``fine``: ``(T, width,
+        65536)`` int64). False if a difference is Inf or NaN (counts then partial)."""
+        assert lows.dtype == torch.int32 and lows.shape == (len(models),) and bool((lows >= 0).all())
+        _check_counts(above, (len(models),))
+        _check_counts(fine, (len(models), width, 65536))
+        return bool(self._lib.mergelab_abs_diff_window_counts(base.numel(), len(models), _STORAGE[base.dtype],
+                                                              base.data_ptr(), _pointers(models), lows.data_ptr(),
+                                                              width, above.data_ptr(), fine.data_ptr()))
 
     def abs_diff_digit_counts(self, base: torch.Tensor, models: list[torch.Tensor], prefixes: torch.Tensor,
                               counts: torch.Tensor) -> None:
         """``counts[t, key & 0xFFFF] += 1`` for the keys of ``|models[t] - base|`` whose high 16 bits
         are ``prefixes[t]`` (``prefixes``: ``(T,)`` int32; ``counts``: ``(T, 65536)`` int64)."""
         assert prefixes.dtype == torch.int32 and prefixes.shape == (len(models),)
-        _check_counts(counts, len(models), 65536)
+        _check_counts(counts, (len(models), 65536))
         self._lib.mergelab_abs_diff_digit_counts(base.numel(), len(models), _STORAGE[base.dtype], base.data_ptr(),
                                                  _pointers(models), prefixes.data_ptr(), counts.data_ptr())
 
@@ -106,9 +122,9 @@ class Kernels:
         return bool(status == 1)
 
 
-def _check_counts(counts: torch.Tensor, rows: int, bins: int) -> None:
-    if counts.dtype != torch.int64 or counts.shape != (rows, bins) or not counts.is_contiguous():
-        raise ValueError(f"counts must be a contiguous ({rows}, {bins}) int64 tensor")
+def _check_counts(counts: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if counts.dtype != torch.int64 or counts.shape != shape or not counts.is_contiguous():
+        raise ValueError(f"counts must be a contiguous {shape} int64 tensor")
 
 
 def takes(base: torch.Tensor, models: list[torch.Tensor]) -> bool:

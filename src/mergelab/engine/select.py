@@ -178,6 +178,14 @@ class StreamingKth:
             return _signed_key(part)
         return part.contiguous().view(_INT[part.dtype])  # negative values are refused by pass 0's bincount
 
+    def high_bins(self, ranks: list[int]) -> list[list[int]]:
+        """After pass 0 (before :meth:`end_pass0`), magnitudes: per row, the high 16 bits of the keys of
+        the given ranks (clipped to 1..count) -- where a :class:`WindowCount` should look."""
+        self._fold()
+        cumulative = self._hist_hi.cumsum(dim=1)
+        wanted = torch.tensor([min(max(k, 1), self.count) for k in ranks], dtype=torch.int64)
+        return [[int(b) - _BINS // 2 for b in torch.searchsorted(cumulative[row], wanted)] for row in range(self.n_rows)]
+
     def end_pass0(self, ranks: list[list[int]]) -> None:
         """``ranks[row]`` lists the 1-based ranks wanted for that row (1 <= k <= count)."""
         self._fold()
@@ -221,3 +229,81 @@ class StreamingKth:
         if self._pass != self.n_passes or self.dtype is None:
             raise RuntimeError(f"values() before the last of {self.n_passes} passes")
         return [[_key_to_float(prefix, self.dtype) for _, prefix in targets] for targets in self._targets]
+
+
+class WindowCount:
+    """The exact k-th smallest float32 magnitude per row in *one* pass, if it falls in a window guessed
+    beforehand (e.g. from a sample): the high 16 bits of its key in ``[lows[row], lows[row] + width)``.
+
+    The pass counts, per row, the keys past the window (one comparison per value, vectorised) and the
+    low 16 bits of the keys inside it (a few per cent of them), so it costs far less than
+    :class:`StreamingKth`'s two passes of histograms. :meth:`values` gives ``None`` for a row whose k-th
+    key turned out not to be in its window; the caller then selects the usual way.
+    """
+
+    def __init__(self, lows: list[int], width: int):
+        self.n_rows, self.width, self.count = len(lows), width, 0
+        self.lows = torch.tensor(lows, dtype=torch.int32)
+        self._above = torch.zeros(self.n_rows, dtype=torch.int64)
+        self._fine = torch.zeros(self.n_rows, width, _BINS, dtype=torch.int64)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._partials: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._broken = False
+
+    def observe(self, magnitudes: torch.Tensor) -> None:
+        """``magnitudes``: ``(n_rows, ...)`` float32 values >= 0 (any device). Thread-safe."""
+        rows = magnitudes.detach().reshape(self.n_rows, -1).to("cpu", torch.float32)
+        above = torch.zeros(self.n_rows, dtype=torch.int64)
+        inside = []
+        for row in range(self.n_rows):
+            for part in _chunks(rows[row]):
+                key = part.contiguous().view(torch.int32)
+                bin_ = (key >> 16) - int(self.lows[row])
+                above[row] += int((bin_ >= self.width).sum())
+                held = (bin_ >= 0) & (bin_ < self.width)
+                inside.append((row, (bin_[held] * _BINS + (key[held] & (_BINS - 1))).long()))
+        with self._lock:
+            self.count += rows.shape[1]
+            self._above += above
+            for row, index in inside:
+                self._fine[row].view(-1).index_put_((index,), torch.ones_like(index), accumulate=True)
+
+    def observe_abs_diff(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+        """:meth:`observe` of ``|models[t] - base|`` (float32) from the stored 1-D chunks, in a compiled kernel;
+        False where it does not apply (then call :meth:`observe`) or on an Inf/NaN difference (after counting
+        part of the chunk: an error the caller must report)."""
+        kernels = native.kernels()
+        if kernels is None or not native.takes(base, models):
+            return False
+        mine = getattr(self._local, "counts", None)
+        if mine is None:
+            mine = self._local.counts = (torch.zeros(self.n_rows, dtype=torch.int64),
+                                         torch.zeros(self.n_rows, self.width, _BINS, dtype=torch.int64))
+            with self._lock:
+                self._partials.append(mine)
+        with self._lock:
+            self.count += base.numel()
+        finite = kernels.abs_diff_window_counts(base, models, self.lows, self.width, *mine)
+        self._broken |= not finite
+        return finite
+
+    def values(self, rank: int) -> list[float | None]:
+        """After the pass: per row, the ``rank``-th smallest value (1-based), or ``None`` if it is not in the window."""
+        if self._broken:
+            raise RuntimeError("WindowCount saw an Inf or NaN; its counts are incomplete")
+        for above, fine in self._partials:
+            self._above += above
+            self._fine += fine
+        self._partials = []
+        found: list[float | None] = []
+        for row in range(self.n_rows):
+            cumulative = self._fine[row].view(-1).cumsum(dim=0)
+            below = self.count - int(self._above[row]) - int(cumulative[-1])
+            if not below < rank <= below + int(cumulative[-1]):
+                found.append(None)
+                continue
+            index = int(torch.searchsorted(cumulative, rank - below))  # the first with cumulative >= rank - below
+            key = ((int(self.lows[row]) + index // _BINS) << 16) | (index % _BINS)
+            found.append(_key_to_float(key, torch.float32))
+        return found

@@ -383,7 +383,8 @@ def _observe_chunk(plan: MergePlan, collector: Any, index: int, name: str, raw: 
     observe_raw = getattr(collector, "observe_raw", None) if _native_chunks(plan) else None
     if observe_raw is not None and observe_raw(index, name, *raw_chunk(plan, raw, start)):
         return
-    collector.observe(index, name, *load_chunk(plan, name, raw, start, check_finite=index == 0))
+    # every pass checks (a sampling pass 0 may not see the whole of a chunk; the check is a sum)
+    collector.observe(index, name, *load_chunk(plan, name, raw, start, check_finite=True))
 
 
 def _native_chunks(plan: MergePlan) -> bool:

@@ -24,6 +24,7 @@ scaling=0.3`` (config/method/ties_merging.yaml); pass those to reproduce it.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ import torch
 
 from mergelab.engine import native
 from mergelab.engine.pool import BlockPool
-from mergelab.engine.select import StreamingKth
+from mergelab.engine.select import StreamingKth, WindowCount
 from mergelab.methods._common import disjoint_merge, elect_sign, keep_mask_, keep_rank, kth_threshold
 from mergelab.methods.registry import TensorCtx, register
 
@@ -58,8 +59,15 @@ class TiesStats:
 
 
 class TiesGlobalStats:
-    """The exact per-task magnitude threshold (``StreamingKth``, keys of the compute dtype: passes 0-1
-    in float32, 0-3 in float64); no pass if all is kept. Chunks may be observed from several threads."""
+    """The exact per-task magnitude threshold; no pass if all is kept. Chunks may be observed from several threads.
+
+    Torch path: ``StreamingKth``, passes 0-1 in float32 (0-3 in float64). Compiled-kernel path
+    (float32; chosen when pass 0's first chunk reaches :meth:`observe_raw`): pass 0 reads a sample,
+    the first 1/32 of every chunk, to guess each threshold's high 16 bits; pass 1 counts, in one cheap
+    pass, the keys past a window of bins around each guess and the low bits of those inside it
+    (``WindowCount``). When every threshold falls in its window -- checked, not assumed -- that is the
+    exact answer after 2 passes, the second far cheaper than a histogram pass; otherwise the two
+    ``StreamingKth`` passes follow (4 in all)."""
 
     thread_safe = True
 
@@ -69,44 +77,144 @@ class TiesGlobalStats:
         self.keep_all = hp["density"] >= 1.0 and self.rule == "official"
         self.thresholds = torch.zeros(n_models)
         self.rank = 0
-        self.selecting = False  # known after pass 0
+        self.selecting = False  # known after the selector's pass 0
+        self.mode: str | None = None  # "sample" (kernels, window) or "plain", decided by pass 0's first chunk
+        self.sampler: StreamingKth | None = None
+        self.window: WindowCount | None = None
+        self.offset = 0  # the pass that is the selector's pass 0 (0 on the plain path; 1 or 2 after sampling)
+        self.finished_after: int | None = None  # the last pass, once the thresholds are known
+        self._lock = threading.Lock()
 
     @property
     def n_passes(self) -> int:
-        """Known once pass 0 has seen the compute dtype (4 for float64): the engine re-reads it after each pass."""
-        return 0 if self.keep_all else self.selector.n_passes
+        """Known as the passes go (4 for float64 keys; on the kernel path 2, 4 if a window misses): the
+        engine re-reads it after each pass."""
+        if self.keep_all:
+            return 0
+        if self.finished_after is not None:
+            return self.finished_after + 1
+        if self.mode == "sample" and self.offset == 0:
+            return 2
+        return self.offset + self.selector.n_passes
 
     def passes_for(self, dtype: torch.dtype) -> int:
-        """Statistics passes a merge in compute ``dtype`` takes (for the plan, before any data is read)."""
+        """Statistics passes a merge in compute ``dtype`` takes (for the plan, before any data is read): 2 in
+        float32 (the kernel path's second is the cheap window count; 4 if its guess misses), 4 in float64."""
         return 0 if self.keep_all else StreamingKth(1, dtype=dtype).n_passes
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
-        if index == 0 or self.selecting:
-            self.selector.observe(taus.reshape(self.n_models, -1).abs())
+        if index == 0:
+            self._decide(kernels=False)
+        magnitudes = taus.reshape(self.n_models, -1).abs()
+        stage = self._stage(index)
+        if stage == "sample":
+            assert self.sampler is not None
+            self.sampler.observe(magnitudes[:, : _sample_size(magnitudes.shape[1])])
+        elif stage == "window":
+            assert self.window is not None
+            self.window.observe(magnitudes)
+        elif self._selector_reads(index):
+            self.selector.observe(magnitudes)
 
     def observe_raw(self, index: int, name: str, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
         """The compiled form of :meth:`observe` on one chunk's stored values (False: not taken)."""
-        if index > 0 and not self.selecting:
-            return True
-        return self.selector.observe_abs_diff(base, models)
+        if index == 0:
+            self._decide(kernels=True)
+        stage = self._stage(index)
+        if stage == "sample":
+            assert self.sampler is not None
+            size = _sample_size(base.numel())
+            return self.sampler.observe_abs_diff(base[:size], [m[:size] for m in models])
+        if stage == "window":
+            assert self.window is not None
+            return self.window.observe_abs_diff(base, models)
+        return not self._selector_reads(index) or self.selector.observe_abs_diff(base, models)
+
+    def _stage(self, index: int) -> str:
+        """What pass ``index`` feeds: the sample, the window count, or the selector."""
+        if self.mode == "sample" and index == 0:
+            return "sample"
+        if self.mode == "sample" and index == 1 and self.offset == 0:
+            return "window"
+        return "select"
+
+    def _selector_reads(self, index: int) -> bool:
+        """Whether the selector needs pass ``index`` (its first pass always; later ones while selecting)."""
+        return index == self.offset or (self.selecting and self.finished_after is None)
+
+    def _decide(self, kernels: bool) -> None:
+        with self._lock:
+            if self.mode is None:
+                self.mode = "sample" if kernels else "plain"
+                if kernels:
+                    self.sampler = StreamingKth(self.n_models, nonnegative=True, dtype=torch.float32)
 
     def end_pass(self, index: int) -> None:
-        if index == 0:
-            self.rank = keep_rank(self.selector.count, self.density, self.rule)
-            # rank 0 keeps all (thresholds 0), rank count + 1 keeps none: no selection, later passes idle
-            self.selecting = 1 <= self.rank <= self.selector.count
-            if self.selecting:
-                self.selector.end_pass0([[self.rank]] * self.n_models)
-        elif index < self.n_passes - 1:
-            if self.selecting:
-                self.selector.end_pass()
-        elif self.rank > self.selector.count:
-            self.thresholds = torch.full((self.n_models,), float("inf"))
-        elif self.selecting:
+        if self.mode == "sample" and self.offset == 0:
+            if index == 0:
+                self.window = self._guess_window()
+                if self.window is None:
+                    self.offset = 1  # nothing to guess from: the selector's passes come next
+                return
+            assert self.window is not None
+            if self._decide_rank(self.window.count, index):
+                return
+            values = self.window.values(self.rank)
+            if all(v is not None for v in values):
+                self.thresholds = torch.tensor(values, dtype=torch.float64)
+                self.finished_after = index
+                return
+            self.offset = 2  # a guess missed: the selector's two passes follow
+            return
+        selector_index = index - self.offset
+        if selector_index == 0:
+            if self._decide_rank(self.selector.count, index):
+                return
+            self.selector.end_pass0([[self.rank]] * self.n_models)
+        elif selector_index < self.selector.n_passes - 1:
+            self.selector.end_pass()
+        else:
             self.thresholds = torch.tensor([row[0] for row in self.selector.values()], dtype=torch.float64)
+            self.finished_after = index
+
+    def _decide_rank(self, count: int, index: int) -> bool:
+        """The rank of the threshold among ``count`` magnitudes; True (and the thresholds set) if there is
+        nothing to select: rank 0 keeps all (thresholds 0), rank count + 1 keeps none (inf)."""
+        self.rank = keep_rank(count, self.density, self.rule)
+        self.selecting = 1 <= self.rank <= count
+        if self.selecting:
+            return False
+        if self.rank > count:
+            self.thresholds = torch.full((self.n_models,), float("inf"))
+        self.finished_after = index
+        return True
+
+    def _guess_window(self) -> WindowCount | None:
+        """From the sample: a window of high bins per task around its threshold's guess, wide enough for
+        the sample's uncertainty (4 standard deviations of a quantile estimate, plus 0.1 %), at most
+        ``_WINDOW_BINS`` bins; ``None`` if the sample is empty or selects nothing."""
+        assert self.sampler is not None
+        n = self.sampler.count
+        rank = keep_rank(n, self.density, self.rule)
+        if n == 0 or not 1 <= rank <= n:
+            return None
+        q = rank / n
+        spread = int(n * (4 * math.sqrt(q * (1 - q) / n) + 1e-3)) + 1
+        bins = self.sampler.high_bins([rank - spread, rank, rank + spread])  # per task: [low, guess, high]
+        lows = [low if high - low < _WINDOW_BINS else max(guess - 1, 0) for low, guess, high in bins]
+        width = max(min(high, low + _WINDOW_BINS - 1) - low + 1 for low, (_, _, high) in zip(lows, bins, strict=True))
+        return WindowCount(lows, width)
 
     def result(self) -> TiesStats:
         return TiesStats(self.thresholds)
+
+
+_SAMPLE_FRACTION = 32  # the sample pass reads the first 1/32 of every chunk
+_WINDOW_BINS = 4  # at most 4 high bins in a window (2 MB of counts per task and thread)
+
+
+def _sample_size(n: int) -> int:
+    return -(-n // _SAMPLE_FRACTION)
 
 
 def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
