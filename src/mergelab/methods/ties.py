@@ -10,8 +10,10 @@ Follows the official code (prateeky2806/ties-merging, src/utils/merge_utils.py: 
 * ``scope="global"`` (default, official/FusionBench): the top-k is taken over the *whole flattened*
   task vector of each model, and parameters whose elected sign is 0 get the model-wide majority
   sign. Both are exact without holding the flattened vectors: the thresholds by a two-pass
-  streaming radix selection (``engine.select``), the majority sign summed during the merge pass
-  with the (rare) parameters that depend on it patched afterwards -- 3 reads of the inputs in all. ``scope="tensor"`` applies the same algorithm per tensor (mergekit's choice).
+  streaming radix selection (``engine.select``; with the compiled kernels, a 1/32 sample pass and
+  one window-count pass, see :class:`TiesGlobalStats`), the majority sign summed during the merge
+  pass with the (rare) parameters that depend on it patched afterwards -- 3 reads of the inputs in
+  all (2 and a sample with the kernels). ``scope="tensor"`` applies the same algorithm per tensor (mergekit's choice).
 * ``threshold="official"`` (default) keeps ``|tau| >= kthvalue(d - int(d * density))``, i.e. one
   entry more than an exact top-k; ``threshold="exact"`` keeps exactly ``int(d * density)``.
 * ``merge_func``: ``"mean"`` (disjoint mean, the paper), ``"sum"`` (FusionBench default), ``"max"``.
@@ -256,7 +258,8 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 
 def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
-    """Global scope: the k-th magnitude of each whole task vector, exactly, in two streaming passes."""
+    """Global scope: the k-th magnitude of each whole task vector, exactly, in two streaming passes
+    (the first a 1/32 sample on the compiled-kernel path)."""
     return TiesGlobalStats(hp, n_models) if hp["scope"] == "global" else None
 
 
