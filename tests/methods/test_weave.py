@@ -266,3 +266,14 @@ def test_gpu_equals_cpu(inner, pooling):
     gpu = mergelab.merge("weave", base, models, device="cuda", **hp)
     for name in base:
         assert_close(gpu[name], cpu[name], rtol=1e-4, atol=1e-5)
+
+
+def test_weave_over_global_ties_that_keeps_nothing():
+    # inner TIES with density 0 and the exact rule keeps nothing (its statistics end after one pass), so the
+    # average pool of {tau_1, tau_2, 0.5 * 0, 1.0 * 0} is (tau_1 + tau_2) / 4
+    base = tiny_state(0)
+    models = [finetune_of(base, 1), finetune_of(base, 2)]
+    merged = mergelab.merge("weave", base, models, inner="ties", density=0.0, threshold="exact", lambdas=[0.5, 1.0])
+    for k, v in base.items():
+        if v.is_floating_point():
+            assert_close(merged[k], v + (models[0][k] - v + models[1][k] - v) / 4)

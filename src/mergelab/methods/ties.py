@@ -152,6 +152,8 @@ class TiesGlobalStats:
                     self.sampler = StreamingKth(self.n_models, nonnegative=True, dtype=torch.float32)
 
     def end_pass(self, index: int) -> None:
+        if self.finished_after is not None:
+            return  # a caller that planned more passes than needed (they observed nothing)
         if self.mode == "sample" and self.offset == 0:
             if index == 0:
                 self.window = self._guess_window()

@@ -141,7 +141,10 @@ class WeaveCollector:
 
     def __init__(self, inner: Collector):
         self.inner = inner
-        self.n_passes = inner.n_passes
+
+    @property
+    def n_passes(self) -> int:  # the inner collector's, as it changes pass by pass
+        return int(self.inner.n_passes)
 
     def passes_for(self, dtype: torch.dtype) -> int:
         passes_for = getattr(self.inner, "passes_for", None)
