@@ -304,3 +304,16 @@ def test_window_guess_hit_miss_or_none_gives_the_same_merge(monkeypatch, plain, 
     assert_same(fast, slow)
     kernel_passes = {"hit": 2, "miss": 4, "none": 3}[guess]
     assert passes == [*range(kernel_passes), 0, 1]  # then the plain path's two
+
+
+@needs_kernels
+def test_weave_over_global_ties_uses_the_selection_kernels(monkeypatch, plain):
+    calls: list[str] = []
+    kernels = native.kernels()
+    window = kernels.abs_diff_window_counts
+    monkeypatch.setattr(kernels, "abs_diff_window_counts", lambda *a: calls.append("window") or window(*a))
+    base, models = states(3, torch.bfloat16)
+    fast = mergelab.merge("weave", base, models, inner="ties", lambdas=[0.5, 1.0])
+    plain(True)
+    slow = mergelab.merge("weave", base, models, inner="ties", lambdas=[0.5, 1.0])
+    assert calls and all(torch.equal(fast[k], slow[k]) for k in base)  # weave's own merge pass is torch's both times

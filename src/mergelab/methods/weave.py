@@ -157,6 +157,11 @@ class WeaveCollector:
     def observe(self, pass_index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
         self.inner.observe(pass_index, name, taus, base)
 
+    def observe_raw(self, pass_index: int, name: str, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+        """The inner collector's compiled observation, if it has one (False: the engine calls :meth:`observe`)."""
+        observe_raw = getattr(self.inner, "observe_raw", None)
+        return observe_raw is not None and bool(observe_raw(pass_index, name, base, models))
+
     def end_pass(self, pass_index: int) -> None:
         self.inner.end_pass(pass_index)
 
