@@ -263,7 +263,8 @@ def test_plan_says_whether_the_kernels_will_run(plain):
     half = {k: v.half() for k, v in base.items()}
     mixed = {**base, "w": half["w"]}
     assert "(compiled kernels for 2 of 3 tensors" in mergelab.plan("ties", mixed, [{**m, "w": m["w"].half()} for m in models]).summary()
-    assert "(compiled kernels" not in mergelab.plan("ties", base, models, scope="tensor").summary()
+    assert "(compiled kernels)" in mergelab.plan("ties", base, models, scope="tensor").summary()
+    assert "(compiled kernels" not in mergelab.plan("magmax", base, models).summary()  # no kernels for it
     plain(True)
     assert "(torch operations)" in mergelab.plan("task_arithmetic", base, models).summary()
 
@@ -317,3 +318,36 @@ def test_weave_over_global_ties_uses_the_selection_kernels(monkeypatch, plain):
     plain(True)
     slow = mergelab.merge("weave", base, models, inner="ties", lambdas=[0.5, 1.0])
     assert calls and all(torch.equal(fast[k], slow[k]) for k in base)  # weave's own merge pass is torch's both times
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
+@pytest.mark.parametrize("threshold", ["official", "exact"])
+def test_per_tensor_scope_on_the_kernels(monkeypatch, plain, dtype, merge_func, threshold):
+    calls: list[int] = []
+    kernels = native.kernels()
+    merge = kernels.ties_merge
+    monkeypatch.setattr(kernels, "ties_merge", lambda *a: calls.append(1) or merge(*a))
+    base, models = states(3, dtype)
+    fast, slow = merged_both_ways(plain, base, models, scope="tensor", merge_func=merge_func, threshold=threshold)
+    assert_same(fast, slow, chunk=10**12)  # whole tensors: torch's other summation order at each tensor's end
+    assert len(calls) == len(base)
+
+
+@needs_kernels
+@pytest.mark.parametrize("majority", [-1.0, 0.0])
+def test_per_tensor_majority_sign_on_the_kernels(plain, majority):
+    # positions 8.. cancel exactly (their sign waits); positions 0..7 elect -1, and 8 more elect +1 when majority is 0
+    w = torch.full((64,), 1.0)
+    w[:8] = -1.0
+    third = torch.where(torch.arange(64) < 8, -1.0, 0.0)
+    if majority == 0.0:
+        w = torch.cat([w, torch.full((8,), 1.0)])
+        third = torch.cat([third, torch.full((8,), 1.0)])
+    second = torch.where(torch.arange(w.numel()) < 64, -w, 1.0)
+    base = {"w": torch.zeros(w.numel())}
+    models = [{"w": w}, {"w": second}, {"w": third}]
+    fast, slow = merged_both_ways(plain, base, models, density=1.0, scope="tensor")
+    assert torch.equal(fast["w"], slow["w"])
+    assert (fast["w"][8:64] == -1.0).all()  # the cancelled ones took the negative entries (majority -1, or 0: "< 0")

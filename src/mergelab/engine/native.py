@@ -1,7 +1,7 @@
 """Compiled kernels for global TIES' streaming passes and task arithmetic: built on first use, loaded with ctypes.
 
-The selection passes (histograms, or a count in a window) and the merge pass of global TIES, and
-task arithmetic's merge pass, are per-element arithmetic that eager torch runs as separate operations over ``(T, chunk)`` arrays (~14
+The selection passes (histograms, or a count in a window) and the merge pass of TIES (global scope
+by chunks, per-tensor scope on whole tensors), and task arithmetic's merge pass, are per-element arithmetic that eager torch runs as separate operations over ``(T, chunk)`` arrays (~14
 for TIES), each reading and writing memory; ``kernels.cpp`` (beside this module) does each pass in
 one loop (the TIES merge: 1.1 ns per position for T = 3 against ~18 ns for the torch operations, one
 thread). They are a pure speed-up: the same IEEE operations, so the same thresholds (exact

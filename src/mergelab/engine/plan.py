@@ -95,7 +95,7 @@ class MergePlan:
 
     def _kernels_note(self) -> str:
         """For methods with compiled kernels: whether this merge can use them (builds them on first use)."""
-        if self.method.fused is None or not self.method.is_elementwise(self.hparams):
+        if self.method.fused is None:
             return ""
         from mergelab.engine import native
 

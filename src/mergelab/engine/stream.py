@@ -142,8 +142,10 @@ def chunk_starts(plan: MergePlan, name: str) -> range:
 
 
 def raw_chunk(plan: MergePlan, raw: Raw, start: int) -> Raw:
-    """The stored values (flat, in the storage dtypes) of the column chunk at ``start``."""
-    part = slice(start, start + CHUNK_ELEMENTS[plan.device.type])
+    """The stored values (flat, in the storage dtypes) of the column chunk at ``start`` (the whole
+    tensor for a method that is not elementwise)."""
+    elementwise = plan.method.is_elementwise(plan.hparams)
+    part = slice(start, start + CHUNK_ELEMENTS[plan.device.type]) if elementwise else slice(None)
     base_raw, model_raws = raw
     return base_raw.reshape(-1)[part], [stored.reshape(-1)[part] for stored in model_raws]
 
@@ -155,7 +157,7 @@ def load_chunk(plan: MergePlan, name: str, raw: Raw, start: int, check_finite: b
     spec = plan.base.specs[name]
     elementwise = plan.method.is_elementwise(plan.hparams)
     shape: tuple[int, ...] = (-1,) if elementwise else spec.shape
-    base_raw, model_raws = raw_chunk(plan, raw, start) if elementwise else raw
+    base_raw, model_raws = raw_chunk(plan, raw, start)
     base = base_raw.to(plan.device, plan.compute_dtype).reshape(shape)
     taus = torch.empty((plan.n_models, *base.shape), dtype=plan.compute_dtype, device=plan.device)
     for t, stored in enumerate(model_raws):
@@ -344,7 +346,7 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
     if spec.numel == 0:
         return out.reshape(spec.shape)
 
-    fused = plan.method.fused if _native_chunks(plan) else None
+    fused = plan.method.fused if native.usable(plan.device, plan.compute_dtype) else None
 
     def merge_chunk(start: int) -> None:
         ctx = TensorCtx(name=name, stats=stats, seed=plan.seed, offset=start)
@@ -388,8 +390,8 @@ def _observe_chunk(plan: MergePlan, collector: Any, index: int, name: str, raw: 
 
 
 def _native_chunks(plan: MergePlan) -> bool:
-    """Whether a method's compiled kernels (``Method.fused``, a collector's ``observe_raw``) may take
-    this merge's column chunks (they decline, chunk by chunk, inputs they do not take)."""
+    """Whether a collector's compiled ``observe_raw`` may take this merge's column chunks (it declines,
+    chunk by chunk, inputs it does not take)."""
     return plan.method.is_elementwise(plan.hparams) and native.usable(plan.device, plan.compute_dtype)
 
 

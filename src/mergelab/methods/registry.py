@@ -92,10 +92,10 @@ class Method:
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
         presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
-        fused: ``fused(base, models, out, ctx, **hparams) -> bool``: an optional compiled fast path for an
-            ``elementwise`` method on CPU in float32 (:mod:`mergelab.engine.native`). It gets one column
-            chunk's *stored* values (flat, storage dtype) and writes ``base + delta`` into ``out`` (the
-            output chunk, in the base's dtype), returning True; False leaves the chunk to ``fn``. It
+        fused: ``fused(base, models, out, ctx, **hparams) -> bool``: an optional compiled fast path on CPU
+            in float32 (:mod:`mergelab.engine.native`). It gets one column chunk's (``elementwise``) or
+            the whole tensor's *stored* values (flat, storage dtype) and writes ``base + delta`` into
+            ``out`` (the output chunk, in the base's dtype), returning True; False leaves it to ``fn``. It
             must give the same result as ``fn`` (up to float summation order). A collector may likewise offer
             ``observe_raw(pass_index, name, base, models) -> bool``.
         temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in

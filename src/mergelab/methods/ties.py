@@ -237,12 +237,15 @@ def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[to
 
 def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ctx: TensorCtx, *,
            density: float, scaling: float, merge_func: str, scope: str, threshold: str) -> bool:
-    """Global TIES on one chunk in one compiled loop (``native.Kernels.ties_merge``): the same
-    arithmetic as :func:`ties` below (``engine/native.py``: up to summation order). False (the chunk goes to :func:`ties`) for
-    per-tensor scope, inputs the kernel does not take, or an Inf/NaN to report."""
+    """TIES in compiled loops (``native.Kernels``): a column chunk (global scope) or a whole tensor
+    (per-tensor scope, thresholds selected here first), the same arithmetic as :func:`ties` below
+    (``engine/native.py``: up to summation order). False (the plain :func:`ties`) for inputs the
+    kernels do not take or an Inf/NaN to report."""
     kernels = native.kernels()
-    if scope != "global" or kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
+    if kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
         return False
+    if scope == "tensor":
+        return _fused_tensor(kernels, base, models, out, density, scaling, merge_func, threshold)
     stats: TiesStats = ctx.stats
     finite, signs, waiting, trimmed = kernels.ties_merge(base, models, stats.float32_thresholds, scaling, merge_func, out)
     if not finite:
@@ -251,6 +254,35 @@ def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ct
         stats.sign_total += signs
         if waiting.numel():  # the parameters whose elected sign waits for the model-wide majority
             stats.pending.append((ctx.name, stats.pool.keep(waiting + ctx.offset), stats.pool.keep(trimmed)))
+    return True
+
+
+def _fused_tensor(kernels: native.Kernels, base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor,
+                  density: float, scaling: float, merge_func: str, rule: str) -> bool:
+    """Per-tensor TIES on one whole (flattened) tensor: its thresholds by the radix selection's kernels
+    (two passes over the tensor), the merge by ``ties_merge``; the parameters whose sign sum is 0 get
+    this tensor's majority sign (``elect_sign``) at the end, when it is known."""
+    n = base.numel()
+    rank = keep_rank(n, density, rule)
+    if rank <= 0:
+        thresholds = torch.zeros(len(models))
+    elif rank > n:
+        thresholds = torch.full((len(models),), float("inf"))
+    else:
+        selector = StreamingKth(len(models), nonnegative=True, dtype=torch.float32)
+        if not selector.observe_abs_diff(base, models):
+            return False  # an Inf/NaN: the plain path reports it
+        selector.end_pass0([[rank]] * len(models))
+        selector.observe_abs_diff(base, models)
+        thresholds = torch.tensor([row[0] for row in selector.values()], dtype=torch.float32)
+    finite, signs, waiting, trimmed = kernels.ties_merge(base, models, thresholds, scaling, merge_func, out)
+    if not finite:
+        return False
+    majority = float(torch.sign(torch.tensor(float(signs))))
+    if waiting.numel() and majority != 1.0:
+        sign = torch.full((waiting.numel(),), majority)
+        merged = base[waiting].to(torch.float32) + disjoint_merge(trimmed, sign, merge_func) * scaling
+        out[waiting] = merged.to(out.dtype)
     return True
 
 
