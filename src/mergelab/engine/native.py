@@ -1,4 +1,4 @@
-"""Compiled kernels for global TIES' streaming passes and task arithmetic: built on first use, loaded with ctypes.
+"""Compiled kernels for TIES (its streaming passes) and task arithmetic: built on first use, loaded with ctypes.
 
 The selection passes (histograms, or a count in a window) and the merge pass of TIES (global scope
 by chunks, per-tensor scope on whole tensors), and task arithmetic's merge pass, are per-element arithmetic that eager torch runs as separate operations over ``(T, chunk)`` arrays (~14
