@@ -236,9 +236,9 @@ class WindowCount:
     beforehand (e.g. from a sample): the high 16 bits of its key in ``[lows[row], lows[row] + width)``.
 
     The pass counts, per row, the keys past the window (one comparison per value, vectorised) and the
-    low 16 bits of the keys inside it (a few per cent of them), so it costs far less than
-    :class:`StreamingKth`'s two passes of histograms. :meth:`values` gives ``None`` for a row whose k-th
-    key turned out not to be in its window; the caller then selects the usual way.
+    low 16 bits of the keys inside it (a few per cent of them): one read of the data instead of
+    :class:`StreamingKth`'s two. :meth:`values` gives ``None`` for a row whose k-th key turned out not
+    to be in its window; the caller then selects the usual way.
     """
 
     def __init__(self, lows: list[int], width: int):
