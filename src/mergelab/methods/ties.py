@@ -101,7 +101,7 @@ class TiesGlobalStats:
 
     def passes_for(self, dtype: torch.dtype) -> int:
         """Statistics passes a merge in compute ``dtype`` takes (for the plan, before any data is read): 2 in
-        float32 (the kernel path's second is the cheap window count; 4 if its guess misses), 4 in float64."""
+        float32 (on the kernel path a sample pass and the window count; 4 if a guess misses), 4 in float64."""
         return 0 if self.keep_all else StreamingKth(1, dtype=dtype).n_passes
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
