@@ -56,6 +56,14 @@ def write_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     return folder
 
 
+def save_states(states: list[dict[str, torch.Tensor]], folder: Path) -> list[str]:
+    """Each state as ``folder/m{i}.safetensors``; their paths, in order."""
+    paths = [str(folder / f"m{i}.safetensors") for i in range(len(states))]
+    for state, path in zip(states, paths, strict=True):
+        save_file(state, path)
+    return paths
+
+
 @pytest.fixture
 def tiny_base() -> dict[str, torch.Tensor]:
     return tiny_state(0)

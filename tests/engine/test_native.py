@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections import Counter
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import mergelab
+from conftest import save_states
 from mergelab.engine import native, stream
 from mergelab.engine.select import StreamingKth, WindowCount
 from mergelab.errors import MergelabError
@@ -70,6 +71,17 @@ def assert_same(fast: dict, slow: dict, chunk: int = stream.CHUNK_ELEMENTS["cpu"
         assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-6), name
 
 
+def count_kernel_calls(monkeypatch, *names: str) -> Counter[str]:
+    """Counts, for the rest of the test, the calls of these ``native.Kernels`` methods (which still run)."""
+    calls: Counter[str] = Counter()
+    kernels = native.kernels()
+    assert kernels is not None
+    for name in names:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, _real=real, _name=name: calls.update([_name]) or _real(*args))
+    return calls
+
+
 def merged_both_ways(plain, base, models, **hparams) -> tuple[dict, dict]:
     fast = mergelab.merge("ties", base, models, **hparams)
     plain(True)
@@ -95,15 +107,12 @@ def test_kernels_give_the_plain_paths_bits(monkeypatch, plain, dtype, n_models, 
 def test_task_arithmetic_kernel_gives_the_plain_paths_bits(monkeypatch, plain, dtype, n_models):
     monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 1000)
     base, models = states(n_models, dtype, quantised=False)
-    calls: list[int] = []
-    kernels = native.kernels()
-    real = kernels.task_arithmetic
-    monkeypatch.setattr(kernels, "task_arithmetic", lambda *a: calls.append(1) or real(*a))
+    calls = count_kernel_calls(monkeypatch, "task_arithmetic")
     fast = mergelab.merge("task_arithmetic", base, models, scaling=0.37)
     plain(True)
     slow = mergelab.merge("task_arithmetic", base, models, scaling=0.37)
     assert_same(fast, slow, chunk=1000)
-    assert bool(calls) == (n_models <= native.MAX_MERGE_MODELS)
+    assert bool(calls["task_arithmetic"]) == (n_models <= native.MAX_MERGE_MODELS)
 
 
 @needs_kernels
@@ -125,17 +134,8 @@ def test_kernels_equal_the_plain_path_property(seed, n_models, density, threshol
 
 @needs_kernels
 def test_the_kernels_do_the_work(monkeypatch):
-    calls: dict[str, int] = {}
-    kernels = native.kernels()
-    assert kernels is not None
-    for name in ("abs_diff_high_counts", "abs_diff_window_counts", "abs_diff_digit_counts", "ties_merge"):
-        real = getattr(kernels, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, spy)
+    calls = count_kernel_calls(monkeypatch, "abs_diff_high_counts", "abs_diff_window_counts", "abs_diff_digit_counts",
+                               "ties_merge")
     base, models = states(3, torch.bfloat16)
     mergelab.merge("ties", base, models)
     # one chunk per tensor: the sample pass, the window count (which held every threshold: no third pass), the merge
@@ -179,10 +179,7 @@ def test_non_finite_input_is_named_on_the_kernel_path(tmp_path, culprit, where):
     base, models = states(2, torch.bfloat16)
     all_states = [base, *models]
     all_states[culprit]["w"][where] = float("nan")
-    paths = []
-    for i, state in enumerate(all_states):
-        save_file(state, str(tmp_path / f"m{i}.safetensors"))
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    paths = save_states(all_states, tmp_path)
     with pytest.raises(MergelabError, match="NaN or Inf") as err:
         mergelab.merge("ties", paths[0], paths[1:])
     assert str(err.value).startswith(f"{paths[culprit]}: tensor 'w'")
@@ -309,15 +306,12 @@ def test_window_guess_hit_miss_or_none_gives_the_same_merge(monkeypatch, plain, 
 
 @needs_kernels
 def test_weave_over_global_ties_uses_the_selection_kernels(monkeypatch, plain):
-    calls: list[str] = []
-    kernels = native.kernels()
-    window = kernels.abs_diff_window_counts
-    monkeypatch.setattr(kernels, "abs_diff_window_counts", lambda *a: calls.append("window") or window(*a))
+    calls = count_kernel_calls(monkeypatch, "abs_diff_window_counts")
     base, models = states(3, torch.bfloat16)
     fast = mergelab.merge("weave", base, models, inner="ties", lambdas=[0.5, 1.0])
     plain(True)
     slow = mergelab.merge("weave", base, models, inner="ties", lambdas=[0.5, 1.0])
-    assert calls and all(torch.equal(fast[k], slow[k]) for k in base)  # weave's own merge pass is torch's both times
+    assert calls["abs_diff_window_counts"] and all(torch.equal(fast[k], slow[k]) for k in base)  # weave's own merge pass is torch's both times
 
 
 @needs_kernels
@@ -325,14 +319,11 @@ def test_weave_over_global_ties_uses_the_selection_kernels(monkeypatch, plain):
 @pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
 @pytest.mark.parametrize("threshold", ["official", "exact"])
 def test_per_tensor_scope_on_the_kernels(monkeypatch, plain, dtype, merge_func, threshold):
-    calls: list[int] = []
-    kernels = native.kernels()
-    merge = kernels.ties_merge
-    monkeypatch.setattr(kernels, "ties_merge", lambda *a: calls.append(1) or merge(*a))
+    calls = count_kernel_calls(monkeypatch, "ties_merge")
     base, models = states(3, dtype)
     fast, slow = merged_both_ways(plain, base, models, scope="tensor", merge_func=merge_func, threshold=threshold)
     assert_same(fast, slow, chunk=10**12)  # whole tensors: torch's other summation order at each tensor's end
-    assert len(calls) == len(base)
+    assert calls["ties_merge"] == len(base)
 
 
 @needs_kernels

@@ -8,10 +8,9 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state
+from conftest import finetune_of, save_states, tiny_state
 from mergelab.engine import stream
 from mergelab.errors import MergelabError
 
@@ -46,10 +45,7 @@ def test_threads_and_gc_restored(monkeypatch, method, hparams, fails):
 def test_non_finite_input_is_named(tmp_path, dtype, culprit, value):
     states = [tiny_state(0, dtype), finetune_of(tiny_state(0, dtype), 1), finetune_of(tiny_state(0, dtype), 2)]
     states[culprit]["layer.0.mlp.weight"][2, 3] = value
-    paths = []
-    for i, state in enumerate(states):
-        save_file(state, str(tmp_path / f"m{i}.safetensors"))
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    paths = save_states(states, tmp_path)
     with pytest.raises(MergelabError, match="NaN or Inf") as err:
         mergelab.merge("task_arithmetic", paths[0], paths[1:])
     assert paths[culprit] in str(err.value) and "layer.0.mlp.weight" in str(err.value)
@@ -105,10 +101,7 @@ def test_non_finite_input_is_named_when_chunks_run_in_parallel(monkeypatch, tmp_
     monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 4)
     states = [tiny_state(0), finetune_of(tiny_state(0), 1), finetune_of(tiny_state(0), 2)]
     states[2]["layer.0.mlp.weight"][7, 5] = float("nan")  # in the tensor's last chunk
-    paths = []
-    for i, state in enumerate(states):
-        save_file(state, str(tmp_path / f"m{i}.safetensors"))
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    paths = save_states(states, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -230,24 +230,30 @@ int task_arithmetic_fixed(int64_t n, const S* __restrict__ base, const S* const*
     return bad == 0;
 }
 
+// Calls run(std::index_sequence of T) for T in 1..8, a compile-time constant in each instantiation
+// (the loops over tasks unroll, the loop over positions vectorises); -1 for more models: a run-time T
+// measured slower than the plain torch path, which is left to take them.
+template <typename Run>
+int with_task_count(int tasks, Run run) {
+    switch (tasks) {
+        case 1: return run(std::make_index_sequence<1>());
+        case 2: return run(std::make_index_sequence<2>());
+        case 3: return run(std::make_index_sequence<3>());
+        case 4: return run(std::make_index_sequence<4>());
+        case 5: return run(std::make_index_sequence<5>());
+        case 6: return run(std::make_index_sequence<6>());
+        case 7: return run(std::make_index_sequence<7>());
+        case 8: return run(std::make_index_sequence<8>());
+        default: return -1;
+    }
+}
+
 template <typename S>
 int task_arithmetic_for(int64_t n, int tasks, const void* base, const void* const* models, float scaling, void* out) {
     const S* b = static_cast<const S*>(base);
     const S* const* m = reinterpret_cast<const S* const*>(models);
     S* o = static_cast<S*>(out);
-#define CALL(K) task_arithmetic_fixed<S>(n, b, m, scaling, o, std::make_index_sequence<K>())
-    switch (tasks) {
-        case 1: return CALL(1);
-        case 2: return CALL(2);
-        case 3: return CALL(3);
-        case 4: return CALL(4);
-        case 5: return CALL(5);
-        case 6: return CALL(6);
-        case 7: return CALL(7);
-        case 8: return CALL(8);
-        default: return -1;
-    }
-#undef CALL
+    return with_task_count(tasks, [&](auto each) { return task_arithmetic_fixed<S>(n, b, m, scaling, o, each); });
 }
 
 template <typename S, int kMode>
@@ -256,20 +262,9 @@ int ties_merge_for(int64_t n, int tasks, const void* base, const void* const* mo
     const S* b = static_cast<const S*>(base);
     const S* const* m = reinterpret_cast<const S* const*>(models);
     S* o = static_cast<S*>(out);
-#define CALL(K) \
-    ties_merge_fixed<S, kMode>(n, b, m, thresholds, scaling, o, waits, totals, std::make_index_sequence<K>())
-    switch (tasks) {
-        case 1: return CALL(1);
-        case 2: return CALL(2);
-        case 3: return CALL(3);
-        case 4: return CALL(4);
-        case 5: return CALL(5);
-        case 6: return CALL(6);
-        case 7: return CALL(7);
-        case 8: return CALL(8);
-        default: return -1;  // a run-time T measured slower than the plain torch path: left to it
-    }
-#undef CALL
+    return with_task_count(tasks, [&](auto each) {
+        return ties_merge_fixed<S, kMode>(n, b, m, thresholds, scaling, o, waits, totals, each);
+    });
 }
 
 template <typename S>
