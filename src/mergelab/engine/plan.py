@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mergelab.engine import native
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import TensorSource, open_source
@@ -97,8 +98,6 @@ class MergePlan:
         """For methods with compiled kernels: whether this merge can use them (builds them on first use)."""
         if self.method.fused is None:
             return ""
-        from mergelab.engine import native
-
         if not native.usable(self.device, self.compute_dtype) or self.n_models > native.MAX_MERGE_MODELS:
             return " (torch operations)"
         taken = sum(native.takes_dtypes(self.base.specs[n].dtype, [m.specs[n].dtype for m in self.models])

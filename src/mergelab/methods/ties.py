@@ -221,17 +221,26 @@ def _sample_size(n: int) -> int:
     return -(-n // _SAMPLE_FRACTION)
 
 
+def _majority_merged(trimmed: torch.Tensor, sign_total: float, merge_func: str, scaling: float) -> torch.Tensor | None:
+    """The deltas of parameters merged with a provisional +1 (``trimmed``: their ``(T, n)`` entries),
+    re-merged with the majority sign ``sign(sign_total)``; ``None`` if that is +1 (they are right)."""
+    majority = float(torch.sign(torch.tensor(float(sign_total))))
+    if majority == 1.0:
+        return None
+    sign = torch.full((trimmed.shape[1],), majority, dtype=trimmed.dtype)
+    return disjoint_merge(trimmed, sign, merge_func) * scaling
+
+
 def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Re-merge the pending parameters with the model-wide majority sign, if it is not +1."""
-    if stats is None or not stats.pending:
+    if stats is None:
         return {}
-    majority = float(torch.sign(torch.tensor(stats.sign_total)))
-    if majority == 1.0:
-        return {}  # the provisional sign was right
     grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, index, trimmed in stats.pending:  # one entry per tensor chunk
-        sign = torch.full((trimmed.shape[1],), majority, dtype=trimmed.dtype)
-        grouped.setdefault(name, []).append((index, disjoint_merge(trimmed, sign, hp["merge_func"]) * hp["scaling"]))
+        delta = _majority_merged(trimmed, stats.sign_total, hp["merge_func"], hp["scaling"])
+        if delta is None:
+            return {}  # the provisional sign was right
+        grouped.setdefault(name, []).append((index, delta))
     return {name: (torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])) for name, parts in grouped.items()}
 
 
@@ -278,11 +287,9 @@ def _fused_tensor(kernels: native.Kernels, base: torch.Tensor, models: list[torc
     finite, signs, waiting, trimmed = kernels.ties_merge(base, models, thresholds, scaling, merge_func, out)
     if not finite:
         return False
-    majority = float(torch.sign(torch.tensor(float(signs))))
-    if waiting.numel() and majority != 1.0:
-        sign = torch.full((waiting.numel(),), majority)
-        merged = base[waiting].to(torch.float32) + disjoint_merge(trimmed, sign, merge_func) * scaling
-        out[waiting] = merged.to(out.dtype)
+    delta = _majority_merged(trimmed, signs, merge_func, scaling) if waiting.numel() else None
+    if delta is not None:  # this tensor's majority sign is not the provisional +1
+        out[waiting] = (base[waiting].to(torch.float32) + delta).to(out.dtype)
     return True
 
 
