@@ -18,7 +18,8 @@ Memory is two histograms per row and requested rank, whatever d is. The answer e
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -49,6 +50,29 @@ def _chunks(row: torch.Tensor) -> Iterator[torch.Tensor]:
         yield row[start : start + _CHUNK]
 
 
+class _ThreadCounts:
+    """Count arrays that each thread owns (the kernels add into them with no lock), made on a thread's first
+    use by ``make``; :meth:`drain` hands them all to the owner to sum once the pass is over."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._made: list[Any] = []
+
+    def mine(self) -> Any:
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._local.counts = self._make()
+            with self._lock:
+                self._made.append(counts)
+        return counts
+
+    def drain(self) -> list[Any]:
+        made, self._made = self._made, []
+        return made
+
+
 class StreamingKth:
     """Exact k-th smallest value per row over a stream of chunks, in ``n_passes`` passes.
 
@@ -76,8 +100,7 @@ class StreamingKth:
         self._hist: list[dict[int, torch.Tensor]] = []  # per row: prefix -> histogram of the next 16 bits
         self._pass = 0
         self._lock = threading.Lock()
-        self._local = threading.local()  # the kernels' per-thread counts (observe_abs_diff)
-        self._partials: list[torch.Tensor] = []
+        self._counts = _ThreadCounts(lambda: torch.zeros(n_rows, _BINS // 2, dtype=torch.int64))  # the kernels' (pass 0)
         self._broken = False
 
     @property
@@ -143,35 +166,24 @@ class StreamingKth:
             with self._lock:
                 self.dtype = torch.float32
                 self.count += base.numel()
-            if not kernels.abs_diff_high_counts(base, models, self._own_counts(_BINS // 2)):
+            if not kernels.abs_diff_high_counts(base, models, self._counts.mine()):
                 self._broken = True
                 return False
             return True
         prefixes = torch.tensor([next(iter(wanted)) for wanted in self._hist], dtype=torch.int32)
-        kernels.abs_diff_digit_counts(base, models, prefixes, self._own_counts(_BINS))
+        kernels.abs_diff_digit_counts(base, models, prefixes, self._counts.mine())
         return True
-
-    def _own_counts(self, bins: int) -> torch.Tensor:
-        """This thread's count rows for the current pass (kernels add into them; :meth:`_fold` sums them)."""
-        mine = getattr(self._local, "counts", None)
-        if mine is None or self._local.pass_index != self._pass:
-            mine = torch.zeros(self.n_rows, bins, dtype=torch.int64)
-            self._local.counts, self._local.pass_index = mine, self._pass
-            with self._lock:
-                self._partials.append(mine)
-        return mine
 
     def _fold(self) -> None:
         """Add the threads' count rows of the pass just ended to the histograms."""
         if self._broken:
             raise RuntimeError("StreamingKth saw an Inf or NaN; its counts are incomplete")
-        for counts in self._partials:
+        for counts in self._counts.drain():
             if self._pass == 0:
                 self._hist_hi[:, _BINS // 2 :] += counts
             else:
                 for wanted, row in zip(self._hist, counts, strict=True):
                     next(iter(wanted.values())).add_(row)
-        self._partials = []
 
     def _key(self, part: torch.Tensor) -> torch.Tensor:
         if not self.nonnegative:
@@ -209,6 +221,7 @@ class StreamingKth:
 
     def _new_histograms(self) -> None:
         self._hist = [{prefix: torch.zeros(_BINS, dtype=torch.int64) for _, prefix in row} for row in self._targets]
+        self._counts = _ThreadCounts(lambda: torch.zeros(self.n_rows, _BINS, dtype=torch.int64))  # the kernels' digits
         self._pass += 1
 
     def _refine(self) -> None:
@@ -247,8 +260,8 @@ class WindowCount:
         self._above = torch.zeros(self.n_rows, dtype=torch.int64)
         self._fine = torch.zeros(self.n_rows, width, _BINS, dtype=torch.int64)
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._partials: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._counts = _ThreadCounts(lambda: (torch.zeros(self.n_rows, dtype=torch.int64),
+                                              torch.zeros(self.n_rows, width, _BINS, dtype=torch.int64)))  # the kernel's
         self._broken = False
 
     def observe(self, magnitudes: torch.Tensor) -> None:
@@ -276,15 +289,9 @@ class WindowCount:
         kernels = native.kernels()
         if kernels is None or not native.takes(base, models):
             return False
-        mine = getattr(self._local, "counts", None)
-        if mine is None:
-            mine = self._local.counts = (torch.zeros(self.n_rows, dtype=torch.int64),
-                                         torch.zeros(self.n_rows, self.width, _BINS, dtype=torch.int64))
-            with self._lock:
-                self._partials.append(mine)
         with self._lock:
             self.count += base.numel()
-        finite = kernels.abs_diff_window_counts(base, models, self.lows, self.width, *mine)
+        finite = kernels.abs_diff_window_counts(base, models, self.lows, self.width, *self._counts.mine())
         self._broken |= not finite
         return finite
 
@@ -292,10 +299,9 @@ class WindowCount:
         """After the pass: per row, the ``rank``-th smallest value (1-based), or ``None`` if it is not in the window."""
         if self._broken:
             raise RuntimeError("WindowCount saw an Inf or NaN; its counts are incomplete")
-        for above, fine in self._partials:
+        for above, fine in self._counts.drain():
             self._above += above
             self._fine += fine
-        self._partials = []
         found: list[float | None] = []
         for row in range(self.n_rows):
             cumulative = self._fine[row].view(-1).cumsum(dim=0)
