@@ -8,6 +8,7 @@ resulting :class:`MergePlan` is what the engine executes and what ``mergelab pla
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from mergelab.methods.registry import Method, get_method
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after import (~0.35-0.4 GB)
-MALLOC_KEPT_BYTES = 3 * 64 * 2**20  # freed memory the allocator may keep: trim threshold x 3 threads (stream.tune_malloc)
+MALLOC_TRIM_BYTES = 64 * 2**20  # stream.tune_malloc's trim threshold: freed memory an allocator arena may keep
+MALLOC_KEPT_BYTES = 3 * MALLOC_TRIM_BYTES  # x 3 threads (main, reader, writer)
 CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
+LOOKAHEAD_PER_WORKER = 4  # stream.LOOKAHEAD
 
 
 @dataclass
@@ -64,11 +67,36 @@ class MergePlan:
     def input_bytes(self) -> int:
         return self.base.nbytes + sum(m.nbytes for m in self.models)
 
+    def tensor_workers(self, threads: int | None = None) -> int:
+        """How many tensors the engine merges at once: ``threads`` (default: torch's thread count) for a
+        ``tensor_parallel`` method on CPU without statistics passes, as many as fit half the machine's
+        memory; else 1."""
+        threads = torch.get_num_threads() if threads is None else threads
+        if (threads < 2 or self.device.type != "cpu" or self.n_stat_passes
+                or self.method.is_elementwise(self.hparams) or not self.method.is_tensor_parallel(self.hparams)):
+            return 1
+        return max(1, min(threads, physical_memory() // 2 // max(1, self._tensor_bytes())))
+
+    def _tensor_bytes(self) -> int:
+        """Memory one whole-tensor merge of the largest tensor holds: its inputs, output and temporaries."""
+        n, t = self.largest, self.n_models
+        units = self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
+        return n * (self._storage_itemsize() * (t + 2) + self.compute_dtype.itemsize * units)
+
+    def _storage_itemsize(self) -> int:
+        return max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)
+
     def peak_ram_bytes(self) -> int:
         """Estimated peak RSS: read and write buffers + compute temporaries + statistics + baseline."""
         n, t = self.largest, self.n_models
         compute = self.compute_dtype.itemsize
-        storage = max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)
+        storage = self._storage_itemsize()
+        workers = self.tensor_workers()
+        if workers > 1:  # each worker: its tensor's inputs, output and temporaries; outputs merged ahead
+            # (stream.LOOKAHEAD per worker) and one being written
+            ahead = (LOOKAHEAD_PER_WORKER - 1) * workers + 1
+            return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + workers * (MALLOC_TRIM_BYTES + self._tensor_bytes()) \
+                + ahead * n * storage + self._aliased_bytes()
         # the inputs (base + models) of this tensor and of the next one read ahead -- resident as mapped
         # page-cache pages, or as copies in reused buffers -- and two output slots (one filled while
         # the other is written)
@@ -81,8 +109,11 @@ class MergePlan:
             units = self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
             temporaries = n * compute * units
         stats = t * 2 * 65536 * 8 if self.n_stat_passes else 0
-        aliased = sum(self.base.specs[c].nbytes for c in set(self.aliases.values()))
-        return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + buffers + temporaries + stats + aliased
+        return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + buffers + temporaries + stats + self._aliased_bytes()
+
+    def _aliased_bytes(self) -> int:
+        """Tied tensors: each computed once and kept until all its names are written."""
+        return sum(self.base.specs[c].nbytes for c in set(self.aliases.values()))
 
     def peak_gpu_bytes(self) -> int:
         if self.device.type != "cuda":
@@ -106,6 +137,10 @@ class MergePlan:
             return " (compiled kernels)"
         return f" (compiled kernels for {taken} of {len(self.merged)} tensors; torch for other storage dtypes)"
 
+    def _workers_note(self) -> str:
+        workers = self.tensor_workers()
+        return f", {workers} tensors at once (one thread each)" if workers > 1 else ""
+
     def summary(self) -> str:
         """The human-readable plan printed by ``--dry-run`` and ``mergelab plan``."""
         passes = self.n_stat_passes + 1
@@ -116,7 +151,8 @@ class MergePlan:
             f"tensors       {len(self.merged)} merged, {len(self.copied)} copied from base, {len(self.aliases)} tied",
             f"passes        {passes} over the inputs ({self.n_stat_passes} statistics + 1 merge)",
             f"input         {_size(self.input_bytes)} read per pass",
-            f"compute       {str(self.compute_dtype).removeprefix('torch.')} on {self.device}{self._kernels_note()}",
+            f"compute       {str(self.compute_dtype).removeprefix('torch.')} on {self.device}{self._kernels_note()}"
+            f"{self._workers_note()}",
             f"peak RAM      ~{_size(self.peak_ram_bytes())} (largest tensor {self.largest:,} elements)",
         ]
         if self.device.type == "cuda":
@@ -126,6 +162,14 @@ class MergePlan:
         else:
             lines.append(f"output        in memory: {_size(self.output_bytes)}")
         return "\n".join(lines)
+
+
+def physical_memory() -> int:
+    """The machine's RAM in bytes (16 GiB if the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
 
 
 def _size(nbytes: int) -> str:

@@ -16,18 +16,21 @@ import gc
 import json
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from functools import partial
+from itertools import count
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import torch
 
 from mergelab import __version__
 from mergelab.engine import native
-from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, MergePlan
+from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, LOOKAHEAD_PER_WORKER, MergePlan
 from mergelab.errors import MergelabError
 from mergelab.io.writer import CheckpointWriter
 from mergelab.methods.registry import TensorCtx
@@ -66,6 +69,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _MALLOC_TUNED = False
 
 
+LOOKAHEAD = LOOKAHEAD_PER_WORKER  # tensor-parallel merges: tensors started ahead of the one awaited, per worker
 CHUNK_ELEMENTS = {"cpu": CHUNK_ELEMENTS_CPU, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
 
 
@@ -125,12 +129,14 @@ def prefetched(plan: MergePlan, names: list[str], buffers: Buffers | None = None
 _WORKERS: dict[str, ThreadPoolExecutor] = {}
 
 
-def _worker(role: str) -> ThreadPoolExecutor:
-    """One long-lived thread per role: the allocator keeps reusing the same arena (fresh threads
-    per pass made glibc open new arenas and peak RSS grow by ~1 GB over a 3-pass TIES merge)."""
-    if role not in _WORKERS:
-        _WORKERS[role] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mergelab-{role}")
-    return _WORKERS[role]
+def _worker(role: str, threads: int = 1) -> ThreadPoolExecutor:
+    """Long-lived threads per role (one unless asked): the allocator keeps reusing the same arenas
+    (fresh threads per pass made glibc open new arenas and peak RSS grow by ~1 GB over a 3-pass
+    TIES merge)."""
+    key = role if threads == 1 else f"{role}-{threads}"
+    if key not in _WORKERS:
+        _WORKERS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"mergelab-{key}")
+    return _WORKERS[key]
 
 
 def chunk_starts(plan: MergePlan, name: str) -> range:
@@ -227,25 +233,41 @@ def _quiet_runtime(plan: MergePlan) -> Iterator[int]:
       another process keeps a core busy, 2 threads made a merge 9-45x slower than 1 (measured,
       2 cores). Instead, independent chunks run on as many Python threads as torch had intra-op
       threads (yielded; :func:`run_chunks`), each taking the next chunk when done, so a thread
-      held up by another process or by the reader/writer threads just takes fewer. Whole-tensor
-      methods (SVDs, per-tensor top-k) keep torch's setting.
+      held up by another process or by the reader/writer threads just takes fewer. Likewise the
+      whole tensors of ``tensor_parallel`` methods (the SVD methods): several merged at once, one
+      thread each (:func:`_merged_at_once`). Other whole-tensor methods keep torch's setting.
+    * NumPy's and SciPy's BLAS on one thread for the SVD methods (:func:`_one_blas_thread`).
     * No cyclic garbage collection: the loop allocates many small Python objects, and every
       collection walks all of torch's (6-8 % of a task-arithmetic merge); nothing it makes is cyclic.
     """
     tune_malloc()
     threads = torch.get_num_threads()
-    serial = plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams)
+    serial = plan.device.type == "cpu" and (plan.method.is_elementwise(plan.hparams) or plan.tensor_workers(threads) > 1)
     collecting = gc.isenabled()
     if serial:
         torch.set_num_threads(1)
     gc.disable()
     try:
-        yield threads
+        with _one_blas_thread(plan):
+            yield threads
     finally:
         if collecting:
             gc.enable()
         if serial:
             torch.set_num_threads(threads)
+
+
+def _one_blas_thread(plan: MergePlan) -> Any:
+    """NumPy's and SciPy's BLAS on one thread for CPU merges of ``tensor_parallel`` methods (the
+    spectral methods' Gram products and eigensolvers), set here, before any worker starts: OpenBLAS
+    did not apply a thread count set from a worker thread to that thread's calls (measured: a
+    2000 x 2000 product in a worker still ran on 2 threads), and 2 BLAS threads per worker fight
+    over the cores."""
+    if plan.device.type != "cpu" or not plan.method.is_tensor_parallel(plan.hparams):
+        return nullcontext()
+    from mergelab.methods._lapack import single_threaded_blas
+
+    return single_threaded_blas()
 
 
 def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[str, torch.Tensor] | Path:
@@ -264,8 +286,20 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in merged_names))
     out = _worker("write")
     with writer if writer is not None else nullcontext():
-        feed = prefetched(plan, computed, buffers)
-        outputs, n_reused = Buffers(), 0  # two output slots: one being written while the other is filled
+        workers = plan.tensor_workers(threads)
+        if workers > 1:
+            feed = _merged_at_once(plan, computed, stats, buffers, workers)
+        else:
+            tied, slots, outputs = set(remaining), count(), Buffers()
+
+            def into(name: str) -> torch.Tensor | None:
+                """One of two output slots (one being written while the other is filled); a kept
+                (tied) tensor needs its own memory."""
+                if writer is None or name in tied:
+                    return None
+                return outputs.get(next(slots) % 2, 0, plan.base.specs[name].nbytes)
+
+            feed = _merged_in_turn(plan, computed, stats, buffers, threads, into)
         written: Future[None] | None = None
         with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar, _drain(lambda: written):
             for name in plan.order:
@@ -275,13 +309,8 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                     if name in copied_names:
                         tensor = plan.base.get(name).clone()
                     else:
-                        fed, raw = next(feed)
+                        fed, tensor = next(feed)  # computed after the previous write was waited for
                         assert fed == canonical
-                        into = None
-                        if writer is not None and canonical not in remaining:  # a kept (tied) tensor needs its own
-                            into, n_reused = outputs.get(n_reused % 2, 0, plan.base.specs[name].nbytes), n_reused + 1
-                        tensor = merge_tensor(plan, canonical, raw, stats, check_finite=plan.n_stat_passes == 0, into=into,
-                                              threads=threads)
                 if canonical in remaining:
                     remaining[canonical] -= 1
                     if remaining[canonical] > 0:
@@ -300,6 +329,58 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
         if writer is not None:
             return writer.commit(extras_from=plan.base.folder)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
+
+
+def _merged_in_turn(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers, threads: int,
+                    into: Callable[[str], torch.Tensor | None]) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """``(name, merged tensor)`` in order, one tensor at a time (its chunks on up to ``threads``
+    threads), the next one's inputs read ahead; each merged into ``into(name)`` if not None."""
+    feed = prefetched(plan, names, buffers)
+    with closing(feed):
+        for name, raw in feed:
+            yield name, merge_tensor(plan, name, raw, stats, check_finite=plan.n_stat_passes == 0, into=into(name),
+                                     threads=threads)
+
+
+def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers,
+                    workers: int) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """``(name, merged tensor)`` in order, ``workers`` tensors read and merged at once, each on one
+    thread (torch's intra-op threads are 1 here: :func:`_quiet_runtime`): for ``tensor_parallel``
+    methods, whose LAPACK calls release the GIL. Up to :data:`LOOKAHEAD` ``* workers`` tensors are
+    started ahead of the one the caller waits for, so the workers move on past small tensors (a
+    layer's biases, alternating with its matrices in name order) while a large one is merged. A
+    running merge reads its tensor into its own buffer slot and releases its pages when done. On an
+    error, or when the caller stops early, no merge runs on past this call."""
+    check = plan.n_stat_passes == 0
+    free_slots: SimpleQueue[int] = SimpleQueue()
+    for slot in range(workers):
+        free_slots.put(slot)
+
+    def job(name: str) -> torch.Tensor:
+        slot = free_slots.get()  # at most `workers` jobs run at once: one is always free
+        try:
+            raw = read_raw(plan, name, buffers, slot)
+            try:
+                return merge_tensor(plan, name, raw, stats, check_finite=check)
+            finally:
+                for source in (plan.base, *plan.models):
+                    source.release(name)
+        finally:
+            free_slots.put(slot)
+
+    pool, todo = _worker("tensors", workers), iter(names)
+    started: deque[tuple[str, Future[torch.Tensor]]] = deque()
+    try:
+        while True:
+            while len(started) < LOOKAHEAD * workers and (name := next(todo, None)) is not None:
+                started.append((name, pool.submit(job, name)))
+            if not started:
+                return
+            name, future = started.popleft()
+            yield name, future.result()
+    finally:
+        for _, future in started:
+            future.cancel() or future.exception()
 
 
 def _wait(future: Future[None] | None) -> None:

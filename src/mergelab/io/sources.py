@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -123,6 +124,7 @@ class SafetensorsSource(TensorSource):
                 self._offset[name] = header.offsets[name]
         self._handles: dict[str, BinaryIO] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._opening = threading.Lock()  # the engine may read several tensors at once
 
     def file_of(self, name: str) -> str:
         return self._file.get(name, self.label)
@@ -137,9 +139,10 @@ class SafetensorsSource(TensorSource):
             raise MergelabError("file is truncated (changed since it was opened?)", file=path, tensor=name)
         if self.copies(name):
             return self._pread(handle, path, name, into)
-        mapping = self._maps.get(path)
-        if mapping is None:
-            mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        with self._opening:
+            mapping = self._maps.get(path)
+            if mapping is None:
+                mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         _advise(mapping, getattr(mmap, "MADV_WILLNEED", None), offset, spec.nbytes)
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
         return data.view(spec.dtype).reshape(spec.shape)
@@ -155,13 +158,14 @@ class SafetensorsSource(TensorSource):
             _advise(mapping, getattr(mmap, "MADV_DONTNEED", None), self._offset[name], self.specs[name].nbytes)
 
     def _handle(self, path: str, name: str) -> BinaryIO:
-        handle = self._handles.get(path)
-        if handle is None:
-            try:
-                handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
-            except OSError as err:
-                raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
-        return handle
+        with self._opening:
+            handle = self._handles.get(path)
+            if handle is None:
+                try:
+                    handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
+                except OSError as err:
+                    raise MergelabError(f"cannot read: {err.strerror}", file=path, tensor=name) from None
+            return handle
 
     def _pread(self, handle: BinaryIO, path: str, name: str, into: torch.Tensor | None) -> torch.Tensor:
         spec = self.specs[name]

@@ -38,9 +38,6 @@ GPU timings of either remain to be measured in this project.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -117,40 +114,20 @@ def _gram_eigh_torch(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tenso
 def _gram_eigh_scipy(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 CPU path: NumPy's ``a.T @ a`` (a ``syrk``: half the products of a general
     GEMM) and LAPACK's ``syevr`` for the ``top`` largest pairs only (MRRR: the vectors not asked
-    for are never computed), ``syevd`` for all of them. Measured on this project's 2-core AMD EPYC,
-    one thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs
-    52 ms vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms. TSV-M of 8 ViT-B/32-shaped tasks:
-    1.6x faster.
+    for are never computed), ``syevd`` for all of them -- SciPy's LAPACK, called without the GIL
+    (:mod:`._lapack`) so that tensors merged at once on several threads run in parallel. Measured on
+    this project's 2-core AMD EPYC, one thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch,
+    MKL), top-97 of 768 eigenpairs 52 ms vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms.
+    TSV-M of 8 ViT-B/32-shaped tasks: 1.6x faster than torch's Gram and ``eigh``.
 
-    SciPy's BLAS runs on one thread here, whatever torch's setting: with two, its worker thread and
-    torch's OpenMP threads (both spin-wait between calls) fought for the 2 cores and TSV-M took
-    10.7 s instead of 6.2 s per layer (torch at 2 threads in both cases). Running these
-    decompositions for several tasks at once on 2 threads gained 7 % and was not kept."""
-    from scipy.linalg import eigh  # type: ignore[import-untyped]
+    SciPy's BLAS runs on one thread here (:func:`._lapack.single_threaded_blas`)."""
+    from mergelab.methods._lapack import eigh_top, single_threaded_blas
 
     a = x.detach().numpy()
-    r = min(a.shape)
-    with _blas_threads(1):
+    with single_threaded_blas():
         gram = a.T @ a if tall else a @ a.T
-        if top < r:
-            lam, w = eigh(gram, subset_by_index=[r - top, r - 1], driver="evr", overwrite_a=True, check_finite=False)
-        else:
-            lam, w = eigh(gram, driver="evd", overwrite_a=True, check_finite=False)
-    return torch.from_numpy(lam[::-1].copy()), torch.from_numpy(w[:, ::-1].copy())
-
-
-def _blas_threads(n: int) -> Any:
-    """A context limiting NumPy's and SciPy's BLAS/LAPACK to ``n`` threads (they have their own
-    thread pools, which ignore ``torch.set_num_threads``), restored on exit."""
-    return _blas_controller().limit(limits=n, user_api="blas")
-
-
-@functools.cache
-def _blas_controller() -> Any:
-    """threadpoolctl's view of the loaded BLAS libraries, built once (first called after SciPy is loaded)."""
-    from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
-
-    return ThreadpoolController()
+        lam, w = eigh_top(gram, top)
+    return torch.from_numpy(lam), torch.from_numpy(w)
 
 
 def error_estimate(lam: torch.Tensor, k: int, gap: bool = False) -> float:

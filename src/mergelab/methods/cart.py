@@ -129,6 +129,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
     "(Sec. 4.1, Fig. 1 blue)",
     check=_check,
+    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def cart(
     taus: torch.Tensor,

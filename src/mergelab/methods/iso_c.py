@@ -63,6 +63,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "scaling 1.0 from FusionBench config/method/isotropic_merging/iso_c.yaml (official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
+    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def iso_c(
     taus: torch.Tensor,

@@ -101,6 +101,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
+    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def iso_cts(
     taus: torch.Tensor,

@@ -98,6 +98,11 @@ class Method:
             ``out`` (the output chunk, in the base's dtype), returning True; False leaves it to ``fn``. It
             must give the same result as ``fn`` (up to float summation order). A collector may likewise offer
             ``observe_raw(pass_index, name, base, models) -> bool``.
+        tensor_parallel: whole tensors of this method may be merged several at once on CPU, each on one
+            torch thread (the engine picks how many: torch's thread count, capped by memory), for
+            methods whose per-tensor work is long and releases the GIL (the SVD methods: one LAPACK
+            call per core scales better than one call on every core). Only where ``fn`` is pure and
+            the method has no statistics passes and no ``finalize``; a bool or ``f(hparams) -> bool``.
         temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in
             the compute dtype) the method holds at its peak when it works on whole tensors, for the
             plan's peak-RAM estimate; ``None``: ``n_models + 4`` (the task vectors, the base, ~3 more).
@@ -119,6 +124,7 @@ class Method:
     presets: Mapping[str, Any] = field(default_factory=dict)
     temporaries: Callable[[dict[str, Any], int], int] | None = None
     fused: Callable[..., bool] | None = None
+    tensor_parallel: bool | Callable[[dict[str, Any]], bool] = False
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
@@ -128,6 +134,9 @@ class Method:
 
     def is_elementwise(self, hparams: dict[str, Any]) -> bool:
         return bool(self.elementwise(hparams) if callable(self.elementwise) else self.elementwise)
+
+    def is_tensor_parallel(self, hparams: dict[str, Any]) -> bool:
+        return bool(self.tensor_parallel(hparams) if callable(self.tensor_parallel) else self.tensor_parallel)
 
     def collector(self, hparams: dict[str, Any], n_models: int) -> Collector | None:
         return self.stats(hparams, n_models) if self.stats is not None else None

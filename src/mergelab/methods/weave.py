@@ -180,6 +180,11 @@ def _elementwise(hp: dict[str, Any]) -> bool:
     return hp["pooling"] != "random" and inner.is_elementwise({**inner_hp, "scaling": 1.0})
 
 
+def _tensor_parallel(hp: dict[str, Any]) -> bool:
+    inner, inner_hp = split(hp)
+    return inner.is_tensor_parallel({**inner_hp, "scaling": 1.0})
+
+
 def random_choice(shape: torch.Size, n_members: int, ctx: TensorCtx, device: torch.device) -> torch.Tensor:
     """Per element, the index in A* of the member random pooling takes (uniform, seeded per tensor)."""
     gen = ctx.generator("/weave")
@@ -284,6 +289,7 @@ def _record_pending(stats: WeaveStats, before: int, ctx: TensorCtx, a: torch.Ten
     finalize=_finalize,
     randomized=True,
     elementwise=_elementwise,
+    tensor_parallel=_tensor_parallel,
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)
