@@ -22,6 +22,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -114,35 +115,44 @@ def _finetune(base_path: Path, path: Path, index: int) -> None:
 
 @contextlib.contextmanager
 def decomposition_timer() -> Iterator[dict[str, float]]:
-    """Accumulates seconds and calls inside ``torch.linalg.svd``, ``torch.linalg.eigh`` and
-    ``scipy.linalg.eigh`` (mergelab's float64 CPU path; counted as eigh). Every implementation looks
-    them up on their module at call time, so wrapping them there counts all."""
+    """Accumulates seconds and calls inside ``torch.linalg.svd``, ``torch.linalg.eigh``,
+    ``scipy.linalg.eigh`` and mergelab's GIL-free LAPACK eigensolver (``_lapack.eigh_top``, its float64
+    CPU path), the last two counted as eigh. Every implementation looks them up on their module at
+    call time, so wrapping them there counts all. Calls on several threads at once add up: thread
+    seconds."""
     import torch
 
-    modules = [torch.linalg]
+    wrapped = [(torch.linalg, "svd", "svd"), (torch.linalg, "eigh", "eigh")]
     try:
         import scipy.linalg
 
-        modules.append(scipy.linalg)
+        wrapped.append((scipy.linalg, "eigh", "eigh"))
     except ImportError:  # a benchmark venv without SciPy
         pass
-    spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}
-    originals = {(module, name): getattr(module, name) for module in modules for name in ("svd", "eigh")
-                 if module is torch.linalg or name == "eigh"}
+    try:
+        from mergelab.methods import _lapack
 
-    def timed(original: Any, name: str) -> Any:
+        wrapped.append((_lapack, "eigh_top", "eigh"))
+    except ImportError:  # FusionBench's venv
+        pass
+    spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}
+    lock = threading.Lock()
+    originals = {(module, name): getattr(module, name) for module, name, _ in wrapped}
+
+    def timed(original: Any, kind: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                spent[name] += time.perf_counter() - start
-                spent[f"{name}_calls"] += 1
+                with lock:
+                    spent[kind] += time.perf_counter() - start
+                    spent[f"{kind}_calls"] += 1
 
         return call
 
-    for (module, name), original in originals.items():
-        setattr(module, name, timed(original, name))
+    for module, name, kind in wrapped:
+        setattr(module, name, timed(originals[module, name], kind))
     try:
         yield spent
     finally:

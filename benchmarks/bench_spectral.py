@@ -21,9 +21,12 @@ Jobs, each in a fresh process (clock started after the imports), one after the o
   to the base, saved with ``save_file``. ``fn s`` is the merging function alone; ``total s``
   includes loading and saving, like mergelab's. Float32 throughout, as FusionBench runs.
 
-Per job: wall seconds, seconds inside ``torch.linalg.svd`` / ``torch.linalg.eigh`` / ``scipy.linalg.eigh`` (timed by
-wrapping them in the child; mergelab's Gram-matrix products are not inside), their share, peak
-RSS (``VmHWM``). ``--threads N`` sets torch's threads in every job (both sides alike). The outputs are compared: relative Frobenius difference of the merged task vectors
+Per job: wall seconds, seconds inside ``torch.linalg.svd`` / ``torch.linalg.eigh`` / ``scipy.linalg.eigh`` /
+mergelab's ``_lapack.eigh_top`` (timed by wrapping them in the child; mergelab's Gram-matrix products
+are not inside; summed over the tensors mergelab merges at once), their share of the wall time (times
+the tensors at once), peak RSS (``VmHWM``). ``--threads N`` sets torch's threads in every job (both sides alike): FusionBench's SVDs use them
+inside LAPACK, mergelab merges N tensors at once, one thread each. Results: ``results/spectral.json``
+with one thread, ``spectral-threads<N>.json`` otherwise. The outputs are compared: relative Frobenius difference of the merged task vectors
 (all tensors together, and the worst tensor) between mergelab and FusionBench (FusionBench computes
 its SVDs in float32, mergelab in float64). The load average before and after is recorded: on a
 shared machine other work competes for the cores.
@@ -60,13 +63,16 @@ FB_METHODS = ("tsv", "iso_c", "iso_cts")
 
 
 def mergelab_job(job: dict) -> dict:
-    import mergelab  # noqa: F401  (before the clock)
+    import mergelab
 
+    plan = mergelab.plan(job["method"], job["base"], job["models"], **job["hparams"])  # before the clock
+    workers = plan.tensor_workers()
+    plan.close()
     with decomposition_timer() as spent:
         start = time.perf_counter()
         mergelab.merge(job["method"], job["base"], job["models"], out=job["out"], progress=False, **job["hparams"])
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "fn_seconds": None, **spent}
+    return {"seconds": seconds, "fn_seconds": None, **spent, "workers": workers}
 
 
 def fusionbench_job(job: dict) -> dict:
@@ -96,7 +102,7 @@ def fusionbench_job(job: dict) -> dict:
         out = {k: (v + scaling * merged[k]).contiguous() if k in merged else v for k, v in base.items()}
         save_file(out, job["out"])
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "fn_seconds": fn_seconds, **spent, "torch_threads": torch.get_num_threads()}
+    return {"seconds": seconds, "fn_seconds": fn_seconds, **spent, "torch_threads": torch.get_num_threads(), "workers": 1}
 
 
 def child(job: dict) -> None:
@@ -161,8 +167,9 @@ def main() -> None:
                 "seconds": best["seconds"],
                 "runs_seconds": [r["seconds"] for r in results],
                 "fn_seconds": best["fn_seconds"],
-                "decomposition_seconds": decomposition,
-                "decomposition_share": decomposition / best["seconds"],
+                "decomposition_seconds": decomposition,  # thread seconds: summed over tensors merged at once
+                "decomposition_share": decomposition / (best["seconds"] * best["workers"]),
+                "tensors_at_once": best["workers"],
                 "svd_calls": best["svd_calls"],
                 "eigh_calls": best["eigh_calls"],
                 "peak_rss_mb": best["peak_rss_mb"],
@@ -197,19 +204,21 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if (args.tasks, args.layers) == (8, 12) else f"-t{args.tasks}-l{args.layers}"
+    threads = rows[0]["torch_threads"] if rows else 1
+    suffix += "" if threads == 1 else f"-threads{threads}"
     (RESULTS / f"spectral{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows, comparisons, args.repeat))
 
 
 def table(rows: list[dict], comparisons: dict, repeat: int) -> str:
     lines = [
-        f"| impl | method | total s (best of {repeat}) | fn s | svd+eigh s | share | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| impl | method | threads | tensors at once | total s (best of {repeat}) | fn s | svd+eigh s | share | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fn = "" if r["fn_seconds"] is None else f"{r['fn_seconds']:.1f}"
         lines.append(
-            f"| {r['impl']} | {r['method']} | {r['seconds']:.1f} | {fn} | {r['decomposition_seconds']:.1f} | "
+            f"| {r['impl']} | {r['method']} | {r['torch_threads']} | {r['tensors_at_once']} | {r['seconds']:.1f} | {fn} | {r['decomposition_seconds']:.1f} | "
             f"{r['decomposition_share']:.0%} | {r['peak_rss_mb']:.0f} |"
         )
     for key, c in comparisons.items():

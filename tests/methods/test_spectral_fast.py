@@ -21,24 +21,28 @@ from mergelab.methods.tsv import tsv, tsv_matrix
 
 TOL32 = tolerance(torch.float32)
 _svd_module = sys.modules["mergelab.methods._svd"]
+_spectral_module = sys.modules["mergelab.methods._spectral"]
 
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts how often the Gram path and the exact SVD run."""
-    counts = {"gram": 0, "exact": 0}
+    """Counts how often the Gram path's eigendecomposition and the exact SVD run (and Gram matrices
+    found too ill-conditioned to decompose: ``skipped``)."""
+    counts = {"gram": 0, "exact": 0, "skipped": 0}
     gram_eigh, exact = _svd_module.gram_eigh, _svd_module.svd
 
-    def counting_gram(x, top=None):
-        counts["gram"] += 1
-        return gram_eigh(x, top)
+    def counting_gram(x, top=None, floor=0.0):
+        found = gram_eigh(x, top, floor)
+        counts["gram" if found is not None else "skipped"] += 1
+        return found
 
     def counting_exact(x):
         counts["exact"] += 1
         return exact(x)
 
-    monkeypatch.setattr(_svd_module, "gram_eigh", counting_gram)
-    monkeypatch.setattr(_svd_module, "svd", counting_exact)
+    for module in (_svd_module, _spectral_module):  # polar_and_spectrum calls them from _spectral
+        monkeypatch.setattr(module, "gram_eigh", counting_gram)
+        monkeypatch.setattr(module, "svd", counting_exact)
     return counts
 
 
@@ -73,7 +77,7 @@ def test_gram_path_by_hand(paths):
     # x = [[0, 3], [4, 0], [0, 0]]: x^T x = diag(16, 9), so s = (4, 3), V = (e1, e2), U = x V / s = (e2, e1)
     x = torch.tensor([[0.0, 3.0], [4.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     U, S, Vh = fast_svd(x, None, TOL32)
-    assert paths == {"gram": 1, "exact": 0}
+    assert paths == {"gram": 1, "exact": 0, "skipped": 0}
     assert_close(S, torch.tensor([4.0, 3.0], dtype=torch.float64), rtol=0, atol=1e-15)
     assert_close((U * S) @ Vh, x, rtol=0, atol=1e-14)
     assert_close(U.abs(), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64), rtol=0, atol=1e-15)
@@ -84,12 +88,12 @@ def test_gram_path_by_hand(paths):
 
 def test_rank_deficient_input_takes_the_exact_path(paths):
     x = torch.outer(torch.arange(1.0, 6.0), torch.arange(1.0, 5.0)).double()  # rank 1
-    fast = fast_svd(x, None, TOL32)  # every triplet used: zero singular values -> estimate inf
-    assert paths == {"gram": 1, "exact": 1}
+    fast = fast_svd(x, None, TOL32)  # every triplet used: zero singular values, seen before decomposing
+    assert paths == {"gram": 0, "exact": 1, "skipped": 1}
     for got, want in zip(fast, svd(x), strict=True):
         assert torch.equal(got, want)
     U, S, Vh = fast_svd(x, 1, TOL32)  # only the top triplet: well conditioned, the fast path stands
-    assert paths == {"gram": 2, "exact": 1}
+    assert paths == {"gram": 1, "exact": 1, "skipped": 1}
     assert_close((U * S) @ Vh, x, rtol=1e-14, atol=0)
 
 
@@ -97,7 +101,7 @@ def test_tol_zero_and_float32_never_try_the_gram_path(paths):
     x = torch.randn(6, 4, dtype=torch.float64)
     fast_svd(x, None, 0.0)
     fast_svd(x.float(), None, TOL32)
-    assert paths == {"gram": 0, "exact": 2}
+    assert paths == {"gram": 0, "exact": 2, "skipped": 0}
 
 
 def test_exact_svd_of_a_wide_matrix_goes_through_its_transpose():
@@ -235,12 +239,13 @@ def test_scipy_gram_path_equals_the_torch_path(m, n, top, seed):
     r = min(m, n)
     want = r if top is None else min(top, r)
     lam, w, tall = _svd_module.gram_eigh(x, top)
-    lam_ref, w_ref = _svd_module._gram_eigh_torch(x, m >= n, want)
+    every, vectors = torch.linalg.eigh(x.mT @ x if m >= n else x @ x.mT)
+    every, vectors = every.flip(0), vectors.flip(1)
+    lam_ref, w_ref = every[:want], vectors[:, :want]
     assert tall == (m >= n) and lam.shape == (want,) and w.shape == (r, want)
     assert torch.allclose(lam, lam_ref, rtol=0, atol=1e3 * EPS64 * float(lam_ref[0]))
     # eigenvectors agree up to sign (random Gram matrices have distinct eigenvalues)
     signs = torch.sign((w * w_ref).sum(dim=0))
-    every = _svd_module._gram_eigh_torch(x, m >= n, r)[0]
     spaced = torch.cat([every[:-1] - every[1:], torch.tensor([float("inf")], dtype=every.dtype)]) > 1e-6 * float(every[0])
     clear = spaced.clone()
     clear[1:] &= spaced[:-1]  # separated from both neighbours: the vector is unique up to sign
@@ -254,3 +259,46 @@ def test_scipy_gram_path_leaves_blas_threads_as_they_were():
     _svd_module.gram_eigh(torch.randn(30, 20, dtype=torch.float64), 3)
     after = [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info()]
     assert [entry for entry in after if entry in before] == before  # libraries loaded by the call may be added
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.floats(-12, 0), st.floats(-14, -1), st.integers(0, 10_000))
+def test_smallest_below_is_never_wrong_when_it_says_so(n, log_smallest, log_ratio, seed):
+    """A Gram matrix with eigenvalues 1 .. 10^log_smallest: when the check says the smallest is below
+    ratio x the largest, it is (the check may miss a case; then the error estimate decides)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    lam = torch.logspace(0, log_smallest, n, dtype=torch.float64)
+    gram = (q * lam) @ q.mT
+    ratio = 10.0**log_ratio
+    if _svd_module.smallest_below(gram, ratio):
+        assert float(lam.min()) < ratio * float(lam.max()) * (1 + 1e-6)
+    if float(lam.min()) < 0.25 * ratio * float(lam.max()):  # clearly below: the power steps' rho is within 4x of lam_1
+        assert _svd_module.smallest_below(gram, ratio)
+
+
+def test_smallest_below_by_hand():
+    gram = torch.diag(torch.tensor([4.0, 1.0, 1e-3], dtype=torch.float64))
+    assert _svd_module.smallest_below(gram, 1e-3)  # 1e-3 < 1e-3 x 4
+    assert not _svd_module.smallest_below(gram, 1e-4)  # 1e-3 > 4e-4
+    assert _svd_module.smallest_below(torch.zeros(3, 3, dtype=torch.float64), 1e-9)
+
+
+def test_ill_conditioned_sums_skip_the_eigendecomposition(monkeypatch):
+    """Every triplet used (Iso-C) and a Gram matrix too ill-conditioned for the tolerance: straight to
+    the exact SVD, with the exact result; a well-conditioned one takes the Gram path."""
+    calls = []
+    real = _svd_module.eigh_top
+    monkeypatch.setattr(_svd_module, "eigh_top", lambda *a: calls.append(a[1]) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(60, 40, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
+    tol = _svd_module.tolerance(torch.float32)
+    bad = (u * torch.logspace(0, -6, 40, dtype=torch.float64)) @ v.mT  # lam_1 / lam_40 = 1e12
+    U, S, Vh = _svd_module.fast_svd(bad, None, tol)
+    assert calls == []
+    U0, S0, Vh0 = _svd_module.svd(bad)
+    assert torch.equal(S, S0) and torch.equal(U, U0) and torch.equal(Vh, Vh0)
+    good = (u * torch.logspace(0, -1, 40, dtype=torch.float64)) @ v.mT
+    _svd_module.fast_svd(good, None, tol)
+    assert calls == [40]

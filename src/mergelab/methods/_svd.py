@@ -7,7 +7,7 @@ tall ``x`` (m >= n), ``x^T x = W diag(lam) W^T`` gives ``V = W``, ``s = sqrt(lam
 (wide: the transpose). One GEMM and one symmetric eigendecomposition of ``min(m, n)`` replace a
 full SVD, and only the eigenpairs a method uses are computed: on this project's CPU (float64, one
 thread) the top 97 of 768 pairs of a 3072 x 768 task matrix take 103 ms in all (Gram, eigenpairs,
-``U``), its float32 SVD (the official codes' numerics) 275-290 ms (see :func:`_gram_eigh_scipy`).
+``U``), its float32 SVD (the official codes' numerics) 275-290 ms (see :func:`gram_eigh`).
 
 Why it is accurate enough, and when it is not. The computed eigenpairs are exact for a Gram matrix
 perturbed by about ``eps64 * lam_1`` (backward stability of ``eigh``; forming ``x^T x`` from
@@ -38,7 +38,11 @@ GPU timings of either remain to be measured in this project.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+
+from mergelab.methods._lapack import eigh_top, single_threaded_blas
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -90,44 +94,70 @@ def solver(device: torch.device, dtype: torch.dtype, tol: float) -> str:
     return "lapack" if driver is None else f"cusolver-{driver}"
 
 
-def gram_eigh(x: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def gram_eigh(
+    x: torch.Tensor, top: int | None = None, floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """Eigenvalues (descending) and eigenvectors of ``x``'s Gram matrix on its smaller side -- only
     the ``top`` largest if given -- and whether ``x`` is tall (then the eigenvectors are its right
-    singular vectors, else its left). Float64 on CPU goes through SciPy (:func:`_gram_eigh_scipy`),
-    everything else through torch (:func:`_gram_eigh_torch`); both give the same pairs."""
+    singular vectors, else its left). ``None`` instead, before any eigendecomposition, when the
+    smallest eigenvalue is certainly below ``floor`` times the largest (:func:`smallest_below`).
+    Float64 on CPU: NumPy's ``a.T @ a`` (a ``syrk``: half the products of a general GEMM) and
+    LAPACK's ``syevr`` for the ``top`` largest pairs only (MRRR: the vectors not asked for are never
+    computed), ``syevd`` for all of them -- SciPy's LAPACK called without the GIL
+    (:func:`._lapack.eigh_top`), so that tensors merged at once run in parallel; SciPy's BLAS on one
+    thread (:func:`._lapack.single_threaded_blas`). Measured on this project's 2-core AMD EPYC, one
+    thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs 52 ms
+    vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms. Elsewhere (float32, CUDA): torch's
+    product and ``eigh``; both give the same pairs."""
     tall = x.shape[-2] >= x.shape[-1]
     r = min(x.shape[-2:])
     top = r if top is None else min(top, r)
-    if x.device.type == "cpu" and x.dtype == torch.float64 and x.dim() == 2:
-        lam, w = _gram_eigh_scipy(x, tall, top)
-    else:
-        lam, w = _gram_eigh_torch(x, tall, top)
+    on_lapack = x.device.type == "cpu" and x.dtype == torch.float64 and x.dim() == 2
+    with single_threaded_blas() if on_lapack else nullcontext():
+        if on_lapack:
+            a = x.detach().numpy()
+            gram = torch.from_numpy(a.T @ a if tall else a @ a.T)
+        else:
+            gram = x.mT @ x if tall else x @ x.mT  # (r, r), r = min(m, n)
+        if floor > 0 and smallest_below(gram, floor):
+            return None
+        if on_lapack:
+            lam, w = (torch.from_numpy(v) for v in eigh_top(gram.numpy(), top))
+        else:
+            lam, w = torch.linalg.eigh(gram)  # ascending
+            lam, w = lam.flip(-1)[..., :top], w.flip(-1)[..., :top]
     return lam, w, tall
 
 
-def _gram_eigh_torch(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gram = x.mT @ x if tall else x @ x.mT  # (r, r), r = min(m, n)
-    lam, w = torch.linalg.eigh(gram)  # ascending
-    return lam.flip(-1)[..., :top], w.flip(-1)[..., :top]
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; float64 2-D CPU tensors through NumPy's BLAS (OpenBLAS, one thread), faster here than
+    torch's MKL on this AMD CPU (one thread: 768 x 768 x 768 17 ms vs 20; 3072 x 768 x 97 12.5 ms vs
+    17), the GIL released alike."""
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float64 and a.dim() == b.dim() == 2:
+        with single_threaded_blas():
+            return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
+    return a @ b
 
 
-def _gram_eigh_scipy(x: torch.Tensor, tall: bool, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 CPU path: NumPy's ``a.T @ a`` (a ``syrk``: half the products of a general
-    GEMM) and LAPACK's ``syevr`` for the ``top`` largest pairs only (MRRR: the vectors not asked
-    for are never computed), ``syevd`` for all of them -- SciPy's LAPACK, called without the GIL
-    (:mod:`._lapack`) so that tensors merged at once on several threads run in parallel. Measured on
-    this project's 2-core AMD EPYC, one thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch,
-    MKL), top-97 of 768 eigenpairs 52 ms vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms.
-    TSV-M of 8 ViT-B/32-shaped tasks: 1.6x faster than torch's Gram and ``eigh``.
-
-    SciPy's BLAS runs on one thread here (:func:`._lapack.single_threaded_blas`)."""
-    from mergelab.methods._lapack import eigh_top, single_threaded_blas
-
-    a = x.detach().numpy()
-    with single_threaded_blas():
-        gram = a.T @ a if tall else a @ a.T
-        lam, w = eigh_top(gram, top)
-    return torch.from_numpy(lam), torch.from_numpy(w)
+def smallest_below(gram: torch.Tensor, ratio: float) -> bool:
+    """Whether the symmetric positive semi-definite ``gram``'s smallest eigenvalue is certainly below
+    ``ratio`` times its largest, at a small fraction of an eigendecomposition's cost: then the
+    Cholesky factorisation of ``gram - mu I`` fails, with ``mu = ratio * rho`` and ``rho <= lam_1``
+    a Rayleigh quotient after a few power steps (0.8 ms + 4 ms on 768 x 768 against 80 ms for all
+    eigenpairs). Lets :func:`fast_svd` skip eigendecompositions whose error estimate would fail: the
+    sums of square task matrices that Iso-C decomposes are mostly that ill-conditioned (4 of 7
+    matrices per ViT-B/32 layer). A factorisation that succeeds proves nothing; the caller's error
+    estimate still decides."""
+    v = gram[:, int(gram.diagonal().argmax())]
+    for _ in range(4):  # from the column of the largest diagonal entry: rho >= max_i G_ii already
+        norm = torch.linalg.vector_norm(v)
+        if not bool(norm > 0):
+            return True  # a zero matrix: no eigenvalue is resolved
+        v = gram @ (v / norm)
+    rho = float(v @ (gram @ v)) / float(v @ v)
+    shifted = gram.clone()
+    shifted.diagonal().sub_(ratio * rho)
+    return bool(torch.linalg.cholesky_ex(shifted).info > 0)
 
 
 def error_estimate(lam: torch.Tensor, k: int, gap: bool = False) -> float:
@@ -153,12 +183,15 @@ def fast_svd(
     r = min(x.shape)
     k = r if k is None else min(k, r)
     if k > 0 and solver(x.device, x.dtype, tol) == "gram":
-        lam, w, tall = gram_eigh(x, k + 1)  # lam[k] too: the gap below the kept directions
-        if error_estimate(lam, k, gap) <= tol:
+        # every triplet used: the estimate divides by the smallest eigenvalue, which a Cholesky
+        # factorisation checks first (ill-conditioned sums go straight to the exact path)
+        found = gram_eigh(x, k + 1, EPS64 / tol if k == r else 0.0)  # lam[k] too: the gap below the kept directions
+        if found is not None and error_estimate(found[0], k, gap) <= tol:
+            lam, w, tall = found
             s = lam[:k].sqrt()
             w = w[:, :k]
             if tall:
-                return (x @ w) / s, s, w.mT  # U = x V / s
-            return w, s, (w.mT @ x) / s[:, None]  # Vh = U^T x / s
+                return matmul(x, w / s), s, w.mT  # U = x V / s
+            return w, s, matmul((w / s).mT, x)  # Vh = U^T x / s
     U, S, Vh = svd(x)
     return U[:, :k], S[:k], Vh[:k]

@@ -36,18 +36,18 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, significant
-from mergelab.methods._svd import fast_svd, tolerance
+from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar_and_spectrum
+from mergelab.methods._svd import tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
 def iso_c_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: float = 0.0) -> torch.Tensor:
-    """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; the SVD
-    by ``_svd.fast_svd`` with error tolerance ``tol`` (0: exact)."""
-    # every triplet is used (a flat spectrum): the Gram path must resolve the smallest one
-    U, S, Vh = fast_svd(taus.sum(dim=0).to(dtype), None, tol)  # (m, r) (r,) (r, n)
-    keep = significant(S, taus.shape[1:])  # directions of zero singular values are arbitrary: dropped
-    return ((U[:, keep] * flat_spectrum(S)[keep]) @ Vh[keep]).to(taus.dtype)
+    """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``: ``mean(s) U V^T``
+    is the mean singular value times the sum's polar factor (``_spectral.polar_and_spectrum``, error
+    tolerance ``tol``, 0: exact SVD), over its significant directions (those of zero singular values
+    are arbitrary: dropped)."""
+    factor, s = polar_and_spectrum(taus.sum(dim=0).to(dtype), tol)
+    return (factor * s.mean()).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, polar, significant
-from mergelab.methods._svd import fast_svd, tolerance
+from mergelab.methods._svd import fast_svd, matmul, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
@@ -82,7 +82,7 @@ def iso_cts_matrix(
     keep = significant(s, (m, n))  # triplets of zero singular values have arbitrary vectors: dropped
     if not bool(keep.any()):
         return torch.zeros_like(taus[0])
-    return ((polar(u[:, keep], tol) * flat[keep]) @ polar(vh[keep], tol)).to(taus.dtype)
+    return matmul(polar(u[:, keep], tol) * flat[keep], polar(vh[keep], tol)).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:

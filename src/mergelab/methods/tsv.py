@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar, significant
-from mergelab.methods._svd import fast_svd, tolerance
+from mergelab.methods._svd import fast_svd, matmul, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
@@ -71,7 +71,7 @@ def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: floa
     if not bool(keep.any()):
         return torch.zeros_like(taus[0])
     u, s, vh = u[:, keep], s[keep], vh[keep]
-    return ((polar(u, tol) * s) @ polar(vh, tol)).to(taus.dtype)
+    return matmul(polar(u, tol) * s, polar(vh, tol)).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
