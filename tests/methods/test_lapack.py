@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.linalg import eigh
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mergelab.methods._lapack import _routine, eigh_top, single_threaded_blas
+from mergelab.methods._lapack import _routine, eigh_top, single_threaded_blas, svd
 
 
 def symmetric(n: int, seed: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_eigh_top_refuses_what_it_does_not_take(array, top):
 
 def test_the_calls_release_the_gil():
     """ctypes releases the GIL around a foreign call unless the function type is a PYFUNCTYPE."""
-    for name in ("dsyevr", "dsyevd"):
+    for name in ("dsyevr", "dsyevd", "dgesdd", "sgesdd"):
         assert not type(_routine(name))._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
 
 
@@ -78,3 +78,28 @@ def test_single_threaded_blas_nested_across_threads():
             thread.join()
             assert set(blas_threads()) == {1}
         assert blas_threads() == before
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 50), st.sampled_from([np.float64, np.float32]), st.integers(0, 10_000))
+def test_svd_is_an_exact_reduced_svd(m, n, dtype, seed):
+    """Any orientation and precision: singular values as torch's, U and Vh orthonormal, U S Vh = x, x untouched."""
+    import torch
+
+    x = np.random.default_rng(seed).standard_normal((m, n)).astype(dtype)
+    before = x.copy()
+    U, s, Vh = svd(x)
+    r = min(m, n)
+    eps = np.finfo(dtype).eps
+    assert U.shape == (m, r) and s.shape == (r,) and Vh.shape == (r, n) and U.dtype == s.dtype == Vh.dtype == dtype
+    assert np.array_equal(x, before) and np.all(np.diff(s) <= 0)
+    assert np.allclose(s, torch.linalg.svdvals(torch.from_numpy(x)).numpy(), rtol=0, atol=50 * eps * s[0])
+    assert np.allclose(U.T @ U, np.eye(r), atol=50 * r * eps) and np.allclose(Vh @ Vh.T, np.eye(r), atol=50 * r * eps)
+    assert np.allclose((U * s) @ Vh, x, atol=50 * max(m, n) * eps * s[0])
+
+
+def test_svd_by_hand():
+    U, s, Vh = svd(np.array([[3.0, 0.0], [0.0, -2.0], [0.0, 0.0]]))
+    assert np.array_equal(s, [3.0, 2.0])
+    assert np.array_equal(np.abs(U), [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]) and np.array_equal(np.abs(Vh), np.eye(2))
+    assert np.array_equal((U * s) @ Vh, [[3.0, 0.0], [0.0, -2.0], [0.0, 0.0]])

@@ -1,5 +1,5 @@
-"""LAPACK's symmetric eigensolvers, called without holding Python's GIL, and SciPy's BLAS kept to one
-thread while they run.
+"""LAPACK's symmetric eigensolvers and SVD, called without holding Python's GIL, and SciPy's BLAS kept
+to one thread while they run.
 
 SciPy's own wrappers (``scipy.linalg.eigh``, ``scipy.linalg.lapack``) hold the GIL for the whole
 LAPACK call: two threads decomposing two matrices took as long as one thread decomposing both
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-_ARGS = {"dsyevr": 21, "dsyevd": 11}  # argument counts (cython_lapack.pxd); every argument is a pointer
+_ARGS = {"dsyevr": 21, "dsyevd": 11, "dgesdd": 14, "sgesdd": 14}  # (cython_lapack.pxd); every argument a pointer
 
 
 @functools.cache
@@ -76,6 +76,38 @@ def eigh_top(a: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
         raise np.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info.value})")
     # ascending in LAPACK; a Fortran column (one eigenvector) is a row of the C-ordered result
     return w[:top][::-1].copy(), vectors[::-1].T.copy()
+
+
+def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reduced SVD ``U (m, r)``, ``s (r,)`` descending, ``Vh (r, n)`` of the 2-D float32 or float64
+    ``x`` (left unchanged) by LAPACK's ``gesdd`` (divide and conquer, what ``torch.linalg.svd`` runs
+    on CPU, there MKL's). LAPACK is always handed the tall orientation (rows >= columns), the faster
+    one here. One thread, this project's 2-core AMD EPYC, against torch 2.13's MKL (best orientation):
+    768 x 768 float64 176 ms vs 198, float32 95 vs 112; 3072 x 768 float64 332-415 ms vs 475, float32
+    202-234 vs 267. Raises ``numpy.linalg.LinAlgError`` if LAPACK reports a failure."""
+    m, n = x.shape
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError("svd takes a 2-D float32 or float64 array")
+    tall = m >= n
+    # LAPACK reads column-major: a C-ordered copy of x^T is x to it (tall); a C-ordered copy of a wide x is x^T
+    a = np.array(x.T if tall else x, order="C", copy=True)  # always a copy: gesdd overwrites it
+    rows, cols = (m, n) if tall else (n, m)
+    r = min(m, n)
+    s, left, right = np.empty(r, x.dtype), np.empty((r, rows), x.dtype), np.empty((cols, r), x.dtype)
+    iwork, info = np.empty(max(1, 8 * r), dtype=np.intc), ctypes.c_int(0)
+    routine = _routine("dgesdd" if x.dtype == np.float64 else "sgesdd")
+    head = [b"S", _int(rows), _int(cols), a.ctypes.data, _int(rows), s.ctypes.data, left.ctypes.data, _int(rows),
+            right.ctypes.data, _int(r)]
+    size = np.zeros(1, x.dtype)
+    routine(*head, size.ctypes.data, _int(-1), iwork.ctypes.data, ctypes.byref(info))
+    work = np.empty(max(1, int(size[0])), x.dtype)
+    routine(*head, work.ctypes.data, _int(work.size), iwork.ctypes.data, ctypes.byref(info))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"LAPACK gesdd failed (info={info.value})")
+    # column-major U (rows x r) is the C array `left` transposed, column-major VT (r x cols) is `right` transposed
+    if tall:
+        return left.T, s, right.T
+    return right, s, left  # x^T = U' S V'^T, so x = V' S U'^T
 
 
 def _workspace(routine: Callable[..., None], head: list[Any], info: ctypes.c_int) -> tuple[np.ndarray, np.ndarray]:
