@@ -116,10 +116,10 @@ def _finetune(base_path: Path, path: Path, index: int) -> None:
 @contextlib.contextmanager
 def decomposition_timer() -> Iterator[dict[str, float]]:
     """Accumulates seconds and calls inside ``torch.linalg.svd``, ``torch.linalg.eigh``,
-    ``scipy.linalg.eigh`` and mergelab's GIL-free LAPACK eigensolver (``_lapack.eigh_top``, its float64
-    CPU path), the last two counted as eigh. Every implementation looks them up on their module at
-    call time, so wrapping them there counts all. Calls on several threads at once add up: thread
-    seconds."""
+    ``scipy.linalg.eigh`` and mergelab's GIL-free LAPACK calls (its float64 CPU path: ``eigh_top``
+    counted as eigh, ``lapack_svd`` as svd, wrapped where ``_svd`` looks them up). Every
+    implementation looks them up on their module at call time, so wrapping them there counts all.
+    Calls on several threads at once add up: thread seconds."""
     import torch
 
     wrapped = [(torch.linalg, "svd", "svd"), (torch.linalg, "eigh", "eigh")]
@@ -130,9 +130,9 @@ def decomposition_timer() -> Iterator[dict[str, float]]:
     except ImportError:  # a benchmark venv without SciPy
         pass
     try:
-        from mergelab.methods import _lapack
+        from mergelab.methods import _svd
 
-        wrapped.append((_lapack, "eigh_top", "eigh"))
+        wrapped += [(_svd, "eigh_top", "eigh"), (_svd, "lapack_svd", "svd")]
     except ImportError:  # FusionBench's venv
         pass
     spent = {"svd": 0.0, "eigh": 0.0, "svd_calls": 0, "eigh_calls": 0}

@@ -27,7 +27,7 @@ PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after impor
 MALLOC_TRIM_BYTES = 64 * 2**20  # stream.tune_malloc's trim threshold: freed memory an allocator arena may keep
 MALLOC_KEPT_BYTES = 3 * MALLOC_TRIM_BYTES  # x 3 threads (main, reader, writer)
 CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
-LOOKAHEAD_PER_WORKER = 4  # stream.LOOKAHEAD
+LOOKAHEAD_PER_WORKER = 4  # tensor-parallel merges: tensors started ahead of the one awaited (stream._merged_at_once)
 
 
 @dataclass
@@ -93,7 +93,7 @@ class MergePlan:
         storage = self._storage_itemsize()
         workers = self.tensor_workers()
         if workers > 1:  # each worker: its tensor's inputs, output and temporaries; outputs merged ahead
-            # (stream.LOOKAHEAD per worker) and one being written
+            # (LOOKAHEAD_PER_WORKER per worker) and one being written
             ahead = (LOOKAHEAD_PER_WORKER - 1) * workers + 1
             return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + workers * (MALLOC_TRIM_BYTES + self._tensor_bytes()) \
                 + ahead * n * storage + self._aliased_bytes()

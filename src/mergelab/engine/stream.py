@@ -69,7 +69,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _MALLOC_TUNED = False
 
 
-LOOKAHEAD = LOOKAHEAD_PER_WORKER  # tensor-parallel merges: tensors started ahead of the one awaited, per worker
 CHUNK_ELEMENTS = {"cpu": CHUNK_ELEMENTS_CPU, "cuda": 1 << 24}  # per task row; ~1 MB of float32 per row on CPU
 
 
@@ -346,7 +345,7 @@ def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buff
                     workers: int) -> Generator[tuple[str, torch.Tensor], None, None]:
     """``(name, merged tensor)`` in order, ``workers`` tensors read and merged at once, each on one
     thread (torch's intra-op threads are 1 here: :func:`_quiet_runtime`): for ``tensor_parallel``
-    methods, whose LAPACK calls release the GIL. Up to :data:`LOOKAHEAD` ``* workers`` tensors are
+    methods, whose LAPACK calls release the GIL. Up to ``LOOKAHEAD_PER_WORKER * workers`` tensors are
     started ahead of the one the caller waits for, so the workers move on past small tensors (a
     layer's biases, alternating with its matrices in name order) while a large one is merged. A
     running merge reads its tensor into its own buffer slot and releases its pages when done. On an
@@ -372,7 +371,7 @@ def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buff
     started: deque[tuple[str, Future[torch.Tensor]]] = deque()
     try:
         while True:
-            while len(started) < LOOKAHEAD * workers and (name := next(todo, None)) is not None:
+            while len(started) < LOOKAHEAD_PER_WORKER * workers and (name := next(todo, None)) is not None:
                 started.append((name, pool.submit(job, name)))
             if not started:
                 return

@@ -26,7 +26,11 @@ Speed (``_svd``): with ``svd_dtype="float64"`` and a float32 result, each SVD is
 an eigendecomposition of the float64 Gram matrix (top-k triplets only where a method needs only
 those), checked against an error estimate below float32 rounding, with the exact SVD as fallback;
 the result is that of the exact float64 SVDs up to last-bit flips (tests check it), several times
-faster on CPU than the exact path. A float64 compute dtype always gets the exact SVDs.
+faster on CPU than the exact path (a Cholesky factorisation first rules out Gram matrices too
+ill-conditioned for the estimate, so those go straight to the exact SVD). A float64 compute dtype
+always gets the exact SVDs. On CPU every float64 decomposition and product releases the GIL (SciPy's
+LAPACK through ``_lapack``, NumPy's BLAS on one thread), and the engine merges several tensors at
+once, one per core (``tensor_parallel`` in the registry, ``engine.stream``).
 
 Which 2-D tensors are "matrices" is decided by :func:`is_matrix` from the tensor's shape and the
 method's ``exclude`` patterns (matched against the tensor name): a glob (``fnmatch``, matched
