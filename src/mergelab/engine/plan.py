@@ -80,8 +80,13 @@ class MergePlan:
     def _tensor_bytes(self) -> int:
         """Memory one whole-tensor merge of the largest tensor holds: its inputs, output and temporaries."""
         n, t = self.largest, self.n_models
-        units = self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
-        return n * (self._storage_itemsize() * (t + 2) + self.compute_dtype.itemsize * units)
+        return n * (self._storage_itemsize() * (t + 2) + self.compute_dtype.itemsize * self._temporary_units())
+
+    def _temporary_units(self) -> int:
+        """Whole-tensor temporaries, in arrays of the largest tensor (compute dtype): base, taus (T) and ~3
+        more unless the method says otherwise."""
+        t = self.n_models
+        return self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
 
     def _storage_itemsize(self) -> int:
         return max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)
@@ -105,9 +110,8 @@ class MergePlan:
             temporaries = 0
         elif self.method.is_elementwise(self.hparams):  # column chunks: base, taus (T) and ~4 temporaries
             temporaries = min(n, CHUNK_ELEMENTS_CPU) * compute * (t + 5)
-        else:  # whole tensors: base, taus (T) and ~3 temporaries unless the method says otherwise
-            units = self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
-            temporaries = n * compute * units
+        else:  # whole tensors
+            temporaries = n * compute * self._temporary_units()
         stats = t * 2 * 65536 * 8 if self.n_stat_passes else 0
         return PROCESS_BASELINE_BYTES + MALLOC_KEPT_BYTES + buffers + temporaries + stats + self._aliased_bytes()
 

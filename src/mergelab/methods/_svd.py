@@ -153,7 +153,7 @@ def smallest_below(gram: torch.Tensor, ratio: float) -> bool:
     """Whether the symmetric positive semi-definite ``gram``'s smallest eigenvalue is certainly below
     ``ratio`` times its largest, at a small fraction of an eigendecomposition's cost: then the
     Cholesky factorisation of ``gram - mu I`` fails, with ``mu = ratio * rho`` and ``rho <= lam_1``
-    a Rayleigh quotient after a few power steps (0.8 ms + 4 ms on 768 x 768 against 80 ms for all
+    a Rayleigh quotient after a few power steps (8 ms on 768 x 768, mostly the factorisation, against 80 ms for all
     eigenpairs). Lets :func:`fast_svd` skip eigendecompositions whose error estimate would fail: the
     sums of square task matrices that Iso-C decomposes are mostly that ill-conditioned (4 of 7
     matrices per ViT-B/32 layer). A factorisation that succeeds proves nothing; the caller's error
