@@ -302,3 +302,20 @@ def test_ill_conditioned_sums_skip_the_eigendecomposition(monkeypatch):
     good = (u * torch.logspace(0, -1, 40, dtype=torch.float64)) @ v.mT
     _svd_module.fast_svd(good, None, tol)
     assert calls == [40]
+
+
+def test_torch_gram_path_matches_the_lapack_one_and_checks_the_floor_too():
+    """The branch CUDA takes (torch's product and eigh; float32 here, on CPU) gives the LAPACK branch's
+    pairs to float32 accuracy and skips ill-conditioned Gram matrices the same way."""
+    gen = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(50, 30, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    x = (u * torch.linspace(3, 1, 30, dtype=torch.float64)) @ v.mT
+    lam, w, tall = _svd_module.gram_eigh(x, 5)
+    lam32, w32, tall32 = _svd_module.gram_eigh(x.float(), 5)
+    assert tall and tall32 and lam32.dtype == torch.float32
+    assert torch.allclose(lam32.double(), lam, rtol=1e-5)
+    assert torch.allclose((w32.double() * w).sum(0).abs(), torch.ones(5, dtype=torch.float64), atol=1e-4)
+    ill = (u * torch.logspace(0, -5, 30, dtype=torch.float64)) @ v.mT  # lam_1 / lam_30 = 1e10
+    assert _svd_module.gram_eigh(ill.float(), None, 1e-8) is None and _svd_module.gram_eigh(ill, None, 1e-8) is None
+    assert _svd_module.gram_eigh(ill, None, 1e-12) is not None
