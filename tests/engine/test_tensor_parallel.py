@@ -4,6 +4,7 @@ named and nothing written; the plan says how many run at once and counts their m
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -103,7 +104,7 @@ def test_error_names_the_input_and_writes_nothing(tmp_path, torch_threads, culpr
 
 def _busy(thread: threading.Thread) -> bool:
     """A pool thread is idle when it waits for work; nothing is left running after the error."""
-    frame = __import__("sys")._current_frames().get(thread.ident)
+    frame = sys._current_frames().get(thread.ident)
     while frame is not None:
         if frame.f_code.co_name == "merge_tensor":
             return True
