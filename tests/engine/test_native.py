@@ -155,12 +155,17 @@ def test_majority_sign_patch_through_the_kernels(plain):
     assert (fast["w"][8:] == -1.0).all()  # merged with the majority sign, not the provisional +1
 
 
+def bf16_inputs(n: int, n_models: int, scale: float, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A bf16 base, models = base + scale * noise (bf16), and the task vectors' magnitudes ``(T, n)``."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen).bfloat16()
+    models = [(base.float() + scale * torch.randn(n, generator=gen)).bfloat16() for _ in range(n_models)]
+    return base, models, torch.stack([(m.float() - base.float()).abs() for m in models])
+
+
 @needs_kernels
 def test_selection_kernels_equal_kthvalue():
-    gen = torch.Generator().manual_seed(3)
-    base = torch.randn(50_000, generator=gen).bfloat16()
-    models = [(base.float() + 0.02 * torch.randn(50_000, generator=gen)).bfloat16() for _ in range(3)]
-    magnitudes = torch.stack([(m.float() - base.float()).abs() for m in models])
+    base, models, magnitudes = bf16_inputs(50_000, 3, 0.02, seed=3)
     ranks = [1, 12_345, 50_000]
     selector = StreamingKth(3, nonnegative=True, dtype=None)
     for part in range(0, 50_000, 7_000):  # several chunks, as the engine streams them
@@ -268,10 +273,7 @@ def test_plan_says_whether_the_kernels_will_run(plain):
 
 @needs_kernels
 def test_window_count_kernel_equals_the_torch_count():
-    gen = torch.Generator().manual_seed(5)
-    base = torch.randn(40_000, generator=gen).bfloat16()
-    models = [(base.float() + 0.05 * torch.randn(40_000, generator=gen)).bfloat16() for _ in range(2)]
-    magnitudes = torch.stack([(m.float() - base.float()).abs() for m in models])
+    base, models, magnitudes = bf16_inputs(40_000, 2, 0.05, seed=5)
     rank = 31_000
     expected = magnitudes.kthvalue(rank, dim=1).values
     lows = [(int(v.view(torch.int32)) >> 16) - 1 for v in expected]
