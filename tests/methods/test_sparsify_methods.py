@@ -113,6 +113,27 @@ def test_breadcrumbs_by_hand_and_small_tensors_keep_their_task_vector():
     assert torch.equal(row_mask(bias, 0.7, 0.01), torch.tensor([True, False, True]))
 
 
+def test_breadcrumbs_keeps_no_outlier_in_sparse_rows():
+    # gamma 0.25 of 4 removes the 5; density 1.0 keeps all 4 positions of [0, 0, 1, 0], the outlier's
+    # among them: the official code multiplies the outlier-zeroed row, so the 5 stays removed
+    row = torch.tensor([5.0, 0.0, 1.0, 0.0])
+    assert torch.equal(row * row_mask(row, 1.0, 0.25), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    # fewer nonzeros than the kept count after removal: 2 of 10 nonzero, keep 5
+    row = torch.tensor([0.0, 0.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
+    assert torch.equal(row * row_mask(row, 0.5, 0.1), official_middle_keep(row, 0.5, 0.1))
+    assert float((row * row_mask(row, 0.5, 0.1)).abs().max()) == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_breadcrumbs_matches_official_on_task_vectors_full_of_zeros(seed, zero_fraction, density, gamma):
+    gen = torch.Generator().manual_seed(seed)
+    tau = torch.randn(6, 33, generator=gen)
+    tau[torch.rand(6, 33, generator=gen) < zero_fraction] = 0.0
+    tau[2] = 0.0  # a frozen row
+    assert torch.equal(tau * row_mask(tau, density, gamma), official_middle_keep(tau, density, gamma))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 300), st.floats(0.0, 1.0), st.floats(0.0, 0.5))
 def test_breadcrumbs_tensor_scope_counts(n, density, gamma):

@@ -6,7 +6,9 @@ then Task Arithmetic: ``theta = theta_0 + scaling * sum_t mask_t * tau_t``.
 * ``scope="row"`` (default) follows the official code (rezazzr/breadcrumbs, ``src/task_vectors.py::
   TaskVectorMiddleKeep`` with ``remove_first=True``): per *row* (last dimension) of each tensor,
   zero the top ``int(gamma * n)`` magnitudes, then keep the top ``int(density * n)`` of what is
-  left; 0-d tensors are left untouched.
+  left; 0-d tensors are left untouched. The removed outliers stay removed when the second top-k
+  picks their zeroed positions (sparse rows, ``density + gamma > 1``): the official code multiplies
+  the outlier-zeroed row by the second mask.
 * ``scope="tensor"`` is mergekit's per-tensor variant (``sparsify.py::magnitude_outliers``):
   sort the whole tensor, drop ``int(gamma * N)`` largest and keep ``int(density * N)``. We do not
   inherit its bug: with ``int(gamma * N) == 0`` mergekit's slice ``indices[n_bot:-0]`` is empty and
@@ -28,19 +30,24 @@ from mergelab.methods.registry import TensorCtx, register
 
 
 def row_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Official per-row rule: remove the top ``int(gamma*n)``, then keep the top ``int(density*n)``."""
+    """Official per-row rule: remove the top ``int(gamma*n)``, then keep the top ``int(density*n)`` of
+    what is left. The outliers stay removed even when the second top-k lands on their (now zero)
+    positions, as in the official code, which multiplies the already outlier-zeroed row: that happens
+    whenever a row has fewer nonzero entries than the kept count (frozen or unchanged parameters,
+    merged adapters) or ``density + gamma > 1``."""
     if tau.dim() == 0:
         return torch.ones_like(tau, dtype=torch.bool)
     n = tau.shape[-1]
-    removed = tau.clone()
+    outlier = torch.zeros_like(tau, dtype=torch.bool)
     n_top = int(n * gamma)
     if n_top:
-        removed.scatter_(-1, tau.abs().topk(n_top, dim=-1).indices, 0.0)
+        outlier.scatter_(-1, tau.abs().topk(n_top, dim=-1).indices, True)
+    removed = tau.masked_fill(outlier, 0.0)
     keep = torch.zeros_like(tau, dtype=torch.bool)
     n_keep = int(n * density)
     if n_keep:
         keep.scatter_(-1, removed.abs().topk(n_keep, dim=-1).indices, True)
-    return keep
+    return keep & ~outlier
 
 
 def tensor_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
