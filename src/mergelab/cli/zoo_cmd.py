@@ -55,10 +55,15 @@ def _list(args: argparse.Namespace) -> int:
     from mergelab.zoo import list_zoos, suite_names
 
     zoos = list_zoos(args.cache_dir)
+    backbones = _backbones(args.cache_dir)
     if args.json:
-        print(json.dumps({"suites": suite_names(), "built": zoos}, indent=2))
+        folders = {name: folder for name, (folder, _) in backbones.items()}
+        print(json.dumps({"suites": suite_names(), "backbones": folders, "built": zoos}, indent=2))
         return 0
     print("built-in suites (add -quick for the small version): " + ", ".join(suite_names()))
+    print("backbones (usable wherever a model path goes, e.g. --base all-minilm-l6-v2):")
+    for name, (folder, problem) in backbones.items():
+        print(f"  {name:<18} {folder or problem}")
     if not zoos:
         print("no zoo built yet (mergelab zoo build SUITE)")
     for zoo in zoos:
@@ -66,3 +71,17 @@ def _list(args: argparse.Namespace) -> int:
         mean = sum(accs) / len(accs) if accs else float("nan")
         print(f"{zoo['suite']:<22} {zoo['backbone']:<18} {len(accs)} experts, mean accuracy {mean:.4f}  {zoo['path']}")
     return 0
+
+
+def _backbones(cache_dir: str | None) -> dict[str, tuple[str | None, str]]:
+    """Each backbone name -> (its folder, "") or (None, why it is not there)."""
+    from mergelab.errors import MergelabError
+    from mergelab.zoo.backbones import NAMES, backbone_folder
+
+    out: dict[str, tuple[str | None, str]] = {}
+    for name in NAMES:
+        try:
+            out[name] = (str(backbone_folder(name, cache_dir)), "")
+        except MergelabError as err:
+            out[name] = (None, err.message)
+    return out
