@@ -7,6 +7,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
@@ -74,8 +75,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def job_from_args(args: argparse.Namespace) -> MergeJob:
-    """YAML (if given) overlaid with the flags; raises MergelabError on anything missing or unknown."""
+    """YAML (if given) overlaid with the flags; raises MergelabError on anything missing or unknown.
+
+    Relative paths in the YAML file (base, models, out) are relative to the file's folder, as in
+    experiment and task YAMLs; paths given as flags are relative to the working directory.
+    """
     data: dict[str, Any] = load_config(args.config) if args.config else {}
+    if args.config:
+        data = paths_from_file(data, Path(args.config).parent)
+    if args.method and data.get("method") and args.method != data["method"] and data.get("parameters"):
+        # the file's hyperparameters belong to its method: carried over they would be unknown or mean otherwise
+        if not getattr(args, "quiet", False):
+            print(f"note: --method {args.method} replaces the file's method {data['method']}; its parameters "
+                  f"({', '.join(map(str, data['parameters']))}) are not used", file=sys.stderr)
+        data["parameters"] = {}
     if args.method:
         data["method"] = args.method
     if args.base:
@@ -104,6 +117,32 @@ def job_from_args(args: argparse.Namespace) -> MergeJob:
         max_shard_size=parse_size(data.get("max_shard_size", 5 * 10**9)),
         overwrite=bool(data.get("overwrite", False)),
     )
+
+
+def paths_from_file(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with its relative base, models and out joined to ``folder`` (the YAML file's).
+
+    A backbone name (``all-minilm-l6-v2``) stays a name unless the folder holds a path of that name.
+    """
+    from mergelab.zoo.backbones import is_backbone_name
+
+    def join(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if is_backbone_name(value) and not (folder / path).exists():
+            return value
+        return str(folder / path)
+
+    out = dict(data)
+    for key in ("base", "out"):
+        if key in out:
+            out[key] = join(out[key])
+    if isinstance(out.get("models"), list):
+        out["models"] = [join(m) for m in out["models"]]
+    return out
 
 
 def load_config(path: str) -> dict[str, Any]:
