@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise MergelabError("--batch-size must be at least 1")
     model = None if args.model == "base" and not Path(args.model).exists() else args.model
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    _say_what_happens(args, tasks)
     result = evaluate(model, args.suite, tasks=tasks, device=args.device, batch_size=args.batch_size,
                       progress=not args.no_progress, cache_dir=args.cache_dir, backbone=args.backbone,
                       quick=args.quick)
@@ -43,3 +45,23 @@ def run(args: argparse.Namespace) -> int:
         tmp.replace(out)
     print(json.dumps(payload, indent=2) if args.json else f"{args.model} on {result.suite}\n{result.table()}")
     return 0
+
+
+def _say_what_happens(args: argparse.Namespace, tasks: list[str] | None) -> None:
+    """On stderr, before the silent parts: a suite not built yet (no normalised scores) and task data
+    made from the packaged datasets the first time (minutes for mt8)."""
+    from mergelab.zoo import resolve_suite
+    from mergelab.zoo.build import zoo_dir
+    from mergelab.zoo.datasets import cache_root, task_path
+
+    spec, _ = resolve_suite(args.suite, args.quick)
+    if not (zoo_dir(spec, args.backbone, args.cache_dir) / "zoo.json").exists():
+        build = " ".join(["mergelab zoo build", args.suite] + (["--quick"] if args.quick else [])
+                         + ([f"--backbone {args.backbone}"] if args.backbone != "all-minilm-l6-v2" else [])
+                         + ([f"--cache-dir {args.cache_dir}"] if args.cache_dir else []))
+        print(f"note: suite {spec.name} is not built: scoring without normalised accuracies (they need the "
+              f"experts'); `{build}` builds it (mt8: ~15 min on 2 cores, --quick: ~1 min)", file=sys.stderr)
+    missing = [t.name for t in spec.tasks if (tasks is None or t.name in tasks) and not task_path(t, args.cache_dir).exists()]
+    if missing:
+        print(f"preparing the task data of {', '.join(missing)} from the packaged datasets (first time only; "
+              f"cached in {cache_root(args.cache_dir) / 'datasets'})", file=sys.stderr, flush=True)
