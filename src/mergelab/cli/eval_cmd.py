@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise MergelabError("--batch-size must be at least 1")
     model = None if args.model == "base" and not Path(args.model).exists() else args.model
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    _say_what_happens(args, tasks)
+    _say_what_happens(args, model, tasks)
     result = evaluate(model, args.suite, tasks=tasks, device=args.device, batch_size=args.batch_size,
                       progress=not args.no_progress, cache_dir=args.cache_dir, backbone=args.backbone,
                       quick=args.quick)
@@ -47,14 +47,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_what_happens(args: argparse.Namespace, tasks: list[str] | None) -> None:
+def _say_what_happens(args: argparse.Namespace, model: str | None, tasks: list[str] | None) -> None:
     """On stderr, before the silent parts: a suite not built yet (no normalised scores) and task data
-    made from the packaged datasets the first time (minutes for mt8)."""
+    made from the packaged datasets the first time (minutes for mt8). Bad input says nothing here: its
+    error stays the only line."""
+    from mergelab.io.names import resolve_model_name
     from mergelab.zoo import resolve_suite
     from mergelab.zoo.build import zoo_dir
     from mergelab.zoo.datasets import cache_root, task_path
 
+    if model is not None:
+        resolve_model_name(model)  # a path that does not exist: its error now, before any note
     spec, _ = resolve_suite(args.suite, args.quick)
+    if set(tasks or []) - {t.name for t in spec.tasks}:
+        return  # evaluate names the unknown tasks
     if not (zoo_dir(spec, args.backbone, args.cache_dir) / "zoo.json").exists():
         build = " ".join(["mergelab zoo build", args.suite] + (["--quick"] if args.quick else [])
                          + ([f"--backbone {args.backbone}"] if args.backbone != "all-minilm-l6-v2" else [])
