@@ -10,8 +10,14 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("eval", help="score a model on a zoo suite (per-task accuracy, average, normalised)")
-    parser.add_argument("model", help="model folder or checkpoint file; `base` scores the suite's pretrained base")
+    from mergelab.cli._help import examples
+
+    parser = sub.add_parser("eval", help="score a model on a zoo suite (per-task accuracy, average, normalised)",
+                            **examples("mergelab eval base --suite mt8 --quick",
+                                       "mergelab eval merged/ --suite mt8 --tasks sentiment,text_lang --json",
+                                       "mergelab eval merged/ --suite my_suite.yaml --out result.json"))
+    parser.add_argument("model", help="model folder, checkpoint file or backbone name; `base` scores the suite's "
+                                      "pretrained base")
     parser.add_argument("--suite", required=True, help="built-in suite (mt8, ...) or a suite YAML file")
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--quick", action="store_true", help="the suite's quick version")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +31,33 @@ class MergeJob:
     overwrite: bool = False
 
 
+EXAMPLES = {
+    "merge": ("mergelab merge --method ties --base base/ --model a/ --model b/ --set density=0.2 --out merged/",
+              "mergelab merge examples/merge_job.yaml --out merged/ --overwrite",
+              "mergelab merge job.yaml --method cart      # the file's parameters (of its method) are dropped"),
+    "plan": ("mergelab plan --method tsv --base all-minilm-l6-v2 --model a/ --model b/",
+             "mergelab plan examples/merge_job.yaml --set scaling=0.5"),
+}
+MODELS_HELP = ("a model is a folder, a .safetensors / .bin / .pt file or a backbone name (all-minilm-l6-v2); "
+               "relative paths in the YAML file are relative to the file's folder, those given as flags to the "
+               "working directory; flags override the file, and --method other than the file's drops the "
+               "file's parameters")
+
+
 def add_parsers(sub: Any) -> None:
+    from mergelab.cli._help import examples
+
     for name, help_text in (("merge", "merge models into a new checkpoint"),
                             ("plan", "validate a merge from headers alone and print its plan")):
-        parser = sub.add_parser(name, help=help_text)
-        parser.add_argument("config", nargs="?", help="YAML file with method, base, models, parameters, out")
+        description = textwrap.fill(f"{help_text[0].upper()}{help_text[1:]}. {MODELS_HELP[0].upper()}{MODELS_HELP[1:]}.",
+                                    width=100)  # the raw formatter (for the examples) wraps nothing itself
+        parser = sub.add_parser(name, help=help_text, description=description, **examples(*EXAMPLES[name]))
+        parser.add_argument("config", nargs="?", help="YAML file with method, base, models, parameters, out "
+                            "(relative paths: from the file's folder)")
         parser.add_argument("--method", help="merging method (see 'mergelab methods')")
-        parser.add_argument("--base", help="base (pre-trained) model")
-        parser.add_argument("--model", action="append", default=[], dest="models", help="fine-tuned model (repeat)")
+        parser.add_argument("--base", help="base (pre-trained) model: path or backbone name")
+        parser.add_argument("--model", action="append", default=[], dest="models",
+                            help="fine-tuned model: path or backbone name (repeat)")
         parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                             help="hyperparameter, e.g. --set density=0.2 (repeat)")
         parser.add_argument("--out", help="output folder, or a .safetensors file")
