@@ -1,6 +1,6 @@
 """Every "model-like" input behind one lazy interface: name -> tensor, read one at a time.
 
-Accepted (see CONTRACT.md): a state dict, a ``torch.nn.Module``, a ``.safetensors`` file, a
+Accepted (see docs/api.md): a state dict, a ``torch.nn.Module``, a ``.safetensors`` file, a
 Hugging Face folder (``model.safetensors``, sharded safetensors + index, ``pytorch_model.bin``,
 sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles are loaded with
 ``weights_only=True`` and memory-mapped, never executed.

