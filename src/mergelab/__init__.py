@@ -1,4 +1,4 @@
-"""mergelab: merge fine-tuned models without retraining. See README.md and CONTRACT.md."""
+"""mergelab: merge fine-tuned models without retraining. See README.md and docs/api.md."""
 
 from __future__ import annotations
 

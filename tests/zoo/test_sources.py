@@ -1,4 +1,4 @@
-"""Dataset recipes (shared/DATA.md §2) on small synthetic files laid out like the real ones."""
+"""Dataset recipes (docs/data.md §2) on small synthetic files laid out like the real ones."""
 
 from __future__ import annotations
 

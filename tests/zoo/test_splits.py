@@ -1,4 +1,4 @@
-"""The hash split rule (shared/DATA.md §4), hand-checked against hashlib, plus its invariants."""
+"""The hash split rule (docs/data.md §3), hand-checked against hashlib, plus its invariants."""
 
 from __future__ import annotations
 

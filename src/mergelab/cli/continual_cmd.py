@@ -7,35 +7,48 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
+    from mergelab.cli._help import examples
     from mergelab.cli.merge_cmd import parse_sets
 
     parser = sub.add_parser("continual", help="merge models one at a time into a state folder")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                    help="init a state folder, add models, export the merged model, show status")
+    state_help = "the state folder (created by init; every later step reads and updates it)"
 
-    init = actions.add_parser("init", help="create a state folder for a method and base model")
-    init.add_argument("state_dir")
+    init = actions.add_parser("init", help="create a state folder for a method and base model",
+                              **examples("mergelab continual init state/ --method opcm --base all-minilm-l6-v2",
+                                         "mergelab continual init state/ --method continual_ties --base base/ "
+                                         "--set density=0.2"))
+    init.add_argument("state_dir", help=state_help)
     init.add_argument("--method", required=True, help="opcm, continual_ta, continual_ties or swa")
-    init.add_argument("--base", required=True, help="base (pre-trained) model path")
-    init.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
-    init.add_argument("--device", default="cpu")
+    init.add_argument("--base", required=True, help="base (pre-trained) model: path or backbone name")
+    init.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                      help="hyperparameter, e.g. --set alpha=0.5 (repeat)")
+    init.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     init.set_defaults(run=lambda a: _init(a, parse_sets(a.sets)))
 
-    add = actions.add_parser("add", help="merge one more model into the state (atomic)")
-    add.add_argument("state_dir")
-    add.add_argument("model")
+    add = actions.add_parser("add", help="merge one more model into the state (atomic)",
+                             **examples("mergelab continual add state/ experts/sentiment/ --name sentiment",
+                                        "mergelab continual add state/ experts/sentiment/ --force   # again"))
+    add.add_argument("state_dir", help=state_help)
+    add.add_argument("model", help="the fine-tuned model to merge in: path or backbone name")
     add.add_argument("--name", help="name recorded for this model (default: its path)")
     add.add_argument("--force", action="store_true", help="add a model even if its content was added before")
-    add.add_argument("--device", default="cpu")
+    add.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     add.set_defaults(run=_add)
 
-    export = actions.add_parser("export", help="write the current merged model")
-    export.add_argument("state_dir")
-    export.add_argument("--out", required=True)
-    export.add_argument("--overwrite", action="store_true")
+    export = actions.add_parser("export", help="write the current merged model",
+                                **examples("mergelab continual export state/ --out merged/",
+                                           "mergelab continual export state/ --out merged.safetensors --overwrite"))
+    export.add_argument("state_dir", help=state_help)
+    export.add_argument("--out", required=True, help="output folder, or a .safetensors file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     export.set_defaults(run=_export)
 
-    status = actions.add_parser("status", help="print method, step and models added")
-    status.add_argument("state_dir")
+    status = actions.add_parser("status", help="print method, step and models added",
+                                **examples("mergelab continual status state/",
+                                           "mergelab continual status ~/runs/opcm-state"))
+    status.add_argument("state_dir", help=state_help)
     status.set_defaults(run=_status)
 
 

@@ -9,8 +9,13 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
+    from mergelab.cli._help import examples
+
     parser = sub.add_parser("experiment", help="run an experiment config (methods x hyperparameters x task "
-                                               "subsets x suites); results in SQLite, resumable")
+                                               "subsets x suites); results in SQLite, resumable",
+                            **examples("mergelab experiment experiments/smoke_quick.yaml --dry-run",
+                                       "mergelab experiment experiments/smoke_quick.yaml",
+                                       "mergelab experiment experiments/cart.yaml --retry-failed"))
     parser.add_argument("config", help="experiment YAML (see experiments/ and README 'Experiments')")
     parser.add_argument("--db", help="results database (default: the config's `db`, relative to the config)")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs stored as failed")

@@ -13,10 +13,16 @@ from mergelab.errors import MergelabError
 
 def build_parser() -> argparse.ArgumentParser:
     from mergelab.cli import continual_cmd, eval_cmd, experiment_cmd, merge_cmd, methods_cmd, report_cmd, zoo_cmd
+    from mergelab.cli._help import examples
 
-    parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.")
-    parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.",
+                                     **examples("mergelab methods",
+                                                "mergelab merge --method ties --base base/ --model a/ --model b/ "
+                                                "--out merged/",
+                                                "mergelab COMMAND --help     # examples for each command"))
+    parser.add_argument("--version", action="version", version=f"mergelab {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of")
     merge_cmd.add_parsers(sub)
     methods_cmd.add_parser(sub)
     continual_cmd.add_parser(sub)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
@@ -29,14 +31,33 @@ class MergeJob:
     overwrite: bool = False
 
 
+EXAMPLES = {
+    "merge": ("mergelab merge --method ties --base base/ --model a/ --model b/ --set density=0.2 --out merged/",
+              "mergelab merge examples/merge_job.yaml --out merged/ --overwrite",
+              "mergelab merge job.yaml --method cart      # the file's parameters (of its method) are dropped"),
+    "plan": ("mergelab plan --method tsv --base all-minilm-l6-v2 --model a/ --model b/",
+             "mergelab plan examples/merge_job.yaml --set scaling=0.5"),
+}
+MODELS_HELP = ("a model is a folder, a .safetensors / .bin / .pt file or a backbone name (all-minilm-l6-v2); "
+               "relative paths in the YAML file are relative to the file's folder, those given as flags to the "
+               "working directory; flags override the file, and --method other than the file's drops the "
+               "file's parameters")
+
+
 def add_parsers(sub: Any) -> None:
+    from mergelab.cli._help import examples
+
     for name, help_text in (("merge", "merge models into a new checkpoint"),
                             ("plan", "validate a merge from headers alone and print its plan")):
-        parser = sub.add_parser(name, help=help_text)
-        parser.add_argument("config", nargs="?", help="YAML file with method, base, models, parameters, out")
+        description = textwrap.fill(f"{help_text[0].upper()}{help_text[1:]}. {MODELS_HELP[0].upper()}{MODELS_HELP[1:]}.",
+                                    width=100)  # the raw formatter (for the examples) wraps nothing itself
+        parser = sub.add_parser(name, help=help_text, description=description, **examples(*EXAMPLES[name]))
+        parser.add_argument("config", nargs="?", help="YAML file with method, base, models, parameters, out "
+                            "(relative paths: from the file's folder)")
         parser.add_argument("--method", help="merging method (see 'mergelab methods')")
-        parser.add_argument("--base", help="base (pre-trained) model")
-        parser.add_argument("--model", action="append", default=[], dest="models", help="fine-tuned model (repeat)")
+        parser.add_argument("--base", help="base (pre-trained) model: path or backbone name")
+        parser.add_argument("--model", action="append", default=[], dest="models",
+                            help="fine-tuned model: path or backbone name (repeat)")
         parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                             help="hyperparameter, e.g. --set density=0.2 (repeat)")
         parser.add_argument("--out", help="output folder, or a .safetensors file")
@@ -74,8 +95,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def job_from_args(args: argparse.Namespace) -> MergeJob:
-    """YAML (if given) overlaid with the flags; raises MergelabError on anything missing or unknown."""
+    """YAML (if given) overlaid with the flags; raises MergelabError on anything missing or unknown.
+
+    Relative paths in the YAML file (base, models, out) are relative to the file's folder, as in
+    experiment and task YAMLs; paths given as flags are relative to the working directory.
+    """
     data: dict[str, Any] = load_config(args.config) if args.config else {}
+    if args.config:
+        data = paths_from_file(data, Path(args.config).parent)
+    if args.method and data.get("method") and args.method != data["method"] and data.get("parameters"):
+        # the file's hyperparameters belong to its method: carried over they would be unknown or mean otherwise
+        if not getattr(args, "quiet", False):
+            print(f"note: --method {args.method} replaces the file's method {data['method']}; its parameters "
+                  f"({', '.join(map(str, data['parameters']))}) are not used", file=sys.stderr)
+        data["parameters"] = {}
     if args.method:
         data["method"] = args.method
     if args.base:
@@ -104,6 +137,32 @@ def job_from_args(args: argparse.Namespace) -> MergeJob:
         max_shard_size=parse_size(data.get("max_shard_size", 5 * 10**9)),
         overwrite=bool(data.get("overwrite", False)),
     )
+
+
+def paths_from_file(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with its relative base, models and out joined to ``folder`` (the YAML file's).
+
+    A backbone name (``all-minilm-l6-v2``) stays a name unless the folder holds a path of that name.
+    """
+    from mergelab.zoo.backbones import is_backbone_name
+
+    def join(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if is_backbone_name(value) and not (folder / path).exists():
+            return value
+        return str(folder / path)
+
+    out = dict(data)
+    for key in ("base", "out"):
+        if key in out:
+            out[key] = join(out[key])
+    if isinstance(out.get("models"), list):
+        out["models"] = [join(m) for m in out["models"]]
+    return out
 
 
 def load_config(path: str) -> dict[str, Any]:

@@ -8,7 +8,10 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("methods", help="list merging methods, their defaults and sources")
+    from mergelab.cli._help import examples
+
+    parser = sub.add_parser("methods", help="list merging methods, their defaults and sources",
+                            **examples("mergelab methods", "mergelab methods --json"))
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run)
 

@@ -32,6 +32,7 @@ from mergelab.continual.state import (
 )
 from mergelab.engine.plan import check_models, resolve_device
 from mergelab.errors import MergelabError
+from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter
@@ -81,6 +82,7 @@ class ContinualMerger:
             raise MergelabError(f"unknown continual method {method!r}; available: {', '.join(sorted(DEFAULTS))}")
         self.method = method
         self.hparams = resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), _check, hparams, 1)
+        base = resolve_model_name(base)  # a backbone name -> its folder, recorded as such (mergelab.io.names)
         self.base_ref = str(Path(base).resolve()) if isinstance(base, (str, Path)) else None
         self.base = open_source(base, "<base>")
         self.device = resolve_device(device, require=True)

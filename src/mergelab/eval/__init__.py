@@ -64,10 +64,12 @@ class Evaluator:
     def __init__(self, suite: Any, *, tasks: list[str] | None = None, device: str = "cpu", batch_size: int = 64,
                  backbone: str = "all-minilm-l6-v2", cache_dir: str | Path | None = None, quick: bool = False,
                  progress: bool = True):
+        from tqdm.auto import tqdm
+
         from mergelab.zoo import Zoo, resolve_device, resolve_suite
         from mergelab.zoo.backbones import backbone_folder
         from mergelab.zoo.build import read_meta, zoo_dir
-        from mergelab.zoo.datasets import load_task
+        from mergelab.zoo.datasets import load_task, task_path
         from mergelab.zoo.encoder import load_encoder, text_head
 
         if isinstance(suite, Zoo):
@@ -99,7 +101,10 @@ class Evaluator:
         self.tasks = [t for t in spec.tasks if tasks is None or t.name in tasks]
         self.heads = {t.name: text_head(self.model, self.tokenizer, t.eval_names or t.names, self.device)
                       for t in self.tasks}
-        self.test = {t.name: load_task(t, cache_dir).test for t in self.tasks}
+        uncached = [t for t in self.tasks if not task_path(t, cache_dir).exists()]
+        # made from the packaged sources the first time (minutes for mt8): show it
+        self.test = {t.name: load_task(t, cache_dir).test
+                     for t in tqdm(self.tasks, desc="task data", disable=not (progress and uncached), leave=False)}
         self._base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def __call__(self, model: Any, expert_accuracy: dict[str, float] | None = None) -> EvalResult:

@@ -51,6 +51,7 @@ class RunSpec:
     zoo: dict[str, Any]  # backbone, quick
     group: str = ""  # the entry's label (default: the method): what sweeps and tables group by
     swept: tuple[str, ...] = ()  # hyperparameters this run takes from the entry's `sweep`
+    used: dict[str, Any] = field(default_factory=dict)  # `resolved` with the preset's values filled in (stored)
 
     def key(self) -> dict[str, Any]:
         # the experiment's name is part of the key: two configs sharing a database keep their own rows
@@ -62,8 +63,8 @@ class RunSpec:
         return hashlib.sha256(canonical_json(self.key()).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "group": self.group or self.label,
-                "swept": list(self.swept), "params": self.params, "subset": self.subset, **self.key()}
+        return {"label": self.label, "group": self.group or self.label, "swept": list(self.swept),
+                "params": self.params, "subset": self.subset, "hparams_used": self.used or self.resolved, **self.key()}
 
 
 @dataclass
@@ -181,9 +182,10 @@ def parse_config(raw: Any, *, path: Path | None = None,
                 group = entry.get("label", entry["method"])
                 for label, params in _expand(entry, f"methods[{i}]", fail):
                     resolved = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail)
+                    used = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail, presets=True)
                     swept = tuple(k for k in entry.get("sweep", {}) if k in params)
                     runs.append(RunSpec(name, kind, suite, entry["method"], label, params, resolved,
-                                        list(tasks), list(eval_tasks), subset, zoo_key, group, swept))
+                                        list(tasks), list(eval_tasks), subset, zoo_key, group, swept, used))
     seen: dict[str, RunSpec] = {}
     for run in runs:  # two entries resolving to the same run would be computed once anyway; say so
         if run.hash in seen and seen[run.hash].label != run.label:
@@ -252,8 +254,13 @@ def _short(value: Any) -> str:
 
 
 def _resolve(method: str, params: dict[str, Any], n_models: int, kind: str, key: str,
-             fail: Callable[[str, str], MergelabError]) -> dict[str, Any]:
-    """The registry's (or ContinualMerger's) resolve: names, types, choices, checks."""
+             fail: Callable[[str, str], MergelabError], presets: bool = False) -> dict[str, Any]:
+    """The registry's (or ContinualMerger's) resolve: names, types, choices, checks.
+
+    Without ``presets`` the values a preset chooses stay ``None``, as written: run hashes (and so the
+    stored results) stay what they were, and ``cart`` stays a run apart from ``cart`` with the preset's
+    values spelled out. ``presets=True`` gives the values the merge uses, stored with each run.
+    """
     try:
         if kind == "continual":
             from mergelab.continual.merger import CHOICES, DEFAULTS
@@ -264,7 +271,7 @@ def _resolve(method: str, params: dict[str, Any], n_models: int, kind: str, key:
             return resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), None, params, n_models)
         from mergelab.methods.registry import get_method
 
-        return get_method(method).resolve(params, n_models)
+        return get_method(method).resolve(params, n_models, presets=presets)
     except MergelabError as err:
         raise fail(key, err.message) from None
 

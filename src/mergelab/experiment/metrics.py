@@ -8,7 +8,7 @@
     BWT = 1/(T-1)   sum_{i=1..T-1} a_i(theta_T) - a_i(theta_i)
 
 with ``theta_i`` the model merged after step ``i`` and ``theta_T`` the final one; BWT < 0 is forgetting.
-The paper's text (shared/papers/opcm.txt) defines both in words around Eq. 16 ("the parameters of the merged
+The paper's text (arXiv:2501.09522) defines both in words around Eq. 16 ("the parameters of the merged
 model at the i-th step and the final merged model"); the formulas are those of GEM (Lopez-Paz & Ranzato 2017),
 which Lin et al. use.
 """

@@ -3,7 +3,7 @@
 The zoo and the evaluation are injected (``build_zoo`` and ``evaluate``, defaulting to
 :func:`mergelab.zoo.build_zoo` and a cached :class:`mergelab.eval.Evaluator`), so the runner is tested
 with real merges of tiny checkpoints and a tiny deterministic scorer. The interface they follow is
-``shared/eval_api.md``:
+docs/api.md's "Experiments and reports":
 
 * ``build_zoo(suite, *, backbone, quick, cache_dir, device, progress) -> Zoo`` (``base``,
   ``experts`` task -> model, ``expert_accuracy``);

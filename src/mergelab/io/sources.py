@@ -1,6 +1,6 @@
 """Every "model-like" input behind one lazy interface: name -> tensor, read one at a time.
 
-Accepted (see CONTRACT.md): a state dict, a ``torch.nn.Module``, a ``.safetensors`` file, a
+Accepted (see docs/api.md): a state dict, a ``torch.nn.Module``, a ``.safetensors`` file, a
 Hugging Face folder (``model.safetensors``, sharded safetensors + index, ``pytorch_model.bin``,
 sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles are loaded with
 ``weights_only=True`` and memory-mapped, never executed.
@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -275,6 +276,7 @@ def _unsafe_reason(message: str) -> str:
 
 def open_source(model: Any, label: str | None = None) -> TensorSource:
     """Dispatch a model-like input to its lazy reader; raises MergelabError if it is not one."""
+    model = resolve_model_name(model)  # a backbone name -> its packaged folder (mergelab.io.names)
     if isinstance(model, TensorSource):
         return model
     if isinstance(model, torch.nn.Module):

@@ -102,6 +102,12 @@ def resolve(preset: str, rank_ratio: float | None, scaling: float | None) -> tup
     )
 
 
+def _fill_presets(hp: dict[str, Any]) -> dict[str, Any]:
+    """``rank_ratio`` / ``scaling`` left ``None`` take the preset's values (the registry's ``fill_presets``)."""
+    ratio, scale = resolve(hp["preset"], hp["rank_ratio"], hp["scaling"])
+    return {**hp, "rank_ratio": ratio, "scaling": scale}
+
+
 def _check(hp: dict[str, Any], n_models: int) -> None:
     check_hparams(hp)
     ratio = hp["rank_ratio"]
@@ -123,6 +129,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
     presets=PRESETS,
+    fill_presets=_fill_presets,
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
@@ -143,7 +150,7 @@ def cart(
     svd_dtype: str,
     center: bool,
 ) -> torch.Tensor:
-    ratio, scale = resolve(preset, rank_ratio, scaling)
+    ratio, scale = resolve(preset, rank_ratio, scaling)  # a no-op after the registry's resolve; kept for direct calls
     if not is_matrix(ctx.name, base.shape, exclude):
         if center:
             return taus.mean(dim=0)

@@ -92,6 +92,9 @@ class Method:
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
         presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
+        fill_presets: ``fill_presets(resolved) -> resolved`` puts the chosen preset's values in place of the
+            hyperparameters left ``None`` (CART's ``rank_ratio`` / ``scaling``), so that the plan, the
+            output's metadata and the experiment store show the values a merge really uses.
         fused: ``fused(base, models, out, ctx, **hparams) -> bool``: an optional compiled fast path on CPU
             in float32 (:mod:`mergelab.engine.native`). It gets one column chunk's (``elementwise``) or
             the whole tensor's *stored* values (flat, storage dtype) and writes ``base + delta`` into
@@ -122,15 +125,24 @@ class Method:
     finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
     resolver: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
     presets: Mapping[str, Any] = field(default_factory=dict)
+    fill_presets: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     temporaries: Callable[[dict[str, Any], int], int] | None = None
     fused: Callable[..., bool] | None = None
     tensor_parallel: bool | Callable[[dict[str, Any]], bool] = False
 
-    def resolve(self, hparams: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-        """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError."""
+    def resolve(self, hparams: Mapping[str, Any], n_models: int, *, presets: bool = True) -> dict[str, Any]:
+        """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError.
+
+        With ``presets`` (default) the values a preset chooses are filled in (see ``fill_presets``);
+        ``presets=False`` keeps them ``None``, as declared (what experiment run hashes are made of).
+        """
         if self.resolver is not None:
-            return self.resolver(hparams, n_models)
-        return resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, n_models)
+            resolved = self.resolver(hparams, n_models)
+        else:
+            resolved = resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, n_models)
+        if presets and self.fill_presets is not None:
+            resolved = self.fill_presets(resolved)
+        return resolved
 
     def is_elementwise(self, hparams: dict[str, Any]) -> bool:
         return bool(self.elementwise(hparams) if callable(self.elementwise) else self.elementwise)

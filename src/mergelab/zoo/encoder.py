@@ -1,8 +1,8 @@
 """Text encoder, frozen zero-shot heads and scoring, as in CLIP (Radford et al. 2021) and the merging papers.
 
 Embedding = mean of ``last_hidden_state`` over the attention mask, L2-normalised (how all-MiniLM-L6-v2 was
-trained; shared/DATA.md §1). A task's frozen head = the normalised embeddings of ``"This is about {name}."``
-from the *pretrained* encoder; logits = ``LOGIT_SCALE * emb @ head.T`` (DATA.md §7: scale 20). Experts and
+trained; docs/data.md §1). A task's frozen head = the normalised embeddings of ``"This is about {name}."``
+from the *pretrained* encoder; logits = ``LOGIT_SCALE * emb @ head.T`` (scale 20, docs/data.md §6). Experts and
 merged models are all scored with the same heads, as in Task Arithmetic / TIES / TSV on CLIP.
 """
 

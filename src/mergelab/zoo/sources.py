@@ -1,6 +1,6 @@
-"""Raw (text, label) examples from offline packaged datasets, one recipe per source (shared/DATA.md §2).
+"""Raw (text, label) examples from offline packaged datasets, one recipe per source (docs/data.md §2).
 
-Each reader follows DATA.md's recipe literally and ends with :func:`dedupe` (identical texts kept once,
+Each reader follows its recipe in docs/data.md §2 and ends with :func:`dedupe` (identical texts kept once,
 a text seen with two labels dropped, over the whole source before any class filter). A missing file
 raises a one-line :class:`MergelabError` naming the command that installs it.
 """
@@ -122,7 +122,7 @@ def _extract(archive: tarfile.TarFile, member: str, label: Path) -> bytes:
 def wordnet(*parts: str, keep_pos: bool = False, drop: tuple[str, ...] = ()) -> list[Example]:
     """WordNet 3.0 glosses labelled by lexicographer file: the part after the dot (``artifact``), or with
     ``keep_pos`` the whole name with ``_`` for the dot (``adj_all``, ``adv_all``: adjective and adverb files share ``all``).
-    Labels in ``drop`` are left out before de-duplication (as DATA.md counted adj.ppl)."""
+    Labels in ``drop`` are left out before de-duplication (adj.ppl, docs/data.md §2)."""
     out = []
     for part in parts:
         with open(_need(roots()["wordnet"] / f"data.{part}", "apt-get install wordnet-base"), encoding="utf-8") as handle:

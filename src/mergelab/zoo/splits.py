@@ -1,4 +1,4 @@
-"""The fixed hash split of every zoo task (shared/DATA.md §4).
+"""The fixed hash split of every zoo task (docs/data.md §3).
 
 ``h(text) = int(sha256("mergelab:" + text), 16)``; test = ``h % 5 == 0`` (about 20 %), train = the rest.
 Each split is sorted by ``h`` and its first N rows taken, so sub-samples are fixed too. A per-class cap

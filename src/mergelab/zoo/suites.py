@@ -1,11 +1,11 @@
-"""The zoo's suites: which tasks, which classes and label names, how many rows (shared/DATA.md §5-6).
+"""The zoo's suites: which tasks, which classes and label names, how many rows (docs/data.md §4-5).
 
-* ``mt8``: 8 text classification tasks, 2,000 train / 1,000 test each (§5.1);
+* ``mt8``: 8 text classification tasks, 2,000 train / 1,000 test each (docs/data.md §4);
 * ``noun-ci-N-seq`` / ``noun-ci-N-ind`` (N = 2, 5, 10): class-incremental noun senses, 20 classes in
   ``h(name)`` order cut into N tasks, 300 train / 100 test per class, experts fine-tuned sequentially
-  (task t starts from expert t-1) or independently from the base; scored with one joint 20-way head (§5.2);
+  (task t starts from expert t-1) or independently from the base; scored with one joint 20-way head;
   ``pkg-ci-N-*`` is the same on pkg_section's 20 sections;
-* ``vader-domains``: sentiment on VADER's 4 domains, 2,000 train each, the whole test split (§5.3 b).
+* ``vader-domains``: sentiment on VADER's 4 domains, 2,000 train each, the whole test split.
 
 ``quick=True`` (or a ``-quick`` suffix) gives a small version for tests and the demo.
 """

@@ -2,7 +2,7 @@
 Task Arithmetic, Ilharco et al. 2023, ``src/finetune.py`` in mlfoundations/task_vectors: frozen zero-shot
 head, AdamW, cosine schedule with warm-up, only the encoder trained).
 
-Defaults (:class:`Recipe`): AdamW lr 5e-5, batch 32, max_len 64, logit scale 20 (shared/DATA.md §7);
+Defaults (:class:`Recipe`): AdamW lr 5e-5, batch 32, max_len 64, logit scale 20 (docs/data.md §6);
 weight decay 0.1, cosine decay after a linear warm-up and gradient-norm clipping at 1.0 as task_vectors'
 ``finetune.py`` / ``args.py`` (warm-up there is 500 steps; ours is 10 % of the steps, as our runs are ~60 steps). One epoch
 over 2,000 examples keeps the MiniLM MT8 zoo near 30 minutes on 2 CPU cores. Seeded: the same recipe gives
