@@ -208,3 +208,30 @@ def test_sigterm_and_sigint_stop_a_merge_cleanly(job, sig, code):
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == "mergelab: interrupted; nothing was written"
     assert sorted(p.name for p in job["root"].iterdir()) == ["in", "ready"]  # no temporary, no output
+
+
+LATE = """
+import os, signal, sys
+from mergelab.cli.main import main
+real = os.replace
+def replace(src, dst):
+    if "-old-" in str(dst):  # the old output is being moved aside: the replace has begun
+        os.kill(os.getpid(), signal.SIGTERM)
+    real(src, dst)
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_during_the_final_renames_waits_for_them(job):
+    out = job["root"] / "out"
+    assert main(merge_argv(job, str(out), "--set", "scaling=1.0")) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", LATE, *merge_argv(job, str(out), "--set", "scaling=0.5", "--overwrite")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == f"mergelab: interrupted after {out} was written"
+    expected = mergelab.merge("task_arithmetic", str(job["base"]), [str(job["m1"]), str(job["m2"])], scaling=0.5)
+    written = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in job["root"].iterdir()) == ["in", "out"]  # the old output removed, nothing beside
