@@ -137,6 +137,19 @@ def test_the_previous_output_is_put_back_when_the_new_one_is_gone(files, capsys)
     assert names(files["root"]) == ["base.safetensors", "m.safetensors", "out"]
 
 
+def test_a_removal_cut_short_never_leaves_something_to_put_back(files, monkeypatch):
+    mergelab.merge("task_arithmetic", str(files["base"]), [str(files["m"])], out=files["out"], scaling=1.0)
+    killed_at(files, "after")  # the old output is left beside the new one, to be removed
+    monkeypatch.setattr(leftovers_module.shutil, "rmtree", lambda *args, **kwargs: None)  # as if killed mid-removal
+    leftovers_module.sweep(files["out"])
+    assert left_beside(files["root"]) == ["tmp"]  # renamed to a temporary before its removal began
+    monkeypatch.undo()
+    writer_module.shutil.rmtree(files["out"])
+    assert leftovers_module.restorable(files["out"]) is None  # a partly removed folder is never put back
+    leftovers_module.sweep(files["out"])
+    assert names(files["root"]) == ["base.safetensors", "m.safetensors"]
+
+
 def test_a_killed_write_is_removed_by_the_next_write_of_any_kind(files):
     killed_at(files, "write")  # no previous output: only the temporary folder is left
     assert left_beside(files["root"]) == ["tmp"] and not files["out"].exists()

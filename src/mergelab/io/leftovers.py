@@ -112,7 +112,22 @@ def sweep(out: Path) -> None:
                                 f"({err.strerror or err})", file=str(out)) from None
     for item in leftovers(out):
         if item.path != back and is_stale(item):
-            shutil.rmtree(item.path, ignore_errors=True)
+            discard(item.path)
+
+
+def discard(path: Path) -> None:
+    """Remove a folder made by :func:`sibling`, renamed to the tmp kind first: a removal cut short
+    never leaves a partial folder that looks complete (new) or restorable (old)."""
+    head, _, rest = path.name.partition(".mergelab-")
+    kind, _, tag = rest.partition("-")
+    if kind in ("new", "old"):
+        doomed = path.with_name(f"{head}.mergelab-tmp-{tag}")
+        try:
+            os.replace(path, doomed)
+            path = doomed
+        except OSError:  # a tmp folder of that name is still there: remove in place
+            pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _machine() -> str:

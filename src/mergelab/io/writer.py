@@ -231,9 +231,13 @@ class CheckpointWriter:
                         (self.tmp / CARD).write_text(card)
         with _io_errors(self.out):
             _sync_tree(self.tmp, {s.filename for s in self.shards})
-        with _signals_held() as held:
-            self._move_into_place()
-        _deliver(held, self.out)
+        placed, held = False, list[int]()
+        try:
+            with _signals_held(held):
+                self._move_into_place()
+                placed = True
+        finally:
+            _deliver(held, self.out if placed else None)
         return self.out
 
     def _move_into_place(self) -> None:
@@ -265,14 +269,14 @@ class CheckpointWriter:
             raise MergelabError(f"cannot move the output into place ({err.strerror or err})", file=str(self.out)) from None
         _sync_dir(self.out.parent)
         if old is not None:
-            _remove(old)
+            leftovers.discard(old)
 
     def abort(self) -> None:
         self._close_handle_quietly()
         for sync in self._syncs:
             sync.exception()  # wait, and ignore: the output is discarded anyway
         self._syncer.shutdown()
-        _remove(self.tmp)
+        leftovers.discard(self.tmp)
 
     def _close_handle_quietly(self) -> None:
         if self._handle is not None:
@@ -476,32 +480,33 @@ def _io_errors(shown: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _signals_held() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM arriving in the block are held (listed) until it is done: the renames that
-    put an output in place run to their end. Main thread only (Python runs handlers nowhere else)."""
-    held: list[int] = []
+def _signals_held(held: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM arriving in the block are held (listed in ``held``) until it is done: the
+    renames that put an output in place run to their end. Main thread only (Python runs handlers
+    nowhere else)."""
     if threading.current_thread() is not threading.main_thread():
-        yield held
+        yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: set outside Python
     for sig in previous:
         signal.signal(sig, lambda number, _frame: held.append(number))
     try:
-        yield held
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _deliver(held: list[int], out: Path) -> None:
-    """Act on a signal held while ``out`` was put in place; the interruption then says it was written."""
+def _deliver(held: list[int], written: Path | None) -> None:
+    """Act on a signal held during the renames; if they put ``written`` in place, the interruption says so."""
     if not held:
         return
     try:
         signal.raise_signal(held[0])
     except KeyboardInterrupt as err:
-        err.args = (f"interrupted after {out} was written",)
+        if written is not None:
+            err.args = (f"interrupted after {written} was written",)
         raise
 
 
