@@ -72,6 +72,8 @@ def merge(
         device: ``"cpu"`` (default) or ``"cuda"`` for the per-tensor computation.
         dtype: compute dtype, ``"float32"`` (default) or ``"float64"``.
         overwrite: replace an existing ``out`` atomically.
+            A killed earlier run towards ``out`` is tidied first: its temporary folders removed, a
+            replace it left half done finished (see :func:`mergelab.io.leftovers.sweep`).
         progress: show a progress bar (default: when stderr is a terminal).
         **hparams: the method's hyperparameters (``mergelab methods`` lists them).
 
@@ -83,7 +85,10 @@ def merge(
     """
     from mergelab.engine.plan import build_plan
     from mergelab.engine.stream import execute
+    from mergelab.io.leftovers import sweep
 
+    if out is not None:
+        sweep(Path(out))  # a killed earlier run's leftovers first: an output it put back counts as existing
     job = build_plan(
         method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
         dtype=dtype, max_shard_size=max_shard_size,

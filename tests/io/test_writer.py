@@ -159,12 +159,12 @@ def test_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(src).name.startswith(".out.mergelab-tmp-"):
+        if Path(src).name.startswith(".out.mergelab-new-"):  # the complete new output, renamed to out
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
     monkeypatch.setattr(writer_module.os, "replace", replace)
-    with pytest.raises(OSError):
+    with pytest.raises(MergelabError, match=r"out: cannot move the output into place \(No space left on device\)"):
         write_layout(target, 2.0, overwrite=True)
     assert torch.equal(read_all(target)["w"], torch.ones(2, 3))
     assert entries(tmp_path) == ["out"]

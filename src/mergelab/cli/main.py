@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from mergelab import __version__
@@ -33,18 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="mergelab: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.run(args) or 0)
     except MergelabError as err:
         print(f"mergelab: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mergelab: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C (130) or SIGTERM (143): the writer has removed its temporaries
+        said = err.args[0] if err.args and isinstance(err.args[0], str) else "interrupted; nothing was written"
+        print(f"mergelab: {said}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

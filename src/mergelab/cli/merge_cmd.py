@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise MergelabError("no --out given: where should the merged model go?")
     options: dict[str, Any] = dict(out=job.out, device=job.device, dtype=job.dtype, overwrite=job.overwrite,
                                    max_shard_size=job.max_shard_size)
+    if job.out is not None and not args.dry_run:  # before the plan checks --out (a dry run only reports them)
+        from mergelab.io.leftovers import sweep
+
+        sweep(Path(job.out))
     plan = mergelab.plan(job.method, job.base, list(job.models), **options, **job.parameters)
     if not args.quiet:
         print(plan.summary())

@@ -31,11 +31,12 @@ from mergelab.continual.state import (
     read_current,
 )
 from mergelab.engine.plan import check_models, resolve_device
+from mergelab.engine.stream import all_finite
 from mergelab.errors import MergelabError
 from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
-from mergelab.io.writer import CheckpointWriter
+from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
 from mergelab.methods.registry import TensorCtx, resolve_hparams
 from mergelab.methods.ties import TiesGlobalStats, ties
 from mergelab.methods.ties import _finalize as ties_finalize
@@ -172,8 +173,12 @@ class ContinualMerger:
         layout = [(n, self.base.specs[n]) for n in self.base.specs]
         metadata = {"mergelab.version": __version__, "mergelab.method": self.method,
                     "mergelab.hparams": _json(self.hparams), "mergelab.inputs": _json(self.added)}
-        with CheckpointWriter(out, layout, metadata, overwrite=overwrite) as writer:
+        inputs = input_paths([self.base]) + ([self._state_dir] if self._state_dir is not None else [])
+        with CheckpointWriter(out, layout, metadata, overwrite=overwrite, inputs=inputs) as writer:
             for name, tensor in self._iter_merged():
+                if tensor.is_floating_point() and not all_finite(tensor):  # the cast to the base's dtype overflowed
+                    raise MergelabError(f"merged values overflow the output dtype {str(tensor.dtype).removeprefix('torch.')}",
+                                        file=str(out), tensor=name)
                 writer.write(name, tensor)
             return writer.commit(extras_from=self.base.folder)
 
@@ -186,7 +191,11 @@ class ContinualMerger:
             return state_dir  # every add is already committed there
         if (state_dir / "CURRENT").exists():
             raise MergelabError("already holds a continual-merging state", file=str(state_dir))
-        state_dir.mkdir(parents=True, exist_ok=True)
+        check_new_folder(state_dir, input_paths([self.base]))
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MergelabError(f"cannot create the state folder ({err.strerror or err})", file=str(state_dir)) from None
         self._state_dir = state_dir
         if self._state is None:
             commit_generation(state_dir, self._empty_generation(), self._manifest())

@@ -19,7 +19,7 @@ from mergelab.engine import native
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import TensorSource, open_source
-from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_output, plan_shards
+from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_apart, check_output, input_paths, plan_shards
 from mergelab.methods.registry import Method, get_method
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -211,6 +211,8 @@ def build_plan(
         raise MergelabError(f"max_shard_size must be positive, got {max_shard_size}")
     base_src = open_source(base, "<base>")
     model_srcs = [open_source(m, f"<model {i + 1}>") for i, m in enumerate(models)]
+    if out is not None:
+        check_apart(Path(out), input_paths([base_src, *model_srcs]))
     merged, copied = check_models(base_src, model_srcs)
     aliases = base_src.aliases()
     order = sorted(base_src.specs, key=lambda n: (base_src.file_of(n), n))

@@ -32,7 +32,7 @@ from mergelab import __version__
 from mergelab.engine import native
 from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, LOOKAHEAD_PER_WORKER, MergePlan
 from mergelab.errors import MergelabError
-from mergelab.io.writer import CheckpointWriter
+from mergelab.io.writer import CheckpointWriter, input_paths
 from mergelab.methods.registry import TensorCtx
 
 
@@ -277,7 +277,8 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     writer = None
     if plan.out is not None:
         layout = [(n, plan.base.specs[n]) for n in plan.order]
-        writer = CheckpointWriter(plan.out, layout, metadata, plan.max_shard_size, overwrite=plan.overwrite)
+        writer = CheckpointWriter(plan.out, layout, metadata, plan.max_shard_size, overwrite=plan.overwrite,
+                                  inputs=input_paths([plan.base, *plan.models]))
     results: dict[str, torch.Tensor] = {}
     remaining = _group_sizes(plan.aliases)  # tied tensors: computed once, kept until all names are out
     kept: dict[str, torch.Tensor] = {}
@@ -412,6 +413,7 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
     for canonical, (index, delta) in plan.method.finalize(plan.hparams, stats).items():
         base = plan.base.get(canonical).reshape(-1)[index.cpu()].to(plan.compute_dtype)
         values = (base + delta.cpu().to(plan.compute_dtype)).to(plan.base.specs[canonical].dtype)
+        check_output_range(plan, canonical, values)
         for name in names_of[canonical]:
             patches[name] = (index.cpu(), values)
     return patches
@@ -441,7 +443,19 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
         out[start : start + merged.numel()] = merged.reshape(-1)
 
     run_chunks(merge_chunk, chunk_starts(plan, name), _chunk_threads(plan, stats, threads))
+    check_output_range(plan, name, out)
     return out.reshape(spec.shape)
+
+
+def check_output_range(plan: MergePlan, name: str, values: torch.Tensor) -> None:
+    """The merged values, cast to the output dtype, are finite: a cast out of the dtype's range
+    (e.g. float16 past 65504) gives Inf, which is refused rather than written. The merge itself
+    was checked finite before the cast, so a non-finite value here is an overflow."""
+    if not all_finite(values):
+        dtype = str(values.dtype).removeprefix("torch.")
+        raise MergelabError(f"merged values overflow the output dtype {dtype} (largest finite "
+                            f"{torch.finfo(values.dtype).max:g})",
+                            file=str(plan.out) if plan.out is not None else None, tensor=name)
 
 
 def _run_stat_passes(plan: MergePlan, show: bool, buffers: Buffers | None = None, threads: int = 1) -> Any:

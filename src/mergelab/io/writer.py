@@ -3,7 +3,8 @@
 The shard layout is fixed from the plan before any data is written, so each shard's header is
 written first and tensors are streamed into place one at a time: the write buffer is one tensor,
 whatever the shard size. Everything goes into a temporary folder beside the target, renamed into
-place by :meth:`CheckpointWriter.commit`; an error or a crash leaves nothing at the target.
+place by :meth:`CheckpointWriter.commit`; an error or a crash leaves nothing at the target, and
+what a killed run leaves beside it is tidied by the next run (:mod:`mergelab.io.leftovers`).
 """
 
 from __future__ import annotations
@@ -11,26 +12,37 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import json
+import logging
 import os
 import shutil
+import signal
 import struct
 import sys
-import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from mergelab import __version__
 from mergelab.errors import MergelabError
+from mergelab.io import leftovers
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec
-from mergelab.io.sources import BIN_INDEX, SAFE_INDEX
+from mergelab.io.sources import BIN_INDEX, SAFE_INDEX, SafetensorsSource, TensorSource, TorchSource
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 INDEX_FILES = (SAFE_INDEX, BIN_INDEX)
+CARD = "README.md"  # a model card: the base's is kept only inside the merged model's own card
+MODULES = "modules.json"  # sentence-transformers: the module folders the model needs
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,10 @@ class CheckpointWriter:
         metadata: safetensors ``__metadata__`` (string to string), stored in every shard.
         max_shard_bytes: shard size limit for folder outputs (default 5 GB).
         overwrite: replace an existing ``out`` (atomically, once the new one is complete).
+        inputs: the files and folders the job reads; ``out`` must not be, hold or lie in one.
+
+    Folders and files are created with the modes ``mkdir`` and ``open`` give them (the umask
+    applies). Every ``OSError`` is raised as a :class:`MergelabError` naming the output file.
     """
 
     def __init__(
@@ -87,17 +103,22 @@ class CheckpointWriter:
         metadata: dict[str, str],
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
+        inputs: Sequence[Path] = (),
     ):
         self.out = Path(out)
         self.single = self.out.suffix == ".safetensors"
+        check_apart(self.out, inputs)
+        leftovers.sweep(self.out)  # before the check: an output put back counts as existing
         check_output(self.out, overwrite)
         self.overwrite = overwrite
         self.specs = dict(layout)
         self.shards = plan_shards(layout, max_shard_bytes, self.out.name if self.single else None)
         self.metadata = dict(metadata, format="pt")
+        self.tag = leftovers.new_tag()
+        self.tmp = leftovers.sibling(self.out, "tmp", self.tag)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+            self.tmp.mkdir(0o777)  # as a plain mkdir would: the umask decides (not mkdtemp's 0700)
         except OSError as err:
             raise MergelabError(f"cannot create the output: {err.strerror}", file=str(self.out)) from None
         self._order = [(name, i) for i, shard in enumerate(self.shards) for name in shard.names]
@@ -116,6 +137,10 @@ class CheckpointWriter:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-fsync")
         self._syncs: list[Future[None]] = []
 
+    def shown(self, filename: str) -> Path:
+        """Where a file of the output will be, as errors name it (not its temporary path)."""
+        return self.out if self.single else self.out / filename
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected, shard_index = self._order[self._next]
         if name != expected:
@@ -127,7 +152,8 @@ class CheckpointWriter:
             self._open_shard(shard_index)
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(data.numpy().data)
+        with _io_errors(self.shown(self.shards[shard_index].filename)):
+            self._handle.write(data.numpy().data)
         self._next += 1
 
     def patch(self, name: str, flat_index: torch.Tensor, values: torch.Tensor) -> None:
@@ -138,7 +164,8 @@ class CheckpointWriter:
         self._wait_syncs()
         shard_index, offset = self._where[name]
         spec = self.specs[name]
-        with open(self.tmp / self.shards[shard_index].filename, "r+b") as handle:
+        filename = self.shards[shard_index].filename
+        with _io_errors(self.shown(filename)), open(self.tmp / filename, "r+b") as handle:
             handle.seek(offset)
             data = bytearray(handle.read(spec.nbytes))
             tensor = torch.frombuffer(data, dtype=torch.uint8).view(spec.dtype).reshape(-1)
@@ -152,15 +179,18 @@ class CheckpointWriter:
         self._close_handle()
         shard = self.shards[index]
         header = shard_header([(n, self.specs[n]) for n in shard.names], self.metadata)
-        self._handle = open(self.tmp / shard.filename, "wb")
-        _reserve(self._handle, len(header) + shard.nbytes, self.out)
-        self._handle.write(header)
+        with _io_errors(self.shown(shard.filename)):
+            self._handle = open(self.tmp / shard.filename, "wb")
+            _reserve(self._handle, len(header) + shard.nbytes, self.out)
+            self._handle.write(header)
         self._shard_index = index
 
     def _close_handle(self) -> None:
         if self._handle is not None:
-            self._handle.flush()
-            self._syncs.append(self._syncer.submit(_sync_and_close, self._handle))
+            filename = self.shards[self._shard_index].filename
+            with _io_errors(self.shown(filename)):
+                self._handle.flush()
+            self._syncs.append(self._syncer.submit(_sync_and_close, self._handle, self.shown(filename)))
             self._handle = None
 
     def _wait_syncs(self) -> None:
@@ -170,7 +200,13 @@ class CheckpointWriter:
             sync.result()
 
     def commit(self, extras_from: Path | None = None) -> Path:
-        """Finish the last shard, write the index, copy extras and move the result into place."""
+        """Finish the last shard, write the index, copy extras and move the result into place.
+
+        A folder is completed, synced and renamed ``.NAME.mergelab-new-...`` (complete) before it
+        replaces anything, so a kill at any point leaves either the old or the new output at ``out``
+        or, between the two renames of a replace, both beside it for the next run to finish the
+        replace (:func:`mergelab.io.leftovers.sweep`). SIGINT/SIGTERM wait until the renames are done.
+        """
         if self._next != len(self._order):
             raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
         if not self._order:
@@ -178,40 +214,69 @@ class CheckpointWriter:
         self._close_handle()
         self._wait_syncs()
         self._syncer.shutdown()
-        if self.single:
-            return self._move_into_place(self.tmp / self.shards[0].filename)
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
-                "weight_map": {n: s.filename for s in self.shards for n in s.names},
-            }
-            (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if extras_from is not None:
-            copy_extras(extras_from, self.tmp)
-        return self._move_into_place(self.tmp)
-
-    def _move_into_place(self, source: Path) -> Path:
-        old = None
-        if self.out.exists() and not self.single:  # a folder cannot be renamed over; a file can, atomically
-            old = self.tmp.parent / f".{self.out.name}.mergelab-old-{os.getpid()}"
-            os.replace(self.out, old)
+        if not self.single:
+            if len(self.shards) > 1:
+                index = {
+                    "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+                    "weight_map": {n: s.filename for s in self.shards for n in s.names},
+                }
+                with _io_errors(self.out / SAFE_INDEX):
+                    (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            if extras_from is not None:
+                copy_extras(extras_from, self.tmp, self.out)
+                base_card = extras_from / CARD
+                if base_card.is_file():
+                    with _io_errors(self.out / CARD):
+                        card = model_card(self.metadata, str(extras_from), base_card.read_text(errors="replace"))
+                        (self.tmp / CARD).write_text(card)
+        with _io_errors(self.out):
+            _sync_tree(self.tmp, {s.filename for s in self.shards})
+        placed, held = False, list[int]()
         try:
-            os.replace(source, self.out)
-        except OSError:
-            if old is not None:
-                os.replace(old, self.out)  # put the previous output back
-            raise
-        for leftover in (old, self.tmp if self.tmp.exists() else None):
-            if leftover is not None:
-                _remove(leftover)
+            with _signals_held(held):
+                self._move_into_place()
+                placed = True
+        finally:
+            _deliver(held, self.out if placed else None)
         return self.out
+
+    def _move_into_place(self) -> None:
+        if self.out.exists() and not self.overwrite:
+            raise MergelabError("output appeared while merging (another run?); nothing was replaced", file=str(self.out))
+        if self.single:  # a file is renamed over the old one atomically
+            with _io_errors(self.out):
+                os.replace(self.tmp / self.out.name, self.out)
+            _remove(self.tmp)
+            return
+        new = leftovers.sibling(self.out, "new", self.tag)
+        with _io_errors(self.out):
+            os.replace(self.tmp, new)  # marks it complete: from here on a later run may move it into place
+        self.tmp = new
+        old = None
+        if os.path.lexists(self.out):  # a folder cannot be renamed over: the old one is moved aside first
+            old = leftovers.sibling(self.out, "old", self.tag)
+            with _io_errors(self.out):
+                os.replace(self.out, old)
+        try:
+            os.replace(new, self.out)
+        except OSError as err:
+            if old is not None:
+                try:
+                    os.replace(old, self.out)  # put the previous output back
+                except OSError:
+                    raise MergelabError(f"cannot move the output into place ({err.strerror or err}); the previous "
+                                        f"output is at {old.name}, and the next run puts it back", file=str(self.out)) from None
+            raise MergelabError(f"cannot move the output into place ({err.strerror or err})", file=str(self.out)) from None
+        _sync_dir(self.out.parent)
+        if old is not None:
+            leftovers.discard(old)
 
     def abort(self) -> None:
         self._close_handle_quietly()
         for sync in self._syncs:
             sync.exception()  # wait, and ignore: the output is discarded anyway
         self._syncer.shutdown()
-        _remove(self.tmp)
+        leftovers.discard(self.tmp)
 
     def _close_handle_quietly(self) -> None:
         if self._handle is not None:
@@ -258,17 +323,22 @@ def _libc_fallocate() -> Any:
     return function
 
 
-def _sync_and_close(handle: BinaryIO) -> None:
+def _sync_and_close(handle: BinaryIO, shown: Path) -> None:
     try:
-        os.fsync(handle.fileno())
+        with _io_errors(shown):
+            os.fsync(handle.fileno())
     finally:
         handle.close()
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """An existing output is an error unless ``overwrite``; raises MergelabError."""
-    if out.exists() and not overwrite:
-        raise MergelabError("output already exists (pass --overwrite / overwrite=True to replace it)", file=str(out))
+    """An existing output is an error unless ``overwrite``; raises MergelabError. An output that a
+    killed run's leftovers would put back (:func:`mergelab.io.leftovers.restorable`) counts as existing."""
+    back = leftovers.restorable(out)
+    exists = out.exists() or back is not None
+    if exists and not overwrite:
+        left = f"; an interrupted run left it as {back.name}, which the next merge puts back" if back else ""
+        raise MergelabError(f"output already exists (pass --overwrite / overwrite=True to replace it){left}", file=str(out))
     if out.exists() and (out.suffix == ".safetensors") != out.is_file():
         raise MergelabError("output exists and is of the other kind (file vs folder)", file=str(out))
     parent = out.absolute().parent
@@ -278,15 +348,191 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise MergelabError(f"cannot create the output: {parent} is not a folder", file=str(out))
 
 
-def copy_extras(folder: Path, target: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of a model folder (not subfolders)."""
+def input_paths(sources: Iterable[TensorSource]) -> list[Path]:
+    """The files and folders that ``sources`` read (none for in-memory inputs)."""
+    paths: set[str] = set()
+    for source in sources:
+        if isinstance(source, (SafetensorsSource, TorchSource)):
+            paths.update([source.label, *(source.file_of(name) for name in source.specs)])
+            if source.folder is not None:
+                paths.add(str(source.folder))
+    return sorted(Path(p) for p in paths)
+
+
+def check_apart(out: Path, inputs: Iterable[Path]) -> None:
+    """``out`` is not one of ``inputs``, not inside an input folder, and holds no input (which an
+    overwrite would delete), however either is spelled (symlinks, ``..``, another name of the same
+    folder). Raises MergelabError."""
+    pairs = [(path, target, real) for path in inputs for target, real in itertools.product(_spellings(out), _spellings(path))]
+    for path, target, real in pairs:
+        if _same(target, real):
+            raise MergelabError(f"the output is an input of this job ({path}): it would be replaced", file=str(out))
+    for path, target, real in pairs:
+        if any(_same(folder, real) for folder in target.parents):
+            raise MergelabError(f"the output is inside an input folder ({path})", file=str(out))
+        if any(_same(folder, target) for folder in real.parents):
+            raise MergelabError(f"an input of this job ({path}) is inside the output", file=str(out))
+
+
+def check_new_folder(folder: Path, inputs: Iterable[Path] = ()) -> None:
+    """``folder`` is absent or an empty folder, and apart from ``inputs``: somewhere to create
+    files without mixing them into someone else's. Raises MergelabError."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise MergelabError("exists and is not a folder", file=str(folder))
+    if folder.is_dir() and any(folder.iterdir()):
+        raise MergelabError("folder exists and is not empty (give a new or empty folder)", file=str(folder))
+    check_apart(folder, inputs)
+
+
+def _spellings(path: Path) -> set[Path]:
+    """``path`` absolute as written (``..`` folded) and with every symlink resolved."""
+    return {Path(os.path.abspath(path)), path.resolve()}
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file or folder: by identity where both exist (bind mounts, case-insensitive names), else by path."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def copy_extras(folder: Path, target: Path, shown: Path | None = None) -> list[str]:
+    """Copy the non-weight files of a model folder into ``target``: its top-level files and the
+    module folders of a sentence-transformers model (those ``modules.json`` names), never weights,
+    indexes, hidden files, other subfolders or the model card (see :func:`model_card`). Returns the
+    relative paths copied. Errors name the file as ``shown`` (default ``target``) will hold it."""
     copied = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name in INDEX_FILES or path.name.startswith("."):
-            continue
-        shutil.copy2(path, target / path.name)
-        copied.append(path.name)
+    for path in _extras(folder):
+        relative = path.relative_to(folder)
+        where = (shown or target) / relative
+        try:
+            if path.is_dir():
+                (target / relative).mkdir(0o777, exist_ok=True)
+            else:
+                shutil.copyfile(path, target / relative)  # new file, default mode (copy2 would keep the source's)
+        except OSError as err:
+            raise MergelabError(f"cannot copy {path} into the output ({err.strerror or err})", file=str(where)) from None
+        copied.append(relative.as_posix())
     return copied
+
+
+def _extras(folder: Path) -> list[Path]:
+    """What :func:`copy_extras` copies, folders before their contents."""
+    found = [p for p in sorted(folder.iterdir()) if p.is_file() and _is_extra(p.name) and p.name != CARD]
+    for module in _module_folders(folder):
+        found.append(module)
+        for path in sorted(module.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(module).parts):
+                continue
+            if path.is_dir() or (path.is_file() and _is_extra(path.name)):
+                found.append(path)
+            elif path.is_file():
+                log.warning("%s: weights of a sentence-transformers module are not merged and not copied; the output "
+                            "lacks them", path)
+    return found
+
+
+def _is_extra(name: str) -> bool:
+    return not (name.endswith(WEIGHT_SUFFIXES) or name in INDEX_FILES or name.startswith("."))
+
+
+def _module_folders(folder: Path) -> list[Path]:
+    """The subfolders a sentence-transformers ``modules.json`` names (plain names inside ``folder``)."""
+    try:
+        modules = json.loads((folder / MODULES).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    names = {m.get("path") for m in modules if isinstance(m, dict)} if isinstance(modules, list) else set()
+    return [folder / name for name in sorted(n for n in names if isinstance(n, str) and n)
+            if Path(name).name == name and not name.startswith(".") and (folder / name).is_dir()
+            and not (folder / name).is_symlink()]
+
+
+def model_card(metadata: dict[str, str], base: str, base_card: str) -> str:
+    """The merged model's README.md: how it was made, then the base's card marked as the base's."""
+    inputs = json.loads(metadata.get("mergelab.inputs", "[]"))
+    models = [str(i.get("name")) for i in inputs if isinstance(i, dict) and i.get("role") != "base"]
+    lines = [
+        "---", "tags:", "- merge", "- mergelab", "---", "",
+        "# Merged model", "",
+        f"Merged by mergelab {__version__} with the method `{metadata.get('mergelab.method', '?')}`, hyperparameters "
+        f"`{metadata.get('mergelab.hparams', '{}')}`.", "",
+        f"- base: `{base}`",
+        *[f"- merged model {i}: `{name}`" for i, name in enumerate(models, 1)], "",
+        "Its weights are not the base model's. The card below is the base model's, copied unchanged for "
+        "reference: it describes the base, not this merged model.", "",
+        "---", "",
+        f"## Base model card ({base})", "",
+    ]
+    return "\n".join(lines) + "\n" + base_card
+
+
+@contextmanager
+def _io_errors(shown: Path) -> Iterator[None]:
+    """An OSError (disk full, permissions, ...) as a one-line MergelabError naming ``shown``."""
+    try:
+        yield
+    except OSError as err:
+        raise MergelabError(f"cannot write the output ({err.strerror or err})", file=str(shown)) from None
+
+
+@contextmanager
+def _signals_held(held: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM arriving in the block are held (listed in ``held``) until it is done: the
+    renames that put an output in place run to their end. Main thread only (Python runs handlers
+    nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: set outside Python
+    for sig in previous:
+        signal.signal(sig, lambda number, _frame: held.append(number))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _deliver(held: list[int], written: Path | None) -> None:
+    """Act on a signal held during the renames; if they put ``written`` in place, the interruption says so."""
+    if not held:
+        return
+    try:
+        signal.raise_signal(held[0])
+    except KeyboardInterrupt as err:
+        if written is not None:
+            err.args = (f"interrupted after {written} was written",)
+        raise
+
+
+def _sync_tree(folder: Path, synced: set[str]) -> None:
+    """fsync the files under ``folder`` not yet synced, then the folders (so that the completed
+    folder is on disk before it is marked complete)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and path.name not in synced:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _sync_dir(path)
+    _sync_dir(folder)
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on a directory: nothing more to do
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _remove(path: Path) -> None:
