@@ -165,6 +165,15 @@ def _truncated_zip(folder: Path, state: dict) -> Bad:
     return Bad(path, path)
 
 
+def _bin_bytes(data: bytes) -> Callable[[Path, dict], Bad]:
+    def build(folder: Path, state: dict) -> Bad:
+        path = folder / "bad.bin"
+        path.write_bytes(data)
+        return Bad(path, path)
+
+    return build
+
+
 def _not_a_tensor(folder: Path, state: dict) -> Bad:
     path = folder / "bad.pt"
     torch.save({**state, TENSOR: {"nested": state[TENSOR]}}, path)
@@ -204,6 +213,11 @@ CASES = {
     "shard tensor missing from index": Case(_index_missing_key, "not in the index"),
     "index lists no tensors": Case(_empty_index, "lists no tensors"),
     "pickle needing code execution": Case(_pickle_exploit, "refusing to unpickle"),
+    "random bytes as a .bin": Case(_bin_bytes(bytes((i * 167 + 13) % 256 for i in range(4096))),
+                                   "not a valid torch checkpoint (neither a zip archive"),
+    "text as a .bin": Case(_bin_bytes(b"hello, this is not a checkpoint\n" * 8), "not a valid torch checkpoint"),
+    "empty .bin": Case(_bin_bytes(b""), "not a valid torch checkpoint (empty file)"),
+    "pickle with an unknown opcode": Case(_bin_bytes(b"\x80\x02\xff\xff"), "corrupt torch checkpoint (unreadable pickle"),
     "truncated .bin zip": Case(_truncated_zip, "corrupt or truncated torch checkpoint"),
     "non-tensor value in a .pt": Case(_not_a_tensor, "not a tensor"),
 }

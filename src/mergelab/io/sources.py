@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -232,13 +233,30 @@ class TorchSource(TensorSource):
 
 
 def load_torch_file(path: str) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped where the format allows; never runs code."""
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows; never runs code.
+
+    A file whose pickle names a function or class to call is refused as needing code execution; one
+    that is no zip archive nor a pickle torch can read (random bytes, text, an unknown opcode) is
+    refused as not a valid torch checkpoint, whatever the unpickler tripped on.
+    """
     import pickle
     import zipfile
 
     def _load(mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror}", file=path) from None
+    if not magic:
+        raise MergelabError("not a valid torch checkpoint (empty file)", file=path)
+    # torch writes a zip archive, or (legacy) a pickle, of protocol 2 unless asked otherwise: one that
+    # starts with neither and does not load is garbage (random bytes, text), not a damaged checkpoint
+    garbage = not magic.startswith((b"PK\x03\x04", b"\x80"))
+    garbage_error = MergelabError("not a valid torch checkpoint (neither a zip archive nor a protocol-2+ pickle)",
+                                   file=path)
     try:
         try:
             obj = _load(mmap=True)
@@ -247,14 +265,21 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
                 raise
             obj = _load(mmap=False)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
-        if "Weights only load failed" in first or "weights_only" in str(err):
-            reason = _unsafe_reason(str(err))
+        reason = _unpickler_reason(str(err)) if "Weights only load failed" in str(err) else _first_line(err, "?")
+        if _NEEDS_CODE.search(reason):
             raise MergelabError(f"refusing to unpickle: the file needs code execution ({reason})", file=path) from None
-        raise MergelabError(f"corrupt torch checkpoint ({first})", file=path) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        first = (str(err).strip().splitlines() or ["unreadable"])[0]
-        raise MergelabError(f"corrupt or truncated torch checkpoint ({first})", file=path) from None
+        if garbage:
+            raise garbage_error from None
+        raise MergelabError(f"corrupt torch checkpoint (unreadable pickle: {reason})", file=path) from None
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror or _first_line(err, 'read error')}", file=path) from None
+    except Exception as err:  # noqa: BLE001 (a damaged file makes torch's loader raise anything: KeyError, ...)
+        if garbage:
+            raise garbage_error from None
+        detail = _first_line(err, type(err).__name__)
+        if not isinstance(err, (RuntimeError, EOFError, zipfile.BadZipFile, ValueError)):
+            detail = f"{type(err).__name__}: {detail}"
+        raise MergelabError(f"corrupt or truncated torch checkpoint ({detail})", file=path) from None
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):  # common wrappers of a state dict
             inner = obj.get(key)
@@ -265,12 +290,23 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _unsafe_reason(message: str) -> str:
+# what the weights-only unpickler says when a pickle asks for a function or class (code), as opposed to
+# bytes it cannot parse ("Unsupported operand 130")
+_NEEDS_CODE = re.compile(r"GLOBAL|global|reduce|new object|build|class|instantiate", re.IGNORECASE)
+
+
+def _first_line(err: BaseException, default: str) -> str:
+    return (str(err).strip().splitlines() or [default])[0]
+
+
+def _unpickler_reason(message: str) -> str:
+    """The unpickler's own reason inside torch's "Weights only load failed" message."""
     for line in message.splitlines():
         line = line.strip()
-        if line.startswith("Unsupported") or "GLOBAL" in line:
+        if line.startswith(("Unsupported", "Trying", "Can only", "String is too long", "Only persistent_load",
+                            "persistent_load", "unsupported persistent")) or "GLOBAL" in line:
             return line.rstrip(".")
-    return "unsupported global"
+    return "unsupported content"
 
 
 def open_source(model: Any, label: str | None = None) -> TensorSource:
