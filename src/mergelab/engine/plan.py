@@ -264,8 +264,13 @@ def resolve_device(device: str | torch.device, require: bool) -> torch.device:
         raise MergelabError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from None
     if target.type not in ("cpu", "cuda"):
         raise MergelabError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
-    if target.type == "cuda" and require and not torch.cuda.is_available():
-        raise MergelabError("device 'cuda' requested but no CUDA GPU is available")
+    if target.type == "cuda" and require:
+        if not torch.cuda.is_available():
+            raise MergelabError(f"device {str(target)!r} requested but no CUDA GPU is available")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise MergelabError(f"device {str(target)!r} requested but this machine has {count} CUDA GPU(s) "
+                                f"(cuda:0 to cuda:{count - 1})")
     return target
 
 
