@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.io import sigbus
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -106,7 +107,8 @@ class SafetensorsSource(TensorSource):
     from this process once the tensor is done, so the resident memory holds only the tensors in
     use. Writes into a view never reach the file. A tensor whose offset is not a multiple of its
     element size (possible in hand-made files) is read with a positioned read instead, into
-    ``into`` if given.
+    ``into`` if given. Each map is watched by :mod:`mergelab.io.sigbus`: a file truncated by another
+    process while it is read ends the process with a one-line error (exit 2), not a bus error.
     """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
@@ -125,6 +127,7 @@ class SafetensorsSource(TensorSource):
                 self._offset[name] = header.offsets[name]
         self._handles: dict[str, BinaryIO] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._watched: list[int | None] = []  # sigbus slots of the maps
         self._opening = threading.Lock()  # the engine may read several tensors at once
 
     def file_of(self, name: str) -> str:
@@ -144,6 +147,7 @@ class SafetensorsSource(TensorSource):
             mapping = self._maps.get(path)
             if mapping is None:
                 mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._watched.append(sigbus.watch_mmap(mapping, path))
         _advise(mapping, getattr(mmap, "MADV_WILLNEED", None), offset, spec.nbytes)
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
         return data.view(spec.dtype).reshape(spec.shape)
@@ -182,7 +186,11 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         # The maps are not closed: tensors handed out may still view them (each keeps its map
-        # alive), and closing a map under a live view would crash on the next access.
+        # alive), and closing a map under a live view would crash on the next access. They are no
+        # longer watched: the merge that read them is over.
+        for slot in self._watched:
+            sigbus.unwatch(slot)
+        self._watched.clear()
         self._maps.clear()
         for handle in self._handles.values():
             handle.close()
@@ -209,8 +217,11 @@ class TorchSource(TensorSource):
         self._state: dict[str, torch.Tensor] = {}
         self._file: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
+        self._watched: list[int | None] = []
         for path in files:
-            part = DictSource(load_torch_file(path), path)
+            state, mapped = _load_torch_file(path)
+            self._watched.append(_watch_mapped(state, path) if mapped else None)
+            part = DictSource(state, path)
             self._aliases.update(part.aliases())
             for name in part.specs:
                 if name in self._file:
@@ -229,7 +240,19 @@ class TorchSource(TensorSource):
         return dict(self._aliases)
 
     def close(self) -> None:
+        for slot in self._watched:
+            sigbus.unwatch(slot)
+        self._watched.clear()
         self._state.clear()
+
+
+def _watch_mapped(state: dict[str, torch.Tensor], path: str) -> int | None:
+    """Watch the memory map that ``torch.load(mmap=True)`` made of ``path``: the span of the tensors' storages."""
+    storages = [t.untyped_storage() for t in state.values() if t.untyped_storage().nbytes()]
+    if not storages:
+        return None
+    start = min(s.data_ptr() for s in storages)
+    return sigbus.watch(start, max(s.data_ptr() + s.nbytes() for s in storages) - start, path)
 
 
 def load_torch_file(path: str) -> dict[str, torch.Tensor]:
@@ -239,6 +262,11 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
     that is no zip archive nor a pickle torch can read (random bytes, text, an unknown opcode) is
     refused as not a valid torch checkpoint, whatever the unpickler tripped on.
     """
+    return _load_torch_file(path)[0]
+
+
+def _load_torch_file(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """:func:`load_torch_file`, and whether the tensors are a memory map of the file (zip format)."""
     import pickle
     import zipfile
 
@@ -257,12 +285,14 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
     garbage = not magic.startswith((b"PK\x03\x04", b"\x80"))
     garbage_error = MergelabError("not a valid torch checkpoint (neither a zip archive nor a protocol-2+ pickle)",
                                    file=path)
+    mapped = True
     try:
         try:
             obj = _load(mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):  # legacy (non-zip) format cannot be memory-mapped
                 raise
+            mapped = False
             obj = _load(mmap=False)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(str(err)) if "Weights only load failed" in str(err) else _first_line(err, "?")
@@ -284,10 +314,10 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
         for key in ("state_dict", "model"):  # common wrappers of a state dict
             inner = obj.get(key)
             if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
+                return inner, mapped
     if not isinstance(obj, dict):
         raise MergelabError(f"not a state dict but {type(obj).__name__}", file=path)
-    return obj
+    return obj, mapped
 
 
 # what the weights-only unpickler says when a pickle asks for a function or class (code), as opposed to
