@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -127,7 +128,7 @@ class SafetensorsSource(TensorSource):
                 self._offset[name] = header.offsets[name]
         self._handles: dict[str, BinaryIO] = {}
         self._maps: dict[str, mmap.mmap] = {}
-        self._watched: list[int | None] = []  # sigbus slots of the maps
+        self._watched: list[weakref.finalize[Any, Any]] = []  # unwatch each map (on close, or once this is collected)
         self._opening = threading.Lock()  # the engine may read several tensors at once
 
     def file_of(self, name: str) -> str:
@@ -147,7 +148,7 @@ class SafetensorsSource(TensorSource):
             mapping = self._maps.get(path)
             if mapping is None:
                 mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._watched.append(sigbus.watch_mmap(mapping, path))
+                self._watched.append(weakref.finalize(self, sigbus.unwatch, sigbus.watch_mmap(mapping, path)))
         _advise(mapping, getattr(mmap, "MADV_WILLNEED", None), offset, spec.nbytes)
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
         return data.view(spec.dtype).reshape(spec.shape)
@@ -188,8 +189,8 @@ class SafetensorsSource(TensorSource):
         # The maps are not closed: tensors handed out may still view them (each keeps its map
         # alive), and closing a map under a live view would crash on the next access. They are no
         # longer watched: the merge that read them is over.
-        for slot in self._watched:
-            sigbus.unwatch(slot)
+        for unwatch in self._watched:
+            unwatch()  # once only: the slot may be another map's later
         self._watched.clear()
         self._maps.clear()
         for handle in self._handles.values():
@@ -217,11 +218,12 @@ class TorchSource(TensorSource):
         self._state: dict[str, torch.Tensor] = {}
         self._file: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
-        self._watched: list[int | None] = []
+        self._watched: list[weakref.finalize[Any, Any]] = []  # as SafetensorsSource's
         for path in files:
             state, mapped = _load_torch_file(path)
-            self._watched.append(_watch_mapped(state, path) if mapped else None)
-            part = DictSource(state, path)
+            part = DictSource(state, path)  # every value checked to be a tensor
+            if mapped:
+                self._watched.append(weakref.finalize(self, sigbus.unwatch, _watch_mapped(state, path)))
             self._aliases.update(part.aliases())
             for name in part.specs:
                 if name in self._file:
@@ -240,8 +242,8 @@ class TorchSource(TensorSource):
         return dict(self._aliases)
 
     def close(self) -> None:
-        for slot in self._watched:
-            sigbus.unwatch(slot)
+        for unwatch in self._watched:
+            unwatch()  # once only: the slot may be another map's later
         self._watched.clear()
         self._state.clear()
 
