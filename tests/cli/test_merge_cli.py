@@ -84,8 +84,8 @@ def test_python_dash_m_end_to_end(files, tmp_path):
     bad = finetune_of(tiny_state(0), 3)
     bad["layer.0.norm.weight"][0] = float("nan")
     save_file(bad, str(tmp_path / "nan.safetensors"))
-    failed = run("merge", "--method", "task_arithmetic", "--base", files["base"], "--model", str(tmp_path / "nan.safetensors"),
-                 "--out", str(tmp_path / "o2"))
+    failed = run("merge", "--method", "task_arithmetic", "--base", files["base"], "--model", files["m1"],
+                 "--model", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "o2"))
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1
     assert "nan.safetensors" in failed.stderr and "layer.0.norm.weight" in failed.stderr
     assert not (tmp_path / "o2").exists() and leftovers(tmp_path) == []

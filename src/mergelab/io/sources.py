@@ -8,6 +8,7 @@ sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -27,6 +28,11 @@ from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec, read_header
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+FULL_WEIGHTS = (SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin")  # in the order they are preferred
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # PEFT's
+ADAPTER_MESSAGE = ("a LoRA/PEFT adapter, not a full model: merge it into its base model first (e.g. with PEFT's "
+                   "merge_and_unload()) and pass the merged model")
+SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 4096  # what fingerprint() reads of each file
 
 
 class TensorSource:
@@ -35,6 +41,28 @@ class TensorSource:
     label: str  # how errors and provenance name this input
     folder: Path | None = None  # the model folder, for config/tokenizer files
     specs: dict[str, TensorSpec]
+    warnings: tuple[str, ...] = ()  # what opening it found worth a word (shown in the plan, logged)
+    files: tuple[str, ...] = ()  # the files read, if any
+
+    def fingerprint(self) -> bytes | None:
+        """A digest of the files' sizes and of bytes sampled across them (``SAMPLE_BLOCKS`` blocks of
+        ``SAMPLE_BYTES`` each, evenly spaced, first and last included): equal for the same content,
+        and for different content of the same layout only where no sampled block differs. None for
+        an input not read from files."""
+        if not self.files:
+            return None
+        digest = hashlib.sha256()
+        for path in self.files:
+            try:
+                with open(path, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    digest.update(size.to_bytes(8, "little"))
+                    last = max(0, size - SAMPLE_BYTES)
+                    for k in range(SAMPLE_BLOCKS):
+                        digest.update(os.pread(handle.fileno(), SAMPLE_BYTES, last * k // (SAMPLE_BLOCKS - 1)))
+            except OSError:
+                return None
+        return digest.digest()
 
     def file_of(self, name: str) -> str:
         return self.label
@@ -115,6 +143,7 @@ class SafetensorsSource(TensorSource):
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
+        self.files = tuple(files)
         self.specs = {}
         self._file: dict[str, str] = {}
         self._offset: dict[str, int] = {}
@@ -215,6 +244,7 @@ class TorchSource(TensorSource):
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
+        self.files = tuple(files)
         self._state: dict[str, torch.Tensor] = {}
         self._file: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
@@ -357,6 +387,8 @@ def open_source(model: Any, label: str | None = None) -> TensorSource:
         return _open_folder(path)
     if not path.exists():
         raise MergelabError("no such file or folder", file=text)
+    if path.name.startswith("adapter_model."):
+        raise MergelabError(ADAPTER_MESSAGE, file=text)
     if path.suffix == ".safetensors":
         return SafetensorsSource([text], text)
     if path.suffix in TORCH_SUFFIXES:
@@ -367,6 +399,22 @@ def open_source(model: Any, label: str | None = None) -> TensorSource:
 
 
 def _open_folder(folder: Path) -> TensorSource:
+    """The folder's full-model weights (an index first, then a single file; safetensors before ``.bin``);
+    the plan says which one where a folder holds several."""
+    present = [name for name in FULL_WEIGHTS if (folder / name).is_file()]
+    if not present and any((folder / name).is_file() for name in ADAPTER_FILES):
+        raise MergelabError(ADAPTER_MESSAGE, file=str(folder))
+    source = _open_weights(folder)
+    chosen = next((name for name in FULL_WEIGHTS if (folder / name).is_file()), None)
+    unused = [name for name in (*present, *ADAPTER_FILES[1:]) if name != chosen and (folder / name).is_file()
+              and not (chosen in (SAFE_INDEX, BIN_INDEX) and str(folder / name) in source.files)]
+    if chosen is not None and unused:
+        source.warnings = (*source.warnings, f"{folder} holds {chosen} and {', '.join(unused)}: using {chosen}, "
+                           f"the other{'s are' if len(unused) > 1 else ' is'} ignored",)
+    return source
+
+
+def _open_weights(folder: Path) -> TensorSource:
     label = str(folder)
     for index_name, cls in ((SAFE_INDEX, SafetensorsSource), (BIN_INDEX, TorchSource)):
         index_path = folder / index_name
