@@ -113,6 +113,35 @@ def _empty_index(folder: Path, state: dict) -> Bad:
     return Bad(model, model / "model.safetensors.index.json")
 
 
+def _listed_twice(folder: Path, state: dict) -> Bad:
+    # the tensor listed again at the end, pointing at bytes appended to the data: json.loads keeps the
+    # last entry, the safetensors library refuses the file (the first entry's bytes belong to no tensor)
+    header, data = split(state)
+    entry = dict(header[TENSOR], data_offsets=[len(data), len(data) + header[TENSOR]["data_offsets"][1]
+                                               - header[TENSOR]["data_offsets"][0]])
+    body = json.dumps(header)[:-1] + f', "{TENSOR}": {json.dumps(entry)}}}'
+    appended = torch.full(state[TENSOR].shape, 7.0).numpy().tobytes()
+    path = write_raw(folder / "bad.safetensors", body.encode(), data + appended)
+    return Bad(path, path, TENSOR)
+
+
+def _gap(folder: Path, state: dict) -> Bad:
+    header, data = split(state)  # the last tensor moved 8 bytes on: 8 bytes before it belong to no tensor
+    last = max((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][1])
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 8, end + 8]
+    path = write_raw(folder / "bad.safetensors", header, data[:begin] + bytes(8) + data[begin:])
+    return Bad(path, path, last)
+
+
+def _header_over_limit(folder: Path, state: dict) -> Bad:
+    path = folder / "bad.safetensors"  # sparse: the header claims 1 byte over 100 MB, and the file holds it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", 100_000_001) + b"{")
+        handle.truncate(8 + 100_000_001)
+    return Bad(path, path)
+
+
 class Exploit:
     """Unpickling this runs a shell command: the loader must refuse it without running it."""
 
@@ -136,11 +165,22 @@ def _truncated_zip(folder: Path, state: dict) -> Bad:
     return Bad(path, path)
 
 
+def _bin_bytes(data: bytes) -> Callable[[Path, dict], Bad]:
+    def build(folder: Path, state: dict) -> Bad:
+        path = folder / "bad.bin"
+        path.write_bytes(data)
+        return Bad(path, path)
+
+    return build
+
+
 def _not_a_tensor(folder: Path, state: dict) -> Bad:
     path = folder / "bad.pt"
     torch.save({**state, TENSOR: {"nested": state[TENSOR]}}, path)
     return Bad(path, path, TENSOR)
 
+
+STRICTER = {"key listed twice in __metadata__"}  # refused here, read by the safetensors library
 
 CASES = {
     "header length beyond the file": Case(_header_too_long, "truncated safetensors header"),
@@ -154,14 +194,44 @@ CASES = {
     "offsets not a pair": Case(_edit_entry(data_offsets=[0]), "corrupt data_offsets"),
     "truncated data section": Case(_truncated_data, "file is truncated"),
     "overlapping offsets": Case(_overlapping, "overlaps tensor 'layer.0.attn.bias'"),
+    "tensor listed twice": Case(_listed_twice, "tensor listed twice"),
+    "key listed twice in __metadata__": Case(
+        lambda f, s: _whole(f, b'{"__metadata__": {"format": "pt", "format": "np"}}', b""), "'format' listed twice"),
+    "__metadata__ value not a string": Case(
+        lambda f, s: _whole(f, json.dumps({"__metadata__": {"epochs": 3}}).encode(), b""), "must map strings to strings"),
+    "__metadata__ a list": Case(lambda f, s: _whole(f, b'{"__metadata__": []}', b""), "must map strings to strings"),
+    "bytes between tensors": Case(_gap, "8 bytes after tensor"),
+    "bytes after the last tensor": Case(lambda f, s: _whole(f, *_appended(s)), "8 bytes after the last tensor"),
+    "header not UTF-8": Case(lambda f, s: _whole(f, b'{"__metadata__": {"k": "\xe9"}}', b""), "not UTF-8"),
+    "header in UTF-16": Case(lambda f, s: _whole(f, json.dumps(split(s)[0]).encode("utf-16-le"), split(s)[1]),
+                             "not JSON"),
+    "NaN in the header": Case(lambda f, s: _whole(f, *_nan_field(s)), "not JSON"),
+    "empty header": Case(lambda f, s: _whole(f, b"", b""), "not JSON"),
+    "header over 100 MB": Case(_header_over_limit, "over the format's limit of 100000000"),
     "index names a missing shard": Case(_index_missing_shard, "missing shard"),
     "index names the wrong shard": Case(_index_wrong_shard, "index says"),
     "shard tensor missing from index": Case(_index_missing_key, "not in the index"),
     "index lists no tensors": Case(_empty_index, "lists no tensors"),
     "pickle needing code execution": Case(_pickle_exploit, "refusing to unpickle"),
+    "random bytes as a .bin": Case(_bin_bytes(bytes((i * 167 + 13) % 256 for i in range(4096))),
+                                   "not a valid torch checkpoint (neither a zip archive"),
+    "text as a .bin": Case(_bin_bytes(b"hello, this is not a checkpoint\n" * 8), "not a valid torch checkpoint"),
+    "empty .bin": Case(_bin_bytes(b""), "not a valid torch checkpoint (empty file)"),
+    "pickle with an unknown opcode": Case(_bin_bytes(b"\x80\x02\xff\xff"), "corrupt torch checkpoint (unreadable pickle"),
     "truncated .bin zip": Case(_truncated_zip, "corrupt or truncated torch checkpoint"),
     "non-tensor value in a .pt": Case(_not_a_tensor, "not a tensor"),
 }
+
+
+def _nan_field(state: dict) -> tuple[bytes, bytes]:
+    header, data = split(state)  # an extra field of an entry (ignored by both readers) holding NaN
+    header[TENSOR]["scale"] = float("nan")
+    return json.dumps(header).encode(), data
+
+
+def _appended(state: dict) -> tuple[bytes, bytes]:
+    header, data = split(state)
+    return json.dumps(header).encode(), data + bytes(8)
 
 
 def _whole(folder: Path, header: bytes, data: bytes, raw: bytes | None = None) -> Bad:

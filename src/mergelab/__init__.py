@@ -38,13 +38,14 @@ def plan(
     """Validate a merge from headers alone and return its :class:`~mergelab.engine.plan.MergePlan`.
 
     Reads no tensor data. ``print(plan(...).summary())`` shows tensors, passes, peak memory and
-    output shards. Raises :class:`MergelabError` on any problem that can be known up front.
+    output shards. Raises :class:`MergelabError` on any problem that can be known up front, a
+    ``device`` this machine does not have included.
     """
     from mergelab.engine.plan import build_plan
 
     return build_plan(
         method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
-        dtype=dtype, max_shard_size=max_shard_size, require_device=False,
+        dtype=dtype, max_shard_size=max_shard_size,
     )
 
 

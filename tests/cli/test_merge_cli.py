@@ -84,8 +84,8 @@ def test_python_dash_m_end_to_end(files, tmp_path):
     bad = finetune_of(tiny_state(0), 3)
     bad["layer.0.norm.weight"][0] = float("nan")
     save_file(bad, str(tmp_path / "nan.safetensors"))
-    failed = run("merge", "--method", "task_arithmetic", "--base", files["base"], "--model", str(tmp_path / "nan.safetensors"),
-                 "--out", str(tmp_path / "o2"))
+    failed = run("merge", "--method", "task_arithmetic", "--base", files["base"], "--model", files["m1"],
+                 "--model", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "o2"))
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1
     assert "nan.safetensors" in failed.stderr and "layer.0.norm.weight" in failed.stderr
     assert not (tmp_path / "o2").exists() and leftovers(tmp_path) == []
@@ -123,11 +123,31 @@ def test_dry_run_and_plan_print_the_plan_and_write_nothing(files, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "m1", "m2.bin"]
 
 
-def test_cuda_dry_run_shows_peak_gpu(files, tmp_path, capsys):
+def test_cuda_dry_run_shows_peak_gpu(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a plan reads no data: no GPU needed to check it
     assert main(merge_args(files, tmp_path / "o", "--dry-run", "--device", "cuda")) == 0
     text = capsys.readouterr().out
     assert "peak GPU      ~" in text and "compute       float32 on cuda" in text
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "merge"])
+@pytest.mark.parametrize(("device", "gpus", "message"), [
+    ("cuda", 0, "device 'cuda' requested but no CUDA GPU is available"),
+    ("cuda:2", 2, "device 'cuda:2' requested but this machine has 2 CUDA GPU(s) (cuda:0 to cuda:1)"),
+])
+def test_a_device_the_machine_lacks_is_refused_before_the_plan_is_printed(files, tmp_path, capsys, monkeypatch,
+                                                                         command, device, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    argv = merge_args(files, tmp_path / "o", "--device", device)
+    argv = argv if command == "merge" else ["plan", *argv[1:]]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"mergelab: error: {message}\n" and captured.out == ""  # no plan printed first
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(mergelab.MergelabError, match="requested but"):
+        mergelab.plan("ties", files["base"], [files["m1"]], device=device)
 
 
 def expect_exit_2(argv: list[str], capsys, out: Path, *fragments: str) -> str:

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import tiny_state, write_sharded
 from forms import FORMS, write_form
-from hostile import CASES, MARKER, split, write_raw
+from hostile import CASES, MARKER, STRICTER, split, write_raw
 from mergelab.errors import MergelabError
 from mergelab.io.sources import open_source
 
@@ -129,3 +130,17 @@ def test_safetensors_truncated_after_opening_is_a_clean_error(tmp_path):
         source.get("b")  # a map read past the end would crash the process (SIGBUS)
     assert str(err.value).startswith(f"{path}: tensor 'b': file is truncated")
     source.close()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_safetensors_files_are_refused_by_the_safetensors_library_too(tmp_path, case):
+    # what is refused here is what the format refuses, but for a key listed twice where the library keeps
+    # the last one without a word (in __metadata__; a tensor listed twice it refuses when the entries differ)
+    bad = CASES[case].build(tmp_path, tiny_state(0))
+    if bad.path.suffix != ".safetensors" or case in STRICTER:
+        pytest.skip("not a single safetensors file, or refused by mergelab only")
+    with pytest.raises(Exception) as info:  # noqa: PT011 (the library's own error type)
+        with safe_open(str(bad.path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                handle.get_tensor(name)
+    assert type(info.value).__name__ == "SafetensorError"

@@ -174,11 +174,15 @@ def load_config(path: str) -> dict[str, Any]:
 
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.safe_load(handle.read())
     except OSError as err:
         raise MergelabError(f"cannot read config: {err.strerror}", file=path) from None
+    except UnicodeDecodeError as err:
+        raise MergelabError(f"not UTF-8 text (byte {err.start})", file=path) from None
     except yaml.YAMLError as err:
         raise MergelabError(f"invalid YAML ({str(err).splitlines()[0]})", file=path) from None
+    except RecursionError:
+        raise MergelabError("invalid YAML (nested too deeply)", file=path) from None
     if not isinstance(data, dict):
         raise MergelabError("config must be a YAML mapping (method:, base:, models:, ...)", file=path)
     unknown = sorted(set(data) - CONFIG_KEYS)

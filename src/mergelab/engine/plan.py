@@ -8,6 +8,7 @@ resulting :class:`MergePlan` is what the engine executes and what ``mergelab pla
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from mergelab.engine import native
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import TensorSpec
-from mergelab.io.sources import TensorSource, open_source
+from mergelab.io.sources import ADAPTER_MESSAGE, TensorSource, open_source
 from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_apart, check_output, input_paths, plan_shards
 from mergelab.methods.registry import Method, get_method
 
@@ -28,6 +29,10 @@ MALLOC_TRIM_BYTES = 64 * 2**20  # stream.tune_malloc's trim threshold: freed mem
 MALLOC_KEPT_BYTES = 3 * MALLOC_TRIM_BYTES  # x 3 threads (main, reader, writer)
 CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
 LOOKAHEAD_PER_WORKER = 4  # tensor-parallel merges: tensors started ahead of the one awaited (stream._merged_at_once)
+EXAMPLES = 3  # tensor names quoted in a message about many
+
+log = logging.getLogger(__name__)
+_last_logged: list[str] = []  # the warnings of the previous plan built
 
 
 @dataclass
@@ -50,6 +55,7 @@ class MergePlan:
     seed: int = 0
     max_shard_size: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
+    warnings: list[str] = field(default_factory=list)  # a valid job that deserves a word: shown and logged
 
     @property
     def n_models(self) -> int:
@@ -165,6 +171,7 @@ class MergePlan:
             lines.append(f"output        {self.out}: {_size(self.output_bytes)} in {len(self.shards)} shard(s)")
         else:
             lines.append(f"output        in memory: {_size(self.output_bytes)}")
+        lines.extend(f"warning       {text}" for text in self.warnings)
         return "\n".join(lines)
 
 
@@ -238,7 +245,64 @@ def build_plan(
         layout = [(n, base_src.specs[n]) for n in order]
         single = Path(out).name if Path(out).suffix == ".safetensors" else None
         plan.shards = plan_shards(layout, int(max_shard_size), single)
+    plan.warnings = input_warnings(spec.name, [base, *models], [base_src, *model_srcs], plan.merged)
+    if plan.warnings != _last_logged:  # not again for the same job: `mergelab merge` plans it twice (plan, merge)
+        for text in plan.warnings:
+            log.warning("warning: %s", text)
+    _last_logged[:] = plan.warnings
     return plan
+
+
+def input_warnings(method: str, given: list[Any], sources: list[TensorSource], merged: list[str]) -> list[str]:
+    """What is valid but likely not meant, for ``sources`` = [base, *models] (``given``: as passed): the
+    folders' notes (which weights of several were used), one model only, the same model twice (same
+    path or object, or the same content by :meth:`TensorSource.fingerprint`), and models stored in
+    another floating dtype than the base (the output keeps the base's)."""
+    base, models = sources[0], sources[1:]
+    names = ["the base", *(f"model {i}" for i in range(1, len(sources)))]
+    notes = [text for source in sources for text in source.warnings]
+    if len(models) == 1:
+        notes.append(f"only one model ({models[0].label}): the result is the base plus its task vector as {method} "
+                     "weighs it, not a merge of several models")
+    firsts: dict[tuple[str, str], int] = {}  # an input's identity -> the first input with it
+    prints: dict[int, bytes | None] = {}
+    for i, (item, source) in enumerate(zip(given, sources, strict=True)):
+        key = ("path", os.path.realpath(item)) if isinstance(item, (str, os.PathLike)) else ("object", str(id(item)))
+        same = firsts.setdefault(key, i)
+        how = "the same file as" if key[0] == "path" else "the same object as"
+        if same == i:  # not the same path: the same content?
+            how = "the same content as (same size, header and sampled bytes)"
+            same = next((j for j in range(i) if sources[j].specs == source.specs
+                         and _fingerprint(prints, j, sources[j]) is not None
+                         and _fingerprint(prints, j, sources[j]) == _fingerprint(prints, i, source)), i)
+        if same != i:
+            effect = "its task vector is zero" if same == 0 else "it counts twice in the merge"
+            notes.append(f"{names[i]} ({source.label}) is {how} {names[same]} ({sources[same].label}): {effect}")
+    for i, model in enumerate(models, 1):
+        differ = [n for n in merged if model.specs[n].dtype != base.specs[n].dtype]
+        if differ:
+            first = differ[0]
+            theirs, ours = model.specs[first].dtype, base.specs[first].dtype
+            loss = "; precision or range may be lost" if not _widens(theirs, ours) else ""
+            notes.append(f"model {i} ({model.label}) stores {len(differ)} merged tensor(s) in another floating dtype "
+                         f"than the base (e.g. '{first}': {_dtype(theirs)} vs the base's {_dtype(ours)}): the output "
+                         f"keeps the base's dtypes{loss}")
+    return notes
+
+
+def _fingerprint(cache: dict[int, bytes | None], index: int, source: TensorSource) -> bytes | None:
+    if index not in cache:
+        cache[index] = source.fingerprint()
+    return cache[index]
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every value of ``source`` is exactly a value of ``target``."""
+    return source == target or target == torch.float64 or (target == torch.float32 and source.itemsize <= 2)
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _stat_passes(collector: Any, dtype: torch.dtype) -> int:
@@ -266,8 +330,13 @@ def resolve_device(device: str | torch.device, require: bool) -> torch.device:
         raise MergelabError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from None
     if target.type not in ("cpu", "cuda"):
         raise MergelabError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
-    if target.type == "cuda" and require and not torch.cuda.is_available():
-        raise MergelabError("device 'cuda' requested but no CUDA GPU is available")
+    if target.type == "cuda" and require:
+        if not torch.cuda.is_available():
+            raise MergelabError(f"device {str(target)!r} requested but no CUDA GPU is available")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise MergelabError(f"device {str(target)!r} requested but this machine has {count} CUDA GPU(s) "
+                                f"(cuda:0 to cuda:{count - 1})")
     return target
 
 
@@ -277,16 +346,33 @@ def check_models(base: TensorSource, models: list[TensorSource]) -> tuple[set[st
     copied = set(base.specs) - merged
     for model in models:
         missing = sorted(set(base.specs) - set(model.specs))
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MergelabError(f"tensor missing, present in the base{more}", file=model.label, tensor=missing[0])
         extra = sorted(set(model.specs) - set(base.specs))
+        if (missing or extra) and any(_is_lora(n) for n in model.specs) and not any(_is_lora(n) for n in base.specs):
+            raise MergelabError(f"{ADAPTER_MESSAGE} (it holds LoRA tensors such as '{next(n for n in model.specs if _is_lora(n))}')",
+                                file=model.label)
+        also = f"; and {_count(len(extra), 'tensor')} not in the base: {_examples(extra)}" if extra else ""
+        if missing:
+            more = f" (and {len(missing) - 1} more: {_examples(missing[1:])})" if len(missing) > 1 else ""
+            raise MergelabError(f"tensor missing, present in the base{more}{also}", file=model.label, tensor=missing[0])
         if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            more = f" (and {len(extra) - 1} more: {_examples(extra[1:])})" if len(extra) > 1 else ""
             raise MergelabError(f"tensor not in the base{more}", file=model.file_of(extra[0]), tensor=extra[0])
         for name in sorted(base.specs):
             _check_pair(name, base.specs[name], model.specs[name], model.file_of(name), name in merged)
     return merged, copied
+
+
+def _is_lora(name: str) -> bool:
+    return any(part in name for part in (".lora_A", ".lora_B", "lora_down", "lora_up", ".lora_embedding_"))
+
+
+def _examples(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:EXAMPLES])
+    return shown + (", ..." if len(names) > EXAMPLES else "")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _check_pair(name: str, base: TensorSpec, other: TensorSpec, file: str, floating: bool) -> None:

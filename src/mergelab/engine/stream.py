@@ -32,6 +32,7 @@ from mergelab import __version__
 from mergelab.engine import native
 from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, LOOKAHEAD_PER_WORKER, MergePlan
 from mergelab.errors import MergelabError
+from mergelab.io import sigbus
 from mergelab.io.writer import CheckpointWriter, input_paths
 from mergelab.methods.registry import TensorCtx
 
@@ -285,7 +286,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     merged_names, copied_names = set(plan.merged), set(plan.copied)
     computed = list(dict.fromkeys(plan.aliases.get(n, n) for n in plan.order if plan.aliases.get(n, n) in merged_names))
     out = _worker("write")
-    with writer if writer is not None else nullcontext():
+    with writer if writer is not None else nullcontext(), sigbus.output_folder(writer.tmp if writer else None):
         workers = plan.tensor_workers(threads)
         if workers > 1:
             feed = _merged_at_once(plan, computed, stats, buffers, workers)

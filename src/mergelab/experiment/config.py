@@ -104,10 +104,14 @@ def load_config(path: str | Path, suite_tasks: Callable[[str, bool], list[str]] 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise MergelabError(f"cannot read experiment config: {err.strerror}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise MergelabError(f"not UTF-8 text (byte {err.start})", file=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise MergelabError(f"not valid YAML{where}", file=str(path)) from None
+    except RecursionError:
+        raise MergelabError("not valid YAML (nested too deeply)", file=str(path)) from None
     return parse_config(raw, path=path, suite_tasks=suite_tasks)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from mergelab.errors import MergelabError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (decimal megabytes)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -64,7 +64,14 @@ class Header:
 
 
 def read_header(path: str) -> Header:
-    """Parse and validate a safetensors header; raises MergelabError on anything malformed."""
+    """Parse and validate a safetensors header; raises MergelabError on anything malformed.
+
+    What the safetensors library refuses is refused here too: a header over 100 MB, not UTF-8, not
+    one JSON object (``NaN`` and ``Infinity`` are not JSON), ``__metadata__`` other than a mapping of
+    strings to strings, and data offsets that do not cover the data section exactly (gaps, overlaps or
+    bytes after the last tensor). A name listed twice is refused as well, even where both entries agree
+    (the library keeps the last one without a word).
+    """
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
@@ -72,22 +79,24 @@ def read_header(path: str) -> Header:
             if len(prefix) < 8:
                 raise MergelabError("not a safetensors file (shorter than 8 bytes)", file=path)
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > size - 8:
+            if length > MAX_HEADER_BYTES:
+                raise MergelabError(
+                    f"corrupt safetensors header (claims {length} bytes, over the format's limit of {MAX_HEADER_BYTES})",
+                    file=path,
+                )
+            if length > size - 8:
                 raise MergelabError(
                     f"corrupt or truncated safetensors header (claims {length} bytes, file has {size})", file=path
                 )
             raw = handle.read(length)
     except OSError as err:
         raise MergelabError(f"cannot read: {err.strerror}", file=path) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MergelabError("corrupt safetensors header (not JSON)", file=path) from None
-    if not isinstance(header, dict):
-        raise MergelabError("corrupt safetensors header (not a JSON object)", file=path)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise MergelabError("corrupt safetensors header (__metadata__ is not an object)", file=path)
+    header = _parse_json(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergelabError("corrupt safetensors header (__metadata__ must map strings to strings)", file=path)
     data_size = size - 8 - length
     specs: dict[str, TensorSpec] = {}
     spans = []
@@ -99,12 +108,60 @@ def read_header(path: str) -> Header:
             )
         specs[name] = spec
         spans.append((begin, end, name))
-    spans.sort()
-    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:], strict=False):
-        if begin < prev_end:
-            raise MergelabError(f"corrupt file: data overlaps tensor '{prev_name}'", file=path, tensor=name)
+    _check_coverage(path, sorted(spans), data_size)
     offsets = {name: 8 + length + begin for begin, _, name in spans}
-    return Header(specs=specs, metadata={str(k): str(v) for k, v in metadata.items()}, data_start=8 + length, offsets=offsets)
+    return Header(specs=specs, metadata=metadata, data_start=8 + length, offsets=offsets)
+
+
+def _parse_json(path: str, raw: bytes) -> dict[str, object]:
+    """The header as a JSON object: UTF-8 only (``json.loads`` would also guess UTF-16 or -32), each key
+    once in every object, no ``NaN``/``Infinity``."""
+    twice: list[tuple[str, dict[str, object]]] = []  # (key, the object listing it twice)
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in items:
+            if key in out:
+                twice.append((key, out))
+            out[key] = value
+        return out
+
+    def constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MergelabError(f"corrupt safetensors header (not UTF-8: invalid byte at offset {err.start})", file=path) from None
+    try:
+        header = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except ValueError:  # json.JSONDecodeError included
+        raise MergelabError("corrupt safetensors header (not JSON)", file=path) from None
+    if not isinstance(header, dict):
+        raise MergelabError("corrupt safetensors header (not a JSON object)", file=path)
+    for key, owner in twice:
+        if owner is header:
+            raise MergelabError("corrupt safetensors header (tensor listed twice)", file=path, tensor=key)
+        inside = next((name for name, value in header.items() if value is owner), None)
+        if inside is None or inside == "__metadata__":
+            where = " in __metadata__" if inside else ""
+            raise MergelabError(f"corrupt safetensors header (key {key!r} listed twice{where})", file=path)
+        raise MergelabError(f"corrupt safetensors header ({key!r} listed twice in the entry)", file=path, tensor=inside)
+    return header
+
+
+def _check_coverage(path: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Sorted by offset, the tensors must tile the data section: no overlap, no gap, nothing after."""
+    done, prev_name = 0, ""
+    for begin, end, name in spans:
+        if begin < done:
+            raise MergelabError(f"corrupt file: data overlaps tensor '{prev_name}'", file=path, tensor=name)
+        if begin > done:
+            after = f"after tensor '{prev_name}'" if prev_name else "at the start of the data"
+            raise MergelabError(f"corrupt file: {begin - done} bytes {after} belong to no tensor", file=path, tensor=name)
+        done, prev_name = end, name
+    if done != data_size:
+        raise MergelabError(f"corrupt file: {data_size - done} bytes after the last tensor belong to no tensor", file=path)
 
 
 def _check_entry(path: str, name: str, entry: object) -> tuple[TensorSpec, int, int]:

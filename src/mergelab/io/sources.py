@@ -8,10 +8,13 @@ sharded ``.bin`` + index), or a ``.bin``/``.pt``/``.pth`` file. Torch pickles ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
+import re
 import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,12 +22,18 @@ from typing import Any, BinaryIO
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.io import sigbus
 from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+FULL_WEIGHTS = (SAFE_INDEX, BIN_INDEX, "model.safetensors", "pytorch_model.bin")  # in the order they are preferred
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # PEFT's
+ADAPTER_MESSAGE = ("a LoRA/PEFT adapter, not a full model: merge it into its base model first (e.g. with PEFT's "
+                   "merge_and_unload()) and pass the merged model")
+SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 4096  # what fingerprint() reads of each file
 
 
 class TensorSource:
@@ -33,6 +42,28 @@ class TensorSource:
     label: str  # how errors and provenance name this input
     folder: Path | None = None  # the model folder, for config/tokenizer files
     specs: dict[str, TensorSpec]
+    warnings: tuple[str, ...] = ()  # what opening it found worth a word (shown in the plan, logged)
+    files: tuple[str, ...] = ()  # the files read, if any
+
+    def fingerprint(self) -> bytes | None:
+        """A digest of the files' sizes and of bytes sampled across them (``SAMPLE_BLOCKS`` blocks of
+        ``SAMPLE_BYTES`` each, evenly spaced, first and last included): equal for the same content,
+        and for different content of the same layout only where no sampled block differs. None for
+        an input not read from files."""
+        if not self.files:
+            return None
+        digest = hashlib.sha256()
+        for path in self.files:
+            try:
+                with open(path, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    digest.update(size.to_bytes(8, "little"))
+                    last = max(0, size - SAMPLE_BYTES)
+                    for k in range(SAMPLE_BLOCKS):
+                        digest.update(os.pread(handle.fileno(), SAMPLE_BYTES, last * k // (SAMPLE_BLOCKS - 1)))
+            except OSError:
+                return None
+        return digest.digest()
 
     def file_of(self, name: str) -> str:
         return self.label
@@ -106,12 +137,14 @@ class SafetensorsSource(TensorSource):
     from this process once the tensor is done, so the resident memory holds only the tensors in
     use. Writes into a view never reach the file. A tensor whose offset is not a multiple of its
     element size (possible in hand-made files) is read with a positioned read instead, into
-    ``into`` if given.
+    ``into`` if given. Each map is watched by :mod:`mergelab.io.sigbus`: a file truncated by another
+    process while it is read ends the process with a one-line error (exit 2), not a bus error.
     """
 
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
+        self.files = tuple(files)
         self.specs = {}
         self._file: dict[str, str] = {}
         self._offset: dict[str, int] = {}
@@ -125,6 +158,7 @@ class SafetensorsSource(TensorSource):
                 self._offset[name] = header.offsets[name]
         self._handles: dict[str, BinaryIO] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._watched: list[weakref.finalize[Any, Any]] = []  # unwatch each map (on close, or once this is collected)
         self._opening = threading.Lock()  # the engine may read several tensors at once
 
     def file_of(self, name: str) -> str:
@@ -144,6 +178,7 @@ class SafetensorsSource(TensorSource):
             mapping = self._maps.get(path)
             if mapping is None:
                 mapping = self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._watched.append(weakref.finalize(self, sigbus.unwatch, sigbus.watch_mmap(mapping, path)))
         _advise(mapping, getattr(mmap, "MADV_WILLNEED", None), offset, spec.nbytes)
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=spec.nbytes, offset=offset)
         return data.view(spec.dtype).reshape(spec.shape)
@@ -182,7 +217,11 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         # The maps are not closed: tensors handed out may still view them (each keeps its map
-        # alive), and closing a map under a live view would crash on the next access.
+        # alive), and closing a map under a live view would crash on the next access. They are no
+        # longer watched: the merge that read them is over.
+        for unwatch in self._watched:
+            unwatch()  # once only: the slot may be another map's later
+        self._watched.clear()
         self._maps.clear()
         for handle in self._handles.values():
             handle.close()
@@ -206,11 +245,16 @@ class TorchSource(TensorSource):
     def __init__(self, files: list[str], label: str, folder: Path | None = None):
         self.label = label
         self.folder = folder
+        self.files = tuple(files)
         self._state: dict[str, torch.Tensor] = {}
         self._file: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
+        self._watched: list[weakref.finalize[Any, Any]] = []  # as SafetensorsSource's
         for path in files:
-            part = DictSource(load_torch_file(path), path)
+            state, mapped = _load_torch_file(path)
+            part = DictSource(state, path)  # every value checked to be a tensor
+            if mapped:
+                self._watched.append(weakref.finalize(self, sigbus.unwatch, _watch_mapped(state, path)))
             self._aliases.update(part.aliases())
             for name in part.specs:
                 if name in self._file:
@@ -229,11 +273,33 @@ class TorchSource(TensorSource):
         return dict(self._aliases)
 
     def close(self) -> None:
+        for unwatch in self._watched:
+            unwatch()  # once only: the slot may be another map's later
+        self._watched.clear()
         self._state.clear()
 
 
+def _watch_mapped(state: dict[str, torch.Tensor], path: str) -> int | None:
+    """Watch the memory map that ``torch.load(mmap=True)`` made of ``path``: the span of the tensors' storages."""
+    storages = [t.untyped_storage() for t in state.values() if t.untyped_storage().nbytes()]
+    if not storages:
+        return None
+    start = min(s.data_ptr() for s in storages)
+    return sigbus.watch(start, max(s.data_ptr() + s.nbytes() for s in storages) - start, path)
+
+
 def load_torch_file(path: str) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped where the format allows; never runs code."""
+    """``torch.load(weights_only=True)``, memory-mapped where the format allows; never runs code.
+
+    A file whose pickle names a function or class to call is refused as needing code execution; one
+    that is no zip archive nor a pickle torch can read (random bytes, text, an unknown opcode) is
+    refused as not a valid torch checkpoint, whatever the unpickler tripped on.
+    """
+    return _load_torch_file(path)[0]
+
+
+def _load_torch_file(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """:func:`load_torch_file`, and whether the tensors are a memory map of the file (zip format)."""
     import pickle
     import zipfile
 
@@ -241,37 +307,69 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror}", file=path) from None
+    if not magic:
+        raise MergelabError("not a valid torch checkpoint (empty file)", file=path)
+    # torch writes a zip archive, or (legacy) a pickle, of protocol 2 unless asked otherwise: one that
+    # starts with neither and does not load is garbage (random bytes, text), not a damaged checkpoint
+    garbage = not magic.startswith((b"PK\x03\x04", b"\x80"))
+    garbage_error = MergelabError("not a valid torch checkpoint (neither a zip archive nor a protocol-2+ pickle)",
+                                   file=path)
+    mapped = True
+    try:
         try:
             obj = _load(mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):  # legacy (non-zip) format cannot be memory-mapped
                 raise
+            mapped = False
             obj = _load(mmap=False)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
-        if "Weights only load failed" in first or "weights_only" in str(err):
-            reason = _unsafe_reason(str(err))
+        reason = _unpickler_reason(str(err)) if "Weights only load failed" in str(err) else _first_line(err, "?")
+        if _NEEDS_CODE.search(reason):
             raise MergelabError(f"refusing to unpickle: the file needs code execution ({reason})", file=path) from None
-        raise MergelabError(f"corrupt torch checkpoint ({first})", file=path) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        first = (str(err).strip().splitlines() or ["unreadable"])[0]
-        raise MergelabError(f"corrupt or truncated torch checkpoint ({first})", file=path) from None
+        if garbage:
+            raise garbage_error from None
+        raise MergelabError(f"corrupt torch checkpoint (unreadable pickle: {reason})", file=path) from None
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror or _first_line(err, 'read error')}", file=path) from None
+    except Exception as err:  # noqa: BLE001 (a damaged file makes torch's loader raise anything: KeyError, ...)
+        if garbage:
+            raise garbage_error from None
+        detail = _first_line(err, type(err).__name__)
+        if not isinstance(err, (RuntimeError, EOFError, zipfile.BadZipFile, ValueError)):
+            detail = f"{type(err).__name__}: {detail}"
+        raise MergelabError(f"corrupt or truncated torch checkpoint ({detail})", file=path) from None
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):  # common wrappers of a state dict
             inner = obj.get(key)
             if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
+                return inner, mapped
     if not isinstance(obj, dict):
         raise MergelabError(f"not a state dict but {type(obj).__name__}", file=path)
-    return obj
+    return obj, mapped
 
 
-def _unsafe_reason(message: str) -> str:
+# what the weights-only unpickler says when a pickle asks for a function or class (code), as opposed to
+# bytes it cannot parse ("Unsupported operand 130")
+_NEEDS_CODE = re.compile(r"GLOBAL|global|reduce|new object|build|class|instantiate", re.IGNORECASE)
+
+
+def _first_line(err: BaseException, default: str) -> str:
+    return (str(err).strip().splitlines() or [default])[0]
+
+
+def _unpickler_reason(message: str) -> str:
+    """The unpickler's own reason inside torch's "Weights only load failed" message."""
     for line in message.splitlines():
         line = line.strip()
-        if line.startswith("Unsupported") or "GLOBAL" in line:
+        if line.startswith(("Unsupported", "Trying", "Can only", "String is too long", "Only persistent_load",
+                            "persistent_load", "unsupported persistent")) or "GLOBAL" in line:
             return line.rstrip(".")
-    return "unsupported global"
+    return "unsupported content"
 
 
 def open_source(model: Any, label: str | None = None) -> TensorSource:
@@ -291,6 +389,8 @@ def open_source(model: Any, label: str | None = None) -> TensorSource:
         return _open_folder(path)
     if not path.exists():
         raise MergelabError("no such file or folder", file=text)
+    if path.name.startswith("adapter_model."):
+        raise MergelabError(ADAPTER_MESSAGE, file=text)
     if path.suffix == ".safetensors":
         return SafetensorsSource([text], text)
     if path.suffix in TORCH_SUFFIXES:
@@ -301,6 +401,22 @@ def open_source(model: Any, label: str | None = None) -> TensorSource:
 
 
 def _open_folder(folder: Path) -> TensorSource:
+    """The folder's full-model weights (an index first, then a single file; safetensors before ``.bin``);
+    the plan says which one where a folder holds several."""
+    present = [name for name in FULL_WEIGHTS if (folder / name).is_file()]
+    if not present and any((folder / name).is_file() for name in ADAPTER_FILES):
+        raise MergelabError(ADAPTER_MESSAGE, file=str(folder))
+    source = _open_weights(folder)
+    chosen = next((name for name in FULL_WEIGHTS if (folder / name).is_file()), None)
+    unused = [name for name in (*present, *ADAPTER_FILES[1:]) if name != chosen and (folder / name).is_file()
+              and not (chosen in (SAFE_INDEX, BIN_INDEX) and str(folder / name) in source.files)]
+    if chosen is not None and unused:
+        source.warnings = (*source.warnings, f"{folder} holds {chosen} and {', '.join(unused)}: using {chosen}, "
+                           f"the other{'s are' if len(unused) > 1 else ' is'} ignored",)
+    return source
+
+
+def _open_weights(folder: Path) -> TensorSource:
     label = str(folder)
     for index_name, cls in ((SAFE_INDEX, SafetensorsSource), (BIN_INDEX, TorchSource)):
         index_path = folder / index_name

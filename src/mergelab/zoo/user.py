@@ -18,6 +18,7 @@ fine-tuned models as that task's expert (scored, never retrained).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MergelabError("no such YAML file", file=str(path))
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise MergelabError(f"not UTF-8 text (byte {err.start})", file=str(path)) from None
     except yaml.YAMLError as err:
         raise MergelabError(f"not valid YAML ({str(err).splitlines()[0]})", file=str(path)) from None
+    except RecursionError:
+        raise MergelabError("not valid YAML (nested too deeply)", file=str(path)) from None
     if not isinstance(doc, dict):
         raise MergelabError("expected a YAML mapping", file=str(path))
     return doc
@@ -114,17 +121,26 @@ def read_rows(spec: TaskSpec) -> list[tuple[str, str]]:
     path = Path(spec.source[len("file:"):])
     text_key, label_key = opts["text"], opts["label"]
     rows: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        if opts["format"] == "jsonl":
-            records = []
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        raise MergelabError(f"line {number} is not JSON", file=str(path)) from None
-        else:
-            records = list(csv.DictReader(handle, delimiter="\t" if opts["format"] == "tsv" else ","))
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise MergelabError(f"cannot read: {err.strerror}", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise MergelabError(f"not UTF-8 text (byte {err.start})", file=str(path)) from None
+    if opts["format"] == "jsonl":
+        records = []
+        for number, line in enumerate(io.StringIO(text, newline=""), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    raise MergelabError(f"line {number} is not JSON", file=str(path)) from None
+    else:
+        try:
+            records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if opts["format"] == "tsv" else ","))
+        except csv.Error as err:
+            raise MergelabError(f"not valid {opts['format'].upper()} ({err})", file=str(path)) from None
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict) or text_key not in record or label_key not in record:
             raise MergelabError(f"record {number} lacks `{text_key}` or `{label_key}`", file=str(path))
