@@ -25,6 +25,15 @@ ports unchanged (``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py`
   exactly rank-deficient ones (a task vector that is zero on this tensor, duplicated models) the
   official output depends on the SVD routine's arbitrary basis for zero singular values, ours
   does not: e.g. T copies of one task give ``SVD_k(tau)``, and a zero task vector is ignored.
+* ``low_rank="auto"`` (default) is ours, a deviation from the official code: triplets whose
+  singular value is numerically zero, ``s <= rank_tol * max(s)`` over every task's kept ones
+  (``rank_tol=1e-5``), are left out too, and so are directions of ``U`` (``V``) with singular values
+  ``<= rank_tol`` times its largest (near-duplicate models). LoRA-derived task vectors have such
+  triplets (their other singular values are rounding noise): there the official definition is
+  ill-posed (4 rank-2 tasks: a 1e-7 perturbation moved its output by 116 % of the task vectors'
+  largest entry, float32 vs float64 SVDs likewise), ours moves by ~3e-7. Where nothing lies below
+  the threshold (full-rank inputs) the result is bit-identical to ``low_rank="official"``, the
+  definition above. See ``_spectral``, "Low-rank inputs"; the merge reports the matrices concerned.
 * The official eigendecomposition variant (``TSVM_2``, ``U (U^T U)^(-1/2)``) is not offered: it
   forms ``U^T U``, which squares the condition number.
 * Non-matrices: the running mean of the official code; ``scaling`` multiplies them too, as the
