@@ -77,7 +77,7 @@ def test_continuous_on_low_rank_inputs(case):
     taus = lora_taus(seed, shape, n_tasks, rank, duplicated)
     out = merge(method, taus.float())  # as a merge computes: float32 task vectors
     moved = merge(method, perturbed(taus, seed).float())
-    assert gap(out, moved, taus) < 1e-5  # measured <= 4e-7
+    assert gap(out, moved, taus) < 1e-5  # measured <= 4.8e-7 (300 draws)
 
 
 @settings(max_examples=30, deadline=None)
@@ -89,7 +89,7 @@ def test_invariant_to_the_svd_numerics_on_low_rank_inputs(case):
     taus = lora_taus(seed, shape, n_tasks, rank, duplicated)
     exact = merge(method, taus)
     assert gap(merge(method, taus.float()), exact, taus) < 1e-5
-    assert gap(merge(method, taus.float(), svd_dtype="float32"), exact, taus) < 1e-5  # measured <= 2e-6
+    assert gap(merge(method, taus.float(), svd_dtype="float32"), exact, taus) < 1e-5  # measured <= 1.6e-6 (300 draws)
 
 
 def rotated_null_basis(svd, seed: int):
@@ -230,6 +230,10 @@ def test_full_rank_merge_does_not_warn_and_records_zero(tmp_path):
         out = mergelab.merge("iso_c", base, models, out=tmp_path / "o.safetensors")
     record = json.loads(metadata(out)["mergelab.numerical_rank"])
     assert record == {"rank_tol": 1e-5, "low_rank": "auto", "matrices": 1, "rank_deficient": 0}
+    out = mergelab.merge("tsv", base, models, out=tmp_path / "p.safetensors", exclude=["*"])  # no matrix at all
+    assert json.loads(metadata(out)["mergelab.numerical_rank"])["matrices"] == 0
+    out = mergelab.merge("cart", base, models, out=tmp_path / "q.safetensors")  # no low_rank: nothing reserved
+    assert "mergelab.numerical_rank" not in metadata(out)
 
 
 def test_official_warns_that_it_kept_them_and_in_memory_merges_warn_too():

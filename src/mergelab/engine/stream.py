@@ -328,12 +328,12 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                 writer.patch(name, *values)
             else:
                 results[name].view(-1)[values[0]] = values[1]
-        report = _report_notes(plan, notes)
+        report = _rank_report(plan, notes)
         if writer is not None:
             path = writer.commit(extras_from=plan.base.folder)
-            if report is not None:
-                fill_reserved(path, RANK_KEY, report)
+            _record(report, path)
             return path
+    _record(report, None)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
 
 
@@ -516,17 +516,24 @@ def provenance(plan: MergePlan) -> dict[str, str]:
 RANK_KEY, RANK_WIDTH = "mergelab.numerical_rank", 480  # reserved metadata value: _spectral.rank_report's JSON
 
 
-def _report_notes(plan: MergePlan, notes: dict[str, dict[str, Any]]) -> str | None:
-    """Warn once about the method's notes (the spectral methods' numerical rank); the metadata value."""
-    from mergelab.methods._spectral import LowRankWarning, rank_report
+def _rank_report(plan: MergePlan, notes: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """The warning line and metadata value summing up the method's notes (``_spectral.rank_report``)."""
+    from mergelab.methods._spectral import rank_report
 
-    report = rank_report(plan.method.name, notes, plan.hparams)
+    return rank_report(plan.method.name, notes, plan.hparams)
+
+
+def _record(report: tuple[str, str] | None, path: Path | None) -> None:
+    """Once the output is in place: its reserved metadata value filled, then one warning if any."""
+    from mergelab.methods._spectral import LowRankWarning
+
     if report is None:
-        return None
+        return
     line, record = report
+    if path is not None:
+        fill_reserved(path, RANK_KEY, record)
     if line:
         warnings.warn(line, LowRankWarning, stacklevel=5)  # the caller of mergelab.merge
-    return record
 
 
 def fill_reserved(path: Path, key: str, value: str) -> None:

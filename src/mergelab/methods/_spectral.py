@@ -257,14 +257,15 @@ def note_rank(notes: dict[str, Any] | None, noise: int, of: int) -> None:
 
 def rank_report(method: str, notes: Mapping[str, Mapping[str, Any]], hparams: Mapping[str, Any]) -> tuple[str, str] | None:
     """The warning line and the metadata value (JSON) summing up the :func:`note_rank` notes of one
-    merge (``{tensor name: TensorCtx.notes}``); ``None`` if no tensor was noted (not a spectral merge).
+    merge (``{tensor name: TensorCtx.notes}``); ``None`` if no tensor was noted and ``hparams`` has no
+    ``low_rank`` (not a spectral merge).
 
     The metadata value, e.g. ``{"rank_tol": 0.0001, "low_rank": "auto", "matrices": 36,
     "rank_deficient": 12, "worst": {"tensor": "...", "noise": 56, "of": 64}}``, is always recorded;
     the warning only when a matrix is rank-deficient. Worst: the largest fraction of noise directions.
     """
     noted = {name: note[NOTE] for name, note in notes.items() if NOTE in note}
-    if not noted:
+    if not noted and "low_rank" not in hparams:
         return None
     deficient = {name: n for name, n in noted.items() if n["noise"] > 0}
     low_rank, rank_tol = hparams.get("low_rank", "auto"), hparams.get("rank_tol", RANK_TOL)
