@@ -260,7 +260,7 @@ def rank_report(method: str, notes: Mapping[str, Mapping[str, Any]], hparams: Ma
     merge (``{tensor name: TensorCtx.notes}``); ``None`` if no tensor was noted and ``hparams`` has no
     ``low_rank`` (not a spectral merge).
 
-    The metadata value, e.g. ``{"rank_tol": 0.0001, "low_rank": "auto", "matrices": 36,
+    The metadata value, e.g. ``{"rank_tol": 1e-05, "low_rank": "auto", "matrices": 36,
     "rank_deficient": 12, "worst": {"tensor": "...", "noise": 56, "of": 64}}``, is always recorded;
     the warning only when a matrix is rank-deficient. Worst: the largest fraction of noise directions.
     """
