@@ -56,6 +56,7 @@ def _tsv(
     scaling: float = 1.0,
     exclude: list[str] | None = None,
     svd_dtype: str = "float64",
+    low_rank: str = "auto",
 ) -> torch.Tensor:
     return tsv(
         taus,
@@ -64,6 +65,7 @@ def _tsv(
         scaling=scaling,
         exclude=exclude or [],
         svd_dtype=svd_dtype,
+        low_rank=low_rank,
     )
 
 
@@ -135,10 +137,18 @@ def test_svd_dtype_float64_by_default_float32_on_request():
     )  # k = 30 // 5 = 6
     exact = official_tsvm([{"w": t.double()} for t in taus])["w"]
     assert _tsv(taus).dtype == torch.float32  # cast back to the compute dtype
-    assert_close(_tsv(taus).double(), exact, rtol=1e-5, atol=1e-6)
+    # the noise triplets (s ~ 3e-5 s_1) are numerically zero: low_rank="official" keeps them, as the official code
+    assert_close(_tsv(taus, low_rank="official").double(), exact, rtol=1e-5, atol=1e-6)
     official32 = official_tsvm([{"w": t} for t in taus])["w"]
-    assert_close(_tsv(taus, svd_dtype="float32"), official32, rtol=1e-3, atol=1e-4)  # measured: 2e-7 apart
+    assert_close(_tsv(taus, svd_dtype="float32", low_rank="official"), official32, rtol=1e-3, atol=1e-4)  # measured: 2e-7 apart
     assert float((official32.double() - exact).norm() / exact.norm()) > 1e-3  # measured: 11 % off in float32
+    # that is above the default rank_tol (1e-5), so the default is the official definition here;
+    # rank_tol=1e-4 leaves them out, and float32 and float64 SVDs then agree
+    assert torch.equal(_tsv(taus), _tsv(taus, low_rank="official"))
+    ctx = TensorCtx("w")
+    auto64 = tsv(taus, torch.zeros_like(taus[0]), ctx, scaling=1.0, exclude=[], svd_dtype="float64", rank_tol=1e-4)
+    auto32 = tsv(taus, torch.zeros_like(taus[0]), ctx, scaling=1.0, exclude=[], svd_dtype="float32", rank_tol=1e-4)
+    assert float((auto32.double() - auto64.double()).norm() / auto64.double().norm()) < 1e-5
 
 
 def test_zero_task_is_ignored_and_duplicates_give_the_truncated_task():

@@ -14,8 +14,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import sys
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -275,6 +277,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     buffers = Buffers()  # read buffers, kept for every pass
     stats = _run_stat_passes(plan, show, buffers, threads)
     metadata = provenance(plan)
+    notes: dict[str, dict[str, Any]] = {}  # what the method noted per tensor (ctx.notes), reported at the end
     writer = None
     if plan.out is not None:
         layout = [(n, plan.base.specs[n]) for n in plan.order]
@@ -289,7 +292,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     with writer if writer is not None else nullcontext(), sigbus.output_folder(writer.tmp if writer else None):
         workers = plan.tensor_workers(threads)
         if workers > 1:
-            feed = _merged_at_once(plan, computed, stats, buffers, workers)
+            feed = _merged_at_once(plan, computed, stats, buffers, workers, notes)
         else:
             tied, slots, outputs = set(remaining), count(), Buffers()
 
@@ -300,7 +303,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                     return None
                 return outputs.get(next(slots) % 2, 0, plan.base.specs[name].nbytes)
 
-            feed = _merged_in_turn(plan, computed, stats, buffers, threads, into)
+            feed = _merged_in_turn(plan, computed, stats, buffers, threads, into, notes)
         written: Future[None] | None = None
         with closing(feed), _bar(plan, show, f"merge ({plan.method.name})") as bar, _drain(lambda: written):
             for name in plan.order:
@@ -327,24 +330,29 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                 writer.patch(name, *values)
             else:
                 results[name].view(-1)[values[0]] = values[1]
+        report = _rank_report(plan, notes)
         if writer is not None:
-            return writer.commit(extras_from=plan.base.folder)
+            path = writer.commit(extras_from=plan.base.folder)
+            _record(report, path)
+            return path
+    _record(report, None)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
 
 
 def _merged_in_turn(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers, threads: int,
-                    into: Callable[[str], torch.Tensor | None]) -> Generator[tuple[str, torch.Tensor], None, None]:
+                    into: Callable[[str], torch.Tensor | None],
+                    notes: dict[str, dict[str, Any]] | None = None) -> Generator[tuple[str, torch.Tensor], None, None]:
     """``(name, merged tensor)`` in order, one tensor at a time (its chunks on up to ``threads``
     threads), the next one's inputs read ahead; each merged into ``into(name)`` if not None."""
     feed = prefetched(plan, names, buffers)
     with closing(feed):
         for name, raw in feed:
             yield name, merge_tensor(plan, name, raw, stats, check_finite=plan.n_stat_passes == 0, into=into(name),
-                                     threads=threads)
+                                     threads=threads, notes=notes)
 
 
-def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers,
-                    workers: int) -> Generator[tuple[str, torch.Tensor], None, None]:
+def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers, workers: int,
+                    notes: dict[str, dict[str, Any]] | None = None) -> Generator[tuple[str, torch.Tensor], None, None]:
     """``(name, merged tensor)`` in order, ``workers`` tensors read and merged at once, each on one
     thread (torch's intra-op threads are 1 here: :func:`_quiet_runtime`): for ``tensor_parallel``
     methods, whose LAPACK calls release the GIL. Up to ``LOOKAHEAD_PER_WORKER * workers`` tensors are
@@ -362,7 +370,7 @@ def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buff
         try:
             raw = read_raw(plan, name, buffers, slot)
             try:
-                return merge_tensor(plan, name, raw, stats, check_finite=check)
+                return merge_tensor(plan, name, raw, stats, check_finite=check, notes=notes)
             finally:
                 for source in (plan.base, *plan.models):
                     source.release(name)
@@ -421,9 +429,11 @@ def _finalize(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torc
 
 
 def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool,
-                 into: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
+                 into: torch.Tensor | None = None, threads: int = 1,
+                 notes: dict[str, dict[str, Any]] | None = None) -> torch.Tensor:
     """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU (a view
-    of ``into``, a byte buffer, if given); independent chunks on up to ``threads`` threads."""
+    of ``into``, a byte buffer, if given); independent chunks on up to ``threads`` threads. What the
+    method notes about the tensor (``ctx.notes``) goes into ``notes[name]``."""
     spec = plan.base.specs[name]
     out = torch.empty(spec.numel, dtype=spec.dtype) if into is None else into[: spec.nbytes].view(spec.dtype)
     if spec.numel == 0:
@@ -439,6 +449,8 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
                 return  # else (an input it does not take, or a NaN to report): the plain path below
         taus, base = load_chunk(plan, name, raw, start, check_finite)
         merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
+        if notes is not None and ctx.notes:
+            notes[name] = ctx.notes
         if not all_finite(merged):
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
         out[start : start + merged.numel()] = merged.reshape(-1)
@@ -499,16 +511,67 @@ def _chunk_threads(plan: MergePlan, state: Any, threads: int) -> int:
 
 
 def provenance(plan: MergePlan) -> dict[str, str]:
-    """Safetensors metadata recording how the checkpoint was made."""
+    """Safetensors metadata recording how the checkpoint was made. Methods that note the numerical
+    rank of their matrices (``low_rank`` hyperparameter) get ``RANK_KEY`` reserved (blank), filled
+    once the merge has seen every matrix (:func:`fill_reserved`)."""
     inputs = [{"role": "base", "name": plan.base.label, "bytes": plan.base.nbytes}]
     inputs += [{"role": "model", "name": m.label, "bytes": m.nbytes} for m in plan.models]
-    return {
+    metadata = {
         "mergelab.version": __version__,
         "mergelab.method": plan.method.name,
         "mergelab.hparams": json.dumps(plan.hparams, sort_keys=True),
         "mergelab.compute_dtype": str(plan.compute_dtype).replace("torch.", ""),
         "mergelab.inputs": json.dumps(inputs),
     }
+    if "low_rank" in plan.hparams:
+        metadata[RANK_KEY] = " " * RANK_WIDTH
+    return metadata
+
+
+RANK_KEY, RANK_WIDTH = "mergelab.numerical_rank", 480  # reserved metadata value: _spectral.rank_report's JSON
+
+
+def _rank_report(plan: MergePlan, notes: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """The warning line and metadata value summing up the method's notes (``_spectral.rank_report``)."""
+    from mergelab.methods._spectral import rank_report
+
+    return rank_report(plan.method.name, notes, plan.hparams)
+
+
+def _record(report: tuple[str, str] | None, path: Path | None) -> None:
+    """Once the output is in place: its reserved metadata value filled, then one warning if any."""
+    from mergelab.methods._spectral import LowRankWarning
+
+    if report is None:
+        return
+    line, record = report
+    if path is not None:
+        fill_reserved(path, RANK_KEY, record)
+    if line:
+        warnings.warn(line, LowRankWarning, stacklevel=5)  # the caller of mergelab.merge
+
+
+def fill_reserved(path: Path, key: str, value: str) -> None:
+    """Write ``value`` into the blank metadata value reserved under ``key`` (same length: the header
+    does not move) in every ``.safetensors`` file of the output ``path``, in place. A value that does
+    not fit, or a file without the reservation, is left as it is. Done after the commit (the headers
+    are written before the tensors are merged), so a crash in between leaves a valid, blank value."""
+    text = json.dumps(value)[1:-1]  # as it stands inside the header's JSON string
+    if len(text) > RANK_WIDTH:
+        return
+    blank = f'"{key}":"{" " * RANK_WIDTH}"'.encode()
+    filled = f'"{key}":"{text.ljust(RANK_WIDTH)}"'.encode()
+    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        with open(file, "r+b") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = handle.read(size)
+            at = header.find(blank)
+            if at < 0:
+                continue
+            handle.seek(8 + at)
+            handle.write(filled)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _group_sizes(aliases: dict[str, str]) -> dict[str, int]:

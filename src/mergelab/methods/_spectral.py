@@ -22,6 +22,39 @@ rank 64 + 0.1 % noise       1e-1    3e-4    6e-3    3e-6
 official codes (and FusionBench) run in float32; ``svd_dtype="float32"`` gives their numerics
 (exact float32 LAPACK SVDs).
 
+Low-rank inputs (hyperparameters ``low_rank`` and ``rank_tol`` of TSV-M, Iso-C and Iso-CTS). Models
+fine-tuned with LoRA and merged back have task vectors of rank ``<= r`` per matrix (duplicated models
+likewise make TSV-M's stacked bases, and Iso-C's sum, rank-deficient). Stored in float32, such a task
+vector is ``B A`` plus rounding noise: its other singular values are ~2.5e-8 ``||W||_2`` (measured,
+fine-tuned weights rounded to float32; about ``eps32 / 5``), i.e. ``2.5e-8 / rho`` of its largest
+for a task vector of spectral norm ``rho ||W||_2``. Their singular vectors are noise, yet the
+official definitions use them: Iso-C gives each the mean singular value (``mean(s) U V^T`` over all
+``min(m, n)`` directions), TSV-M's polar factors couple them to the other tasks' vectors. So the
+output jumps by O(1) under a 1e-7 perturbation of the inputs, or between float32 and float64 SVDs
+(4 rank-2 tasks: 61 to 116 % of the task vectors' largest entry). With ``low_rank="auto"`` (default)
+a singular value is numerically zero when ``s_i <= rank_tol * s_1`` (:func:`numerical`; ``s_1`` the
+largest singular value of the decomposed spectrum: each task's top-``k`` together in TSV-M, the sum in
+Iso-C, all slots in Iso-CTS; for TSV-M's polar factors, ``U``'s own), and its direction is left out
+-- the well-defined part of the official output (for Iso-C exactly the official output projected on
+the numerical range of the sum). Where nothing lies below the threshold (full-rank inputs) nothing
+changes, bit for bit. ``rank_tol=1e-5`` (:data:`RANK_TOL`), a compromise measured both ways:
+(1) it must exceed the noise: float32 storage noise is below it for task vectors with
+``rho >= 2.5e-3`` (LoRA updates are typically 1e-2 to 1e-1 of the weight in spectral norm -- an
+estimate, not measured on real checkpoints), and a float32 SVD's own noise on an exactly rank-8
+float32 matrix was 2.5e-7 (64 x 64), 4.4e-7 (768 x 768) and 2.0e-6 (768 x 3072) ``s_1``, so the result
+no longer depends on ``svd_dtype``; (2) it must stay below genuine, well-separated small singular
+values, which a relative threshold cannot tell from noise: the sum of 5 generic 150 x 150 task
+matrices had ``s_min = 9.2e-5 s_1`` (well determined: the next one is at 3.7e-3 ``s_1``),
+which ``rank_tol=1e-4`` dropped (the square case is the risky one: the smallest singular value of a
+random square n x n matrix falls below ``tau s_1`` with probability ~ ``n tau``). Smaller updates
+(``2.5e-4 <= rho < 2.5e-3``) need ``rank_tol=1e-4``. Checkpoints stored in bfloat16 are another matter: rounding
+``W + B A`` to bf16 adds noise of up to 1.7e-3 ``||W||_2`` (1.6 to 63 % of ``s_1`` of the LoRA update,
+measured), full rank and not distinguishable from signal by a relative threshold; ``rank_tol`` could be
+raised to that level by hand. ``low_rank="official"`` keeps them (only exact zeros dropped, as
+:func:`significant`): the official numerics. Either way the merge counts the rank-deficient matrices
+(:func:`note_rank`, :func:`rank_report`): one :class:`LowRankWarning` per merge and the output's
+``mergelab.numerical_rank`` metadata. ``mergelab plan`` cannot know it: headers carry no spectra.
+
 Speed (``_svd``): with ``svd_dtype="float64"`` and a float32 result, each SVD is first tried as
 an eigendecomposition of the float64 Gram matrix (top-k triplets only where a method needs only
 those), checked against an error estimate below float32 rounding, with the exact SVD as fallback;
@@ -55,9 +88,11 @@ official code does *not* treat as matrices (open_clip / HF-CLIP naming):
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -66,6 +101,14 @@ from mergelab.methods._svd import svd as svd  # re-exported: the exact SVD and i
 from mergelab.methods._svd import svd_driver as svd_driver
 
 SVD_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+LOW_RANK = ("auto", "official")  # hyperparameter ``low_rank`` of tsv, iso_c, iso_cts (see "Low-rank inputs" above)
+RANK_TOL = 1e-5  # default ``rank_tol``: numerical-rank tolerance, relative to the largest singular value
+NOTE = "numerical_rank"  # key of the per-tensor note the methods leave in ``TensorCtx.notes``
+
+
+class LowRankWarning(UserWarning):
+    """A spectral merge met numerically rank-deficient task vectors (see :func:`rank_report`)."""
 
 OFFICIAL_EXCLUDE: dict[str, list[str]] = {
     "tsv": ["*text_projection*"],
@@ -131,29 +174,48 @@ def significant(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return s > s.max() * (16 * max(shape) * torch.finfo(torch.float64).eps)
 
 
-def polar(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+def numerical(s: torch.Tensor, shape: Sequence[int], rank_tol: float = 0.0) -> torch.Tensor:
+    """Mask of the singular values ``s`` of an ``(m, n)`` matrix above its numerical-rank threshold
+    ``max(rank_tol, 16 max(m, n) eps64) max(s)``; with ``rank_tol=0`` exactly :func:`significant`
+    (so results where nothing lies between the two thresholds are bit-identical to it)."""
+    if rank_tol <= 16 * max(shape) * EPS64:
+        return significant(s, shape)
+    return s > s.max() * rank_tol
+
+
+def noise_count(s: torch.Tensor, rank_tol: float) -> int:
+    """How many of the singular values ``s`` are numerically zero: ``s_i <= rank_tol max(s)``
+    (0 for an empty or all-zero ``s``: a zero matrix is well defined, whatever its basis)."""
+    if s.numel() == 0 or not bool(s.max() > 0):
+        return 0
+    return int((s <= s.max() * rank_tol).sum())
+
+
+def polar(x: torch.Tensor, tol: float = 0.0, rank_tol: float = 0.0) -> torch.Tensor:
     """Orthogonal polar factor ``P Q^T`` of ``x = P Sigma Q^T``: the matrix with orthonormal
     columns (rows, if wide) nearest to ``x`` in Frobenius norm (orthogonal Procrustes). If ``x`` is
-    rank-deficient, the partial isometry over its :func:`significant` singular values (unique).
-    ``tol``: see ``_svd.fast_svd`` (0: exact SVD)."""
-    return polar_and_spectrum(x, tol)[0]
+    rank-deficient, the partial isometry over its :func:`numerical` singular values (unique).
+    ``tol``: see ``_svd.fast_svd`` (0: exact SVD); ``rank_tol``: see :func:`numerical`."""
+    return polar_and_spectrum(x, tol, rank_tol)[0]
 
 
-def polar_and_spectrum(x: torch.Tensor, tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def polar_and_spectrum(x: torch.Tensor, tol: float = 0.0, rank_tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`polar` of the 2-D ``x`` and all ``min(m, n)`` singular values (descending). On the Gram
     path (``tol > 0``, estimate within ``tol``, see ``_svd``) without forming ``P`` and ``Q``:
     ``P Q^T = x (x^T x)^(-1/2) = x H`` with ``H = (W / s) W^T`` (wide: ``H x``), two GEMMs of which
-    one is ``r x r`` -- a tall 3072 x 768 matrix's factor in 67 ms instead of 100."""
+    one is ``r x r`` -- a tall 3072 x 768 matrix's factor in 67 ms instead of 100. The Gram path is
+    taken only where no direction is to be dropped (its estimate needs ``s_min > 1.2e-4 s_1`` anyway)."""
     r = min(x.shape)
     if r > 0 and solver(x.device, x.dtype, tol) == "gram":
         found = gram_eigh(x, None, EPS64 / tol)  # every direction used: the smallest must be resolved
         if found is not None and error_estimate(found[0], r) <= tol:
             lam, w, tall = found
             s = lam.sqrt()  # all positive: the estimate is finite, so nothing is dropped as insignificant
-            h = matmul(w / s, w.mT)
-            return (matmul(x, h) if tall else matmul(h, x)), s
+            if bool(s[-1] > s[0] * rank_tol):
+                h = matmul(w / s, w.mT)
+                return (matmul(x, h) if tall else matmul(h, x)), s
     P, S, Qh = svd(x)
-    keep = significant(S, x.shape)
+    keep = numerical(S, x.shape, rank_tol)
     if bool(keep.all()):
         return matmul(P, Qh), S
     return matmul(P[:, keep], Qh[keep]), S
@@ -175,3 +237,49 @@ def check_hparams(hp: dict[str, object]) -> None:
     if not isinstance(exclude, (list, tuple)):
         raise ValueError(f"exclude must be a list of name patterns, got {exclude!r}")
     check_patterns(exclude)
+    rank_tol = hp.get("rank_tol", 0.0)
+    if not isinstance(rank_tol, (int, float)) or isinstance(rank_tol, bool) or not 0.0 <= rank_tol < 1.0:
+        raise ValueError(f"rank_tol must be in [0, 1), got {rank_tol!r}")
+
+
+def dropped_below(low_rank: str, rank_tol: float) -> float:
+    """The ``rank_tol`` a method applies: its value with ``low_rank="auto"``, 0 (exact zeros only,
+    :func:`significant`) with ``"official"``."""
+    return rank_tol if low_rank == "auto" else 0.0
+
+
+def note_rank(notes: dict[str, Any] | None, noise: int, of: int) -> None:
+    """Leave in ``notes`` (a ``TensorCtx.notes``) that ``noise`` of the ``of`` directions the official
+    definition spreads this matrix's merge over are numerically zero (see :func:`rank_report`)."""
+    if notes is not None:
+        notes[NOTE] = {"noise": noise, "of": of}
+
+
+def rank_report(method: str, notes: Mapping[str, Mapping[str, Any]], hparams: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The warning line and the metadata value (JSON) summing up the :func:`note_rank` notes of one
+    merge (``{tensor name: TensorCtx.notes}``); ``None`` if no tensor was noted and ``hparams`` has no
+    ``low_rank`` (not a spectral merge).
+
+    The metadata value, e.g. ``{"rank_tol": 1e-05, "low_rank": "auto", "matrices": 36,
+    "rank_deficient": 12, "worst": {"tensor": "...", "noise": 56, "of": 64}}``, is always recorded;
+    the warning only when a matrix is rank-deficient. Worst: the largest fraction of noise directions.
+    """
+    noted = {name: note[NOTE] for name, note in notes.items() if NOTE in note}
+    if not noted and "low_rank" not in hparams:
+        return None
+    deficient = {name: n for name, n in noted.items() if n["noise"] > 0}
+    low_rank, rank_tol = hparams.get("low_rank", "auto"), hparams.get("rank_tol", RANK_TOL)
+    record: dict[str, Any] = {
+        "rank_tol": rank_tol, "low_rank": low_rank, "matrices": len(noted), "rank_deficient": len(deficient),
+    }
+    if not deficient:
+        return "", json.dumps(record, separators=(",", ":"))
+    worst = max(sorted(deficient), key=lambda name: deficient[name]["noise"] / max(deficient[name]["of"], 1))
+    record["worst"] = {"tensor": worst, **deficient[worst]}
+    done = ("low_rank='auto' left those directions out" if low_rank == "auto"
+            else "low_rank='official' kept them, so the result there depends on rounding (use low_rank='auto')")
+    line = (f"mergelab: {method}: {len(deficient)} of {len(noted)} matrices have numerically rank-deficient task "
+            f"vectors (singular values <= rank_tol={rank_tol:g} x the largest: LoRA-derived or duplicated models?); "
+            f"the official definition is ill-posed there and {done}. Worst: {worst}, "
+            f"{deficient[worst]['noise']} of {deficient[worst]['of']} directions numerically zero")
+    return line, json.dumps(record, separators=(",", ":"))

@@ -22,7 +22,14 @@ Departure on exactly rank-deficient input, as in ``tsv``: triplets with numerica
 values (their vectors are the SVD routine's arbitrary choice) are dropped, from the common block
 used for the projection as well as before orthogonalising, and linearly dependent blocks (duplicated models) get the partial-isometry polar factor
 (``_spectral.significant``, ``polar``); the mean still runs over all ``r`` slots. Generic inputs
-are unaffected.
+are unaffected. With ``low_rank="auto"`` (default; ours, not in the official code) "zero" means
+numerically zero, ``s <= rank_tol * s_1`` (``rank_tol=1e-5``, ``s_1`` the largest of all ``r`` slots),
+and near-dependent directions of the stacked bases (``<= rank_tol`` times the largest) are dropped
+too: with LoRA-derived task vectors the sum's and the task residuals' other singular values are
+rounding noise, which the official definition orthogonalises and gives the mean singular value
+(4 rank-2 tasks: a 1e-7 perturbation moved its output by 61 % of the task vectors' largest entry,
+float32 vs float64 SVDs by 111 %; ours ~3e-7). Full-rank inputs: bit-identical to
+``low_rank="official"``. See ``_spectral``, "Low-rank inputs".
 With ``common_space_fraction=1`` Iso-CTS is Iso-C. Task order does not matter: permuting tasks
 permutes the blocks of ``U_all`` and ``V_all`` alike, and the flat spectrum commutes with that.
 
@@ -42,7 +49,19 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, flat_spectrum, is_matrix, polar, significant
+from mergelab.methods._spectral import (
+    LOW_RANK,
+    RANK_TOL,
+    SVD_DTYPES,
+    check_hparams,
+    dropped_below,
+    flat_spectrum,
+    is_matrix,
+    noise_count,
+    note_rank,
+    numerical,
+    polar_and_spectrum,
+)
 from mergelab.methods._svd import fast_svd, matmul, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
@@ -57,17 +76,27 @@ def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts_matrix(
-    taus: torch.Tensor, common_space_fraction: float, dtype: torch.dtype = torch.float64, tol: float = 0.0
+    taus: torch.Tensor,
+    common_space_fraction: float,
+    dtype: torch.dtype = torch.float64,
+    tol: float = 0.0,
+    rank_tol: float = 0.0,
+    notes: dict[str, Any] | None = None,
+    detect: float = RANK_TOL,
 ) -> torch.Tensor:
     """Iso-CTS merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
-    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact)."""
+    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Directions with
+    ``s <= rank_tol * s_1`` (``s_1``: the largest of the sum's and the task blocks' singular values)
+    are left out -- of the common block used for the projection, and of the slots before
+    orthogonalising -- as are near-dependent directions of the stacked bases (``_spectral.numerical``;
+    ``rank_tol=0``: exact zeros only). How many are at most ``detect * s_1`` goes into ``notes``."""
     T, m, n = taus.shape
     common, per_task = subspace_sizes(min(m, n), T, common_space_fraction)
     # the common subspace projects the tasks unweighted: its boundary (gap at c) must be resolved too
     U, S, Vh = fast_svd(taus.sum(dim=0).to(dtype), common, tol, gap=per_task > 0)  # (m, c) (c,) (c, n)
     us, ss, vhs = [], [], []
     if per_task > 0:
-        U_c = U[:, significant(S, (m, n))]  # (m, <= c): no arbitrary null directions
+        U_c = U[:, numerical(S, (m, n), rank_tol)]  # (m, <= c): no arbitrary null directions
         for tau in taus:
             tau = tau.to(dtype)
             # task t outside the common left subspace; its top triplets, as in tsv
@@ -79,10 +108,15 @@ def iso_cts_matrix(
     s = torch.cat([*ss, S])  # (r,)
     vh = torch.cat([*vhs, Vh], dim=0)  # (r, n)
     flat = flat_spectrum(s)  # the mean over all r slots, as in the official code
-    keep = significant(s, (m, n))  # triplets of zero singular values have arbitrary vectors: dropped
+    noise = noise_count(s, detect)
+    keep = numerical(s, (m, n), rank_tol)  # triplets of (numerically) zero singular values have arbitrary vectors: dropped
     if not bool(keep.any()):
+        note_rank(notes, noise, s.numel())
         return torch.zeros_like(taus[0])
-    return matmul(polar(u[:, keep], tol) * flat[keep], polar(vh[keep], tol)).to(taus.dtype)
+    pu, su = polar_and_spectrum(u[:, keep], tol, rank_tol)
+    pv, sv = polar_and_spectrum(vh[keep], tol, rank_tol)
+    note_rank(notes, min(s.numel(), noise + max(noise_count(su, detect), noise_count(sv, detect))), s.numel())
+    return matmul(pu * flat[keep], pv).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -93,8 +127,11 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 @register(
     "iso_cts",
-    defaults={"scaling": 1.0, "common_space_fraction": 0.8, "exclude": [], "svd_dtype": "float64"},
-    choices={"svd_dtype": tuple(SVD_DTYPES)},
+    defaults={
+        "scaling": 1.0, "common_space_fraction": 0.8, "exclude": [], "svd_dtype": "float64",
+        "low_rank": "auto", "rank_tol": RANK_TOL,
+    },
+    choices={"svd_dtype": tuple(SVD_DTYPES), "low_rank": LOW_RANK},
     summary="Iso-CTS: common subspace of the sum plus per-task subspaces, orthogonalised, flat spectrum",
     source="Marczak et al. ICML 2025 (arXiv:2502.04959); official danielm1405/iso-merging src/utils/iso.py::iso_cts; "
     "common_space_fraction 0.8 (official README/config), scaling 1.0 (FusionBench iso_cts.yaml; "
@@ -112,9 +149,12 @@ def iso_cts(
     common_space_fraction: float,
     exclude: list[str],
     svd_dtype: str,
+    low_rank: str = "auto",
+    rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0) * scaling
     dtype = SVD_DTYPES[svd_dtype]
     tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return iso_cts_matrix(taus, common_space_fraction, dtype, tol) * scaling
+    rank = dropped_below(low_rank, rank_tol)
+    return iso_cts_matrix(taus, common_space_fraction, dtype, tol, rank, ctx.notes, rank_tol) * scaling

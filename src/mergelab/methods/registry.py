@@ -36,12 +36,15 @@ class TensorCtx:
         seed: the user's seed for randomised methods.
         offset: for ``elementwise`` methods, which get the tensor flattened and in column chunks,
             the flat index of the chunk's first element within the tensor.
+        notes: what the method found out about this tensor, for the engine to report once per merge
+            (the spectral methods' numerical rank: ``_spectral.note_rank``, ``_spectral.rank_report``).
     """
 
     name: str
     stats: Any = None
     seed: int = 0
     offset: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by ``(seed, crc32(name + salt))``: same draws on CPU and GPU, any order."""

@@ -25,6 +25,15 @@ ports unchanged (``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py`
   exactly rank-deficient ones (a task vector that is zero on this tensor, duplicated models) the
   official output depends on the SVD routine's arbitrary basis for zero singular values, ours
   does not: e.g. T copies of one task give ``SVD_k(tau)``, and a zero task vector is ignored.
+* ``low_rank="auto"`` (default) is ours, a deviation from the official code: triplets whose
+  singular value is numerically zero, ``s <= rank_tol * max(s)`` over every task's kept ones
+  (``rank_tol=1e-5``), are left out too, and so are directions of ``U`` (``V``) with singular values
+  ``<= rank_tol`` times its largest (near-duplicate models). LoRA-derived task vectors have such
+  triplets (their other singular values are rounding noise): there the official definition is
+  ill-posed (4 rank-2 tasks: a 1e-7 perturbation moved its output by 116 % of the task vectors'
+  largest entry, float32 vs float64 SVDs likewise), ours moves by ~3e-7. Where nothing lies below
+  the threshold (full-rank inputs) the result is bit-identical to ``low_rank="official"``, the
+  definition above. See ``_spectral``, "Low-rank inputs"; the merge reports the matrices concerned.
 * The official eigendecomposition variant (``TSVM_2``, ``U (U^T U)^(-1/2)``) is not offered: it
   forms ``U^T U``, which squares the condition number.
 * Non-matrices: the running mean of the official code; ``scaling`` multiplies them too, as the
@@ -46,14 +55,36 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, polar, significant
+from mergelab.methods._spectral import (
+    LOW_RANK,
+    RANK_TOL,
+    SVD_DTYPES,
+    check_hparams,
+    dropped_below,
+    is_matrix,
+    noise_count,
+    note_rank,
+    numerical,
+    polar_and_spectrum,
+)
 from mergelab.methods._svd import fast_svd, matmul, tolerance
 from mergelab.methods.registry import TensorCtx, register
 
 
-def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: float = 0.0) -> torch.Tensor:
+def tsv_matrix(
+    taus: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    tol: float = 0.0,
+    rank_tol: float = 0.0,
+    notes: dict[str, Any] | None = None,
+    detect: float = RANK_TOL,
+) -> torch.Tensor:
     """TSV-M merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
-    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact)."""
+    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Triplets with
+    ``s <= rank_tol * max(s)`` (over every task's kept ones) and directions of ``U`` (``V``) with
+    singular values ``<= rank_tol`` times its largest (near-duplicate tasks) are left out
+    (``_spectral.numerical``; 0: exact zeros only). Their count goes into ``notes``
+    (``_spectral.note_rank``), counted at ``s <= detect * max(s)`` whatever ``rank_tol``."""
     T, m, n = taus.shape
     k = min(m, n) // T
     if k == 0:
@@ -67,11 +98,16 @@ def tsv_matrix(taus: torch.Tensor, dtype: torch.dtype = torch.float64, tol: floa
         ss.append(S)
         vhs.append(Vh)
     u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)  # (m, Tk) (Tk,) (Tk, n)
-    keep = significant(s, (m, n))  # drop triplets of zero singular values: arbitrary vectors (see _spectral)
+    noise = noise_count(s, detect)
+    keep = numerical(s, (m, n), rank_tol)  # drop triplets of (numerically) zero singular values: arbitrary vectors
     if not bool(keep.any()):
+        note_rank(notes, noise, T * k)
         return torch.zeros_like(taus[0])
     u, s, vh = u[:, keep], s[keep], vh[keep]
-    return matmul(polar(u, tol) * s, polar(vh, tol)).to(taus.dtype)
+    pu, su = polar_and_spectrum(u, tol, rank_tol)
+    pv, sv = polar_and_spectrum(vh, tol, rank_tol)
+    note_rank(notes, min(T * k, noise + max(noise_count(su, detect), noise_count(sv, detect))), T * k)
+    return matmul(pu * s, pv).to(taus.dtype)
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -80,8 +116,8 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
 
 @register(
     "tsv",
-    defaults={"scaling": 1.0, "exclude": [], "svd_dtype": "float64"},
-    choices={"svd_dtype": tuple(SVD_DTYPES)},
+    defaults={"scaling": 1.0, "exclude": [], "svd_dtype": "float64", "low_rank": "auto", "rank_tol": RANK_TOL},
+    choices={"svd_dtype": tuple(SVD_DTYPES), "low_rank": LOW_RANK},
     summary="TSV-M: top r/T singular triplets per task, orthogonalised U and V (polar factors), scaled",
     source="Gargiulo et al. CVPR 2025 (arXiv:2412.00081); official AntoAndGar/task_singular_vectors "
     "src/utils/TSVM_utils.py::compute_and_sum_svd_mem_reduction; scaling 1.0 from FusionBench "
@@ -98,9 +134,11 @@ def tsv(
     scaling: float,
     exclude: list[str],
     svd_dtype: str,
+    low_rank: str = "auto",
+    rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
     if not is_matrix(ctx.name, base.shape, exclude):
         return taus.mean(dim=0) * scaling
     dtype = SVD_DTYPES[svd_dtype]
     tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return tsv_matrix(taus, dtype, tol) * scaling
+    return tsv_matrix(taus, dtype, tol, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling
