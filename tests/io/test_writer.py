@@ -217,3 +217,30 @@ def test_shards_are_preallocated_to_exactly_their_size(tmp_path):
         header = json.loads(raw[8 : 8 + length])
         end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
         assert len(raw) == 8 + length + end
+
+
+def test_metadata_reserved_blank_is_filled_before_commit_in_every_shard(tmp_path):
+    spec = TensorSpec((4,), torch.float32)
+    layout = [("a", spec), ("b", spec)]
+    writer = CheckpointWriter(tmp_path / "out", layout, {"note": " " * 20, "other": "x"}, max_shard_bytes=16)
+    for name in ("a", "b"):
+        writer.write(name, torch.ones(4))
+    with pytest.raises(RuntimeError, match="no blank reservation"):
+        writer.fill_metadata("note", "x" * 21)  # longer than the reservation: refused, nothing changed
+    writer.fill_metadata("note", '{"k":1}')
+    out = writer.commit()
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) == 2
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            assert handle.metadata()["note"].rstrip() == '{"k":1}'  # JSON value, blank-padded
+            assert handle.metadata()["other"] == "x"
+
+
+def test_a_rank_record_too_long_for_its_reservation_drops_its_example():
+    from mergelab.engine.stream import RANK_WIDTH, _fitting
+
+    short = json.dumps({"matrices": 3, "worst": {"tensor": "w"}})
+    assert _fitting(short) == short
+    long = json.dumps({"matrices": 3, "worst": {"tensor": "w" * RANK_WIDTH}})
+    assert json.loads(_fitting(long)) == {"matrices": 3}

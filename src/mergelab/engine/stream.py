@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import sys
 import threading
 import warnings
@@ -332,10 +331,12 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                 results[name].view(-1)[values[0]] = values[1]
         report = _rank_report(plan, notes)
         if writer is not None:
+            if report is not None and RANK_KEY in metadata:
+                writer.fill_metadata(RANK_KEY, _fitting(report[1]))
             path = writer.commit(extras_from=plan.base.folder)
-            _record(report, path)
+            _warn(report)
             return path
-    _record(report, None)
+    _warn(report)
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
 
 
@@ -513,7 +514,7 @@ def _chunk_threads(plan: MergePlan, state: Any, threads: int) -> int:
 def provenance(plan: MergePlan) -> dict[str, str]:
     """Safetensors metadata recording how the checkpoint was made. Methods that note the numerical
     rank of their matrices (``low_rank`` hyperparameter) get ``RANK_KEY`` reserved (blank), filled
-    once the merge has seen every matrix (:func:`fill_reserved`)."""
+    once the merge has seen every matrix (``CheckpointWriter.fill_metadata``, before the commit)."""
     inputs = [{"role": "base", "name": plan.base.label, "bytes": plan.base.nbytes}]
     inputs += [{"role": "model", "name": m.label, "bytes": m.nbytes} for m in plan.models]
     metadata = {
@@ -538,40 +539,19 @@ def _rank_report(plan: MergePlan, notes: dict[str, dict[str, Any]]) -> tuple[str
     return rank_report(plan.method.name, notes, plan.hparams)
 
 
-def _record(report: tuple[str, str] | None, path: Path | None) -> None:
-    """Once the output is in place: its reserved metadata value filled, then one warning if any."""
+def _fitting(record: str) -> str:
+    """The rank record, without its worst example if that would not fit the reservation (a long name)."""
+    if len(json.dumps(record)) - 2 <= RANK_WIDTH:
+        return record
+    return json.dumps({k: v for k, v in json.loads(record).items() if k != "worst"}, separators=(",", ":"))
+
+
+def _warn(report: tuple[str, str] | None) -> None:
+    """One warning line summing up the method's notes, once the output is in place."""
     from mergelab.methods._spectral import LowRankWarning
 
-    if report is None:
-        return
-    line, record = report
-    if path is not None:
-        fill_reserved(path, RANK_KEY, record)
-    if line:
-        warnings.warn(line, LowRankWarning, stacklevel=5)  # the caller of mergelab.merge
-
-
-def fill_reserved(path: Path, key: str, value: str) -> None:
-    """Write ``value`` into the blank metadata value reserved under ``key`` (same length: the header
-    does not move) in every ``.safetensors`` file of the output ``path``, in place. A value that does
-    not fit, or a file without the reservation, is left as it is. Done after the commit (the headers
-    are written before the tensors are merged), so a crash in between leaves a valid, blank value."""
-    text = json.dumps(value)[1:-1]  # as it stands inside the header's JSON string
-    if len(text) > RANK_WIDTH:
-        return
-    blank = f'"{key}":"{" " * RANK_WIDTH}"'.encode()
-    filled = f'"{key}":"{text.ljust(RANK_WIDTH)}"'.encode()
-    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
-        with open(file, "r+b") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = handle.read(size)
-            at = header.find(blank)
-            if at < 0:
-                continue
-            handle.seek(8 + at)
-            handle.write(filled)
-            handle.flush()
-            os.fsync(handle.fileno())
+    if report is not None and report[0]:
+        warnings.warn(report[0], LowRankWarning, stacklevel=5)  # the caller of mergelab.merge
 
 
 def _group_sizes(aliases: dict[str, str]) -> dict[str, int]:

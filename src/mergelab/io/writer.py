@@ -175,6 +175,32 @@ class CheckpointWriter:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def fill_metadata(self, key: str, value: str) -> None:
+        """Write ``value`` into the blank metadata value reserved under ``key`` (``metadata[key]`` all
+        spaces, at least as long as ``value``'s JSON text) in every shard, before :meth:`commit`: the
+        headers are written before the tensors, so what is only known at the end (a method's notes)
+        goes into a reservation of fixed length and no header moves. A value too long is refused."""
+        if self._next != len(self._order):
+            raise RuntimeError("fill_metadata() is for after every tensor has been written")
+        width = len(self.metadata.get(key, ""))
+        text = json.dumps(value)[1:-1]  # as it stands inside the header's JSON string
+        if not width or self.metadata[key].strip() or len(text) > width:
+            raise RuntimeError(f"no blank reservation of {len(text)} characters for metadata {key!r}")
+        blank = f'"{key}":"{" " * width}"'.encode()
+        filled = f'"{key}":"{text.ljust(width)}"'.encode()
+        self._close_handle()
+        self._wait_syncs()
+        for shard in self.shards:
+            with _io_errors(self.shown(shard.filename)), open(self.tmp / shard.filename, "r+b") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                at = handle.read(size).find(blank)
+                if at < 0:
+                    raise RuntimeError(f"metadata {key!r} not found in {shard.filename}")
+                handle.seek(8 + at)
+                handle.write(filled)
+                handle.flush()
+                os.fsync(handle.fileno())
+
     def _open_shard(self, index: int) -> None:
         self._close_handle()
         shard = self.shards[index]
