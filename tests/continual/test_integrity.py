@@ -358,3 +358,25 @@ def test_add_shows_progress_on_a_terminal_and_quiet_silences_it(tmp_path, capsys
     assert out == f"step 2: added {models[1]}\n"
     assert main(["continual", "add", str(state), str(models[2]), "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_failed_commit_leaves_the_state_and_the_merger_as_they_were(tmp_path, capsys, monkeypatch):
+    state, models = make_state(tmp_path)
+    before = snapshot(state)
+    real = mergelab.continual.state._atomic_write
+
+    def disk_full_at_current(path, text):
+        if path.name == "CURRENT":
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(mergelab.continual.state, "_atomic_write", disk_full_at_current)
+    refused(["continual", "add", str(state), str(models[2])], capsys, str(state), "cannot write the state: No space")
+    assert snapshot(state) == before  # the new generation is gone too
+    merger = mergelab.ContinualMerger.load(state)
+    with pytest.raises(MergelabError, match="No space"):
+        merger.add(str(models[2]))
+    assert merger.step == 2 and len(merger.added) == 2
+    monkeypatch.undo()
+    merger.add(str(models[2]))  # the same merger carries on
+    assert mergelab.ContinualMerger.load(state).step == 3

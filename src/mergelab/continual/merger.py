@@ -31,6 +31,7 @@ from mergelab.continual.state import (
     StateSource,
     commit_generation,
     current_name,
+    finite,
     generation_name,
     locked,
     open_state_tensors,
@@ -132,7 +133,7 @@ class ContinualMerger:
             for tensor_name in self.floating:
                 raw = source.get(tensor_name)
                 _hash_tensor(digest, tensor_name, raw)
-                if not bool(torch.isfinite(raw).all()):
+                if not finite(raw):
                     raise MergelabError("contains NaN or Inf values", file=source.file_of(tensor_name), tensor=tensor_name)
                 source.release(tensor_name)
                 if self._state is not None:
@@ -153,7 +154,7 @@ class ContinualMerger:
             for tensor_name in self.floating:
                 base = self.base.get(tensor_name).to(self.device, torch.float32)
                 tau = source.get(tensor_name).to(self.device, torch.float32) - base
-                if not bool(torch.isfinite(tau).all()):  # finite inputs whose difference overflows
+                if not finite(tau):  # finite inputs whose difference overflows
                     raise MergelabError("differs from the base by more than float32 holds",
                                         file=source.file_of(tensor_name), tensor=tensor_name)
                 state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
@@ -162,7 +163,7 @@ class ContinualMerger:
                     tau_sq += float(tau.double().pow(2).sum())
                     u_sq += float(updated.double().pow(2).sum())
                 out = updated.to("cpu", torch.float32).contiguous()
-                if not bool(torch.isfinite(out).all()):  # never commit a state that cannot be read back
+                if not finite(out):  # never commit a state that cannot be read back
                     raise MergelabError("the merged state overflows float32", file=source.file_of(tensor_name),
                                         tensor=tensor_name)
                 if writer is not None:
@@ -180,10 +181,15 @@ class ContinualMerger:
                 for tensor_name in patched:  # their bytes changed after they were hashed
                     checksums[tensor_name] = tensor_sha256(written.get(tensor_name))
                 written.close()
-                self.step += 1
-                self.added.append(entry)
-                self.scalars = scalars
-                self._commit(generation, writer, checksums)
+                before = self.step, list(self.added), self.scalars
+                self.step, self.added, self.scalars = self.step + 1, [*self.added, entry], scalars
+                try:
+                    self._commit(generation, writer, checksums)
+                except BaseException:  # CURRENT did not move: nor does this merger, and nothing is left
+                    self.step, self.added, self.scalars = before
+                    if current_name(self._state_dir)[0] != generation.name:  # type: ignore[arg-type]
+                        shutil.rmtree(generation, ignore_errors=True)
+                    raise
                 return
         self.step += 1
         self.added.append(entry)
