@@ -380,3 +380,23 @@ def test_a_failed_commit_leaves_the_state_and_the_merger_as_they_were(tmp_path, 
     monkeypatch.undo()
     merger.add(str(models[2]))  # the same merger carries on
     assert mergelab.ContinualMerger.load(state).step == 3
+
+
+def test_continual_ties_majority_patch_is_checksummed_as_written(tmp_path, capsys):
+    """TIES re-merges a tied parameter after its tensor was written (here a[0, 0]: state -0.5 and
+    tau +0.5 tie, the model-wide majority is negative): its checksum must be of the patched bytes."""
+    base = {"a": torch.zeros(8, 8), "b": torch.zeros(8)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: torch.full_like(v, -1.0) for k, v in base.items()}, str(tmp_path / "m0.safetensors"))
+    m1 = {k: torch.full_like(v, -2.0) for k, v in base.items()}
+    m1["a"][0, 0] = 0.5
+    save_file(m1, str(tmp_path / "m1.safetensors"))
+    state = str(tmp_path / "state")
+    main(["continual", "init", state, "--method", "continual_ties", "--base", str(tmp_path / "base.safetensors"),
+          "--set", "density=1.0", "--set", "scaling=0.5"])
+    for i in (0, 1):
+        assert main(["continual", "add", state, str(tmp_path / f"m{i}.safetensors"), "-q"]) == 0
+    assert main(["continual", "status", state, "--verify"]) == 0
+    assert "every tensor matches its checksum" in capsys.readouterr().out
+    # -0.5 + 0.5 * (majority-sign merge of [-0.5, 0.5] = -0.5) = -0.75, against -0.5 + 0.5 * 0 unpatched
+    assert load_file(str(generation(tmp_path / "state") / "model.safetensors"))["a"][0, 0].item() == -0.75
