@@ -1,6 +1,6 @@
 """OPCM: Orthogonal Projection-based Continual Merging (Tang et al., "Merging Models on the Fly
-Without Retraining: A Sequential Approach to Scalable Continual Model Merging", arXiv:2501.09522;
-../shared/papers/opcm.txt), per-tensor maths.
+Without Retraining: A Sequential Approach to Scalable Continual Model Merging", arXiv:2501.09522),
+per-tensor maths.
 
 Eq. (6)/(9): a new task vector ``tau_t`` of a weight matrix is projected away from the dominant
 singular subspace of the current merged task vector ``tau_merged = U S V^T``, then added, and the
