@@ -35,6 +35,7 @@ def add_parser(sub: Any) -> None:
     add.add_argument("--name", help="name recorded for this model (default: its path)")
     add.add_argument("--force", action="store_true", help="add a model even if its content was added before")
     add.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors (no progress bar)")
     add.set_defaults(run=_add)
 
     export = actions.add_parser("export", help="write the current merged model",
@@ -49,6 +50,8 @@ def add_parser(sub: Any) -> None:
                                 **examples("mergelab continual status state/",
                                            "mergelab continual status ~/runs/opcm-state"))
     status.add_argument("state_dir", help=state_help)
+    status.add_argument("--verify", action="store_true",
+                        help="also read every state tensor and check its checksum (reads the whole state)")
     status.set_defaults(run=_status)
 
 
@@ -65,8 +68,10 @@ def _add(args: argparse.Namespace) -> int:
     from mergelab.continual import ContinualMerger
 
     merger = ContinualMerger.load(args.state_dir, device=args.device)
-    merger.add(args.model, name=args.name or args.model, force=args.force)
-    print(f"step {merger.step}: added {args.name or args.model}")
+    # the bar goes to stderr, and only to a terminal (as merge's)
+    merger.add(args.model, name=args.name or args.model, force=args.force, progress=False if args.quiet else None)
+    if not args.quiet:
+        print(f"step {merger.step}: added {args.name or args.model}")
     return 0
 
 
@@ -81,8 +86,14 @@ def _export(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from mergelab.continual import ContinualMerger
 
-    merger = ContinualMerger.load(args.state_dir)
+    merger = ContinualMerger.load(args.state_dir)  # checks the manifest and the files' headers
+    if args.verify:
+        merger.verify()
     print(f"method  {merger.method} {merger.hparams}\nbase    {merger.base_ref}\nstep    {merger.step}")
     for index, entry in enumerate(merger.added, 1):
         print(f"  {index:>3}  {entry['name']}  sha256:{entry['sha256'][:16]}")
+    if merger.legacy:
+        print("content no checksums (state written before they were recorded; the next add records them)")
+    else:
+        print("content " + ("every tensor matches its checksum" if args.verify else "not read (--verify checks every tensor)"))
     return 0

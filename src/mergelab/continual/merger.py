@@ -6,7 +6,8 @@ new model tensor by tensor (any checkpoint the engine reads), so memory does not
 number of models or with the model size beyond a few tensors.
 
 A merger with a state folder (``save`` once, or ``load``) commits every ``add`` to that folder
-atomically (:mod:`mergelab.continual.state`); without one, the state lives in memory.
+atomically, under the folder's lock, with a checksum of every state tensor
+(:mod:`mergelab.continual.state`); without one, the state lives in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,17 @@ from mergelab import __version__
 from mergelab.continual import rules
 from mergelab.continual.opcm import project_out
 from mergelab.continual.state import (
+    Generation,
+    StateSource,
     commit_generation,
+    current_name,
+    finite,
     generation_name,
+    locked,
     open_state_tensors,
     read_current,
+    tensor_entry,
+    tensor_sha256,
 )
 from mergelab.engine.plan import check_models, resolve_device
 from mergelab.engine.stream import all_finite
@@ -93,40 +102,23 @@ class ContinualMerger:
         self.scalars: dict[str, float] = {}
         self._state: TensorSource | None = None
         self._state_dir: Path | None = None
+        self._generation: str | None = None  # the generation of _state_dir this merger holds
+        self.legacy = False  # loaded from a state written before checksums
 
     # ------------------------------------------------------------------ public API
-    def add(self, model: Any, *, name: str | None = None, force: bool = False) -> None:
-        """Merge one more model. Refuses a model already added (same content hash) unless ``force``."""
+    def add(self, model: Any, *, name: str | None = None, force: bool = False, progress: bool | None = None) -> None:
+        """Merge one more model. Refuses a model already added (same content hash) unless ``force``.
+
+        A first, cheap pass hashes the model and checks the state's tensors before any merge maths,
+        so a duplicate or a corrupted state is refused in the time of a read, not of the merge.
+        ``progress``: a bar on stderr (default: when stderr is a terminal)."""
         source = open_source(model, name or f"<model {self.step + 1}>")
         check_models(self.base, [source])
         label = name or source.label
-        stats = self._ties_stats(source) if self.method == "continual_ties" and self.step > 0 else None
-        digest = hashlib.sha256()
-        new_state: dict[str, torch.Tensor] = {}
-        scalars = dict(self.scalars)
-        tau_sq = u_sq = 0.0
-        writer = self._open_generation(self.step + 1) if self._state_dir is not None else None
-        with writer if writer is not None else _Null():
-            for tensor_name in self.floating:
-                raw = source.get(tensor_name)
-                _hash_tensor(digest, tensor_name, raw)
-                base = self.base.get(tensor_name).to(self.device, torch.float32)
-                tau = raw.to(self.device, torch.float32) - base
-                if not bool(torch.isfinite(tau).all()):
-                    raise MergelabError("contains NaN or Inf values", file=source.file_of(tensor_name), tensor=tensor_name)
-                state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
-                updated = self._update(tensor_name, state, tau, stats)
-                if self.method != "opcm" or self._rescaled(tensor_name):
-                    tau_sq += float(tau.double().pow(2).sum())
-                    u_sq += float(updated.double().pow(2).sum())
-                out = updated.to("cpu", torch.float32).contiguous()
-                if writer is not None:
-                    writer.write(tensor_name, out)
-                else:
-                    new_state[tensor_name] = out
-            if stats is not None:
-                self._apply_ties_majority(stats, writer, new_state)
-            content = digest.hexdigest()
+        show = sys.stderr.isatty() if progress is None else progress
+        with locked(self._state_dir) if self._state_dir is not None else _Null():
+            self._check_not_moved()
+            content = self._check_inputs(source, show)
             previous = next((m for m in self.added if m["sha256"] == content), None)
             if previous is not None and not force:
                 raise MergelabError(
@@ -134,16 +126,73 @@ class ContinualMerger:
                     "hash (use force=True / --force to add it again)",
                     file=source.label,
                 )
+            self._merge(source, {"name": label, "sha256": content}, show)
+
+    def _check_inputs(self, source: TensorSource, show: bool) -> str:
+        """The model's content hash; refuses NaN/Inf in it and checks each state tensor (checksum,
+        finite values) on the way -- one streaming read of both, no merge maths."""
+        digest = hashlib.sha256()
+        with _bar(show, self._floating_bytes(), "check") as bar:
+            for tensor_name in self.floating:
+                raw = source.get(tensor_name)
+                _hash_tensor(digest, tensor_name, raw)
+                if not finite(raw):
+                    raise MergelabError("contains NaN or Inf values", file=source.file_of(tensor_name), tensor=tensor_name)
+                source.release(tensor_name)
+                if self._state is not None:
+                    self._state.get(tensor_name)  # a StateSource checks it here, once
+                    self._state.release(tensor_name)
+                bar.update(self.base.specs[tensor_name].nbytes)
+        return digest.hexdigest()
+
+    def _merge(self, source: TensorSource, entry: dict[str, str], show: bool) -> None:
+        """The merge pass: the new state, written as a generation and committed (or kept in memory)."""
+        stats = self._ties_stats(source) if self.method == "continual_ties" and self.step > 0 else None
+        new_state: dict[str, torch.Tensor] = {}
+        checksums: dict[str, str] = {}
+        scalars = dict(self.scalars)
+        tau_sq = u_sq = 0.0
+        writer = self._open_generation(self.step + 1) if self._state_dir is not None else None
+        with writer if writer is not None else _Null(), _bar(show, self._floating_bytes(), self.method) as bar:
+            for tensor_name in self.floating:
+                base = self.base.get(tensor_name).to(self.device, torch.float32)
+                tau = source.get(tensor_name).to(self.device, torch.float32) - base
+                if not finite(tau):  # finite inputs whose difference overflows
+                    raise MergelabError("differs from the base by more than float32 holds",
+                                        file=source.file_of(tensor_name), tensor=tensor_name)
+                state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
+                updated = self._update(tensor_name, state, tau, stats)
+                if self.method != "opcm" or self._rescaled(tensor_name):
+                    tau_sq += float(tau.double().pow(2).sum())
+                    u_sq += float(updated.double().pow(2).sum())
+                out = updated.to("cpu", torch.float32).contiguous()
+                if not finite(out):  # never commit a state that cannot be read back
+                    raise MergelabError("the merged state overflows float32", file=source.file_of(tensor_name),
+                                        tensor=tensor_name)
+                if writer is not None:
+                    writer.write(tensor_name, out)
+                    checksums[tensor_name] = tensor_sha256(out)
+                else:
+                    new_state[tensor_name] = out
+                bar.update(self.base.specs[tensor_name].nbytes)
+            patched = self._apply_ties_majority(stats, writer, new_state) if stats is not None else []
             scalars["norm_sum"] = scalars.get("norm_sum", 0.0) + math.sqrt(tau_sq)
             scalars["state_norm_sq"] = u_sq
-            entry = {"name": label, "sha256": content}
             if writer is not None:
                 generation = writer.commit()
-                self.step += 1
-                self.added.append(entry)
-                self.scalars = scalars
-                commit_generation(self._state_dir, generation, self._manifest())  # type: ignore[arg-type]
-                self._state = open_state_tensors(generation)
+                written = open_source(generation)
+                for tensor_name in patched:  # their bytes changed after they were hashed
+                    checksums[tensor_name] = tensor_sha256(written.get(tensor_name))
+                written.close()
+                before = self.step, list(self.added), self.scalars
+                self.step, self.added, self.scalars = self.step + 1, [*self.added, entry], scalars
+                try:
+                    self._commit(generation, writer, checksums)
+                except BaseException:  # CURRENT did not move: nor does this merger, and nothing is left
+                    self.step, self.added, self.scalars = before
+                    if current_name(self._state_dir)[0] != generation.name:  # type: ignore[arg-type]
+                        shutil.rmtree(generation, ignore_errors=True)
+                    raise
                 return
         self.step += 1
         self.added.append(entry)
@@ -182,6 +231,14 @@ class ContinualMerger:
                 writer.write(name, tensor)
             return writer.commit(extras_from=self.base.folder)
 
+    def verify(self) -> None:
+        """Read every state tensor and check it (checksum, finite values); raises MergelabError."""
+        if self._state is None:
+            return
+        for name in self.floating:
+            self._state.get(name)
+            self._state.release(name)
+
     def save(self, state_dir: str | Path) -> Path:
         """Persist the state to ``state_dir``; from now on every ``add`` commits there atomically."""
         if self.base_ref is None:
@@ -196,32 +253,52 @@ class ContinualMerger:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise MergelabError(f"cannot create the state folder ({err.strerror or err})", file=str(state_dir)) from None
-        self._state_dir = state_dir
-        if self._state is None:
-            commit_generation(state_dir, self._empty_generation(), self._manifest())
-            return state_dir
-        writer = self._open_generation(self.step)
-        with writer:
-            for name in self.floating:
-                writer.write(name, self._state.get(name).to(torch.float32).contiguous())
-            generation = writer.commit()
-        commit_generation(state_dir, generation, self._manifest())
-        self._state = open_state_tensors(generation)
+        with locked(state_dir):
+            if (state_dir / "CURRENT").exists():  # created meanwhile by another process
+                raise MergelabError("already holds a continual-merging state", file=str(state_dir))
+            self._state_dir = state_dir
+            if self._state is None:
+                commit_generation(state_dir, self._empty_generation(), self._manifest({}))
+                self._generation = generation_name(0)
+                return state_dir
+            writer = self._open_generation(self.step)
+            checksums = {}
+            with writer:
+                for name in self.floating:
+                    tensor = self._state.get(name).to(torch.float32).contiguous()
+                    writer.write(name, tensor)
+                    checksums[name] = tensor_sha256(tensor)
+                generation = writer.commit()
+            self._commit(generation, writer, checksums)
         return state_dir
 
     @classmethod
     def load(cls, state_dir: str | Path, *, device: str = "cpu") -> ContinualMerger:
-        """Continue from a state folder written by :meth:`save` (or ``mergelab continual init``)."""
+        """Continue from a state folder written by :meth:`save` (or ``mergelab continual init``).
+
+        Checks the manifest (checksum, format, fields) and the state files' headers against it and
+        the base; each tensor's content is checked when it is first read (see :meth:`verify`)."""
         state_dir = Path(state_dir)
-        generation, manifest = read_current(state_dir)
+        generation = read_current(state_dir)
+        manifest = generation.manifest
+        if manifest["method"] not in DEFAULTS:
+            raise MergelabError(f"state manifest: unknown continual method {manifest['method']!r}",
+                                file=generation.manifest_file)
+        try:  # the stored hyperparameters pass the same checks as given ones
+            resolve_hparams(manifest["method"], DEFAULTS[manifest["method"]], CHOICES.get(manifest["method"], {}),
+                            _check, manifest["hparams"], 1)
+        except MergelabError as err:
+            raise MergelabError(f"state manifest: {err.message}", file=generation.manifest_file) from None
         merger = cls(manifest["method"], manifest["base"], device=device, **manifest["hparams"])
-        if manifest.get("base_fingerprint") != _fingerprint(merger.base):
+        if manifest["base_fingerprint"] != _fingerprint(merger.base):
             raise MergelabError("the base model changed since this state was created", file=manifest["base"])
-        merger.step = int(manifest["step"])
-        merger.added = list(manifest["models"])
+        merger.step = manifest["step"]
+        merger.added = [{"name": m["name"], "sha256": m["sha256"]} for m in manifest["models"]]
         merger.scalars = {k: float(v) for k, v in manifest["scalars"].items()}
         merger._state_dir = state_dir
-        merger._state = open_state_tensors(generation) if merger.step > 0 else None
+        merger._generation = generation.path.name
+        merger.legacy = generation.legacy
+        merger._state = merger._open_state(generation) if merger.step > 0 else None
         return merger
 
     # ------------------------------------------------------------------ per-tensor rules
@@ -264,9 +341,10 @@ class ContinualMerger:
             average_norm = self.scalars["norm_sum"] / self.step
             state_norm = math.sqrt(self.scalars["state_norm_sq"])
             factor = average_norm / state_norm if state_norm > 0 else 0.0
+        floating = set(self.floating)
         for name, spec in self.base.specs.items():
             base = self.base.get(name)
-            if name not in self._state.specs:
+            if name not in floating:  # integer buffers: the base's
                 yield name, base.clone()
                 continue
             state = self._state.get(name).to(torch.float32)
@@ -278,16 +356,20 @@ class ContinualMerger:
                 delta = state
             yield name, (base.to(torch.float32) + delta).to(spec.dtype)
 
-    def _apply_ties_majority(self, stats: Any, writer: CheckpointWriter | None, new_state: dict[str, torch.Tensor]) -> None:
-        """Re-merge the few parameters whose TIES sign needed the model-wide majority (see ties._finalize)."""
+    def _apply_ties_majority(self, stats: Any, writer: CheckpointWriter | None,
+                             new_state: dict[str, torch.Tensor]) -> list[str]:
+        """Re-merge the few parameters whose TIES sign needed the model-wide majority (see
+        ties._finalize); returns the names of the tensors changed."""
         assert self._state is not None
         hp = {"merge_func": self.hparams["merge_func"], "scaling": self.hparams["scaling"]}
-        for name, (index, delta) in ties_finalize(hp, stats).items():
+        patches = ties_finalize(hp, stats)
+        for name, (index, delta) in patches.items():
             values = self._state.get(name).reshape(-1)[index].to(torch.float32) + delta
             if writer is not None:
                 writer.patch(name, index, values)
             else:
                 new_state[name].view(-1)[index] = values
+        return list(patches)
 
     def _ties_stats(self, source: TensorSource) -> Any:
         """Whole-model TIES statistics over the two rows [current merged task vector, new tau]."""
@@ -303,6 +385,33 @@ class ContinualMerger:
         return collector.result()
 
     # ------------------------------------------------------------------ persistence
+    def _floating_bytes(self) -> int:
+        return sum(self.base.specs[n].nbytes for n in self.floating)
+
+    def _check_not_moved(self) -> None:
+        """Under the lock: the state folder still holds the generation this merger was built on."""
+        if self._state_dir is None:
+            return
+        name, _ = current_name(self._state_dir)
+        if name != self._generation:
+            raise MergelabError(f"the state changed since it was loaded (now at {name}, loaded {self._generation}): "
+                                "load it again", file=str(self._state_dir))
+
+    def _open_state(self, generation: Generation) -> StateSource:
+        expected = {n: TensorSpec(self.base.specs[n].shape, torch.float32) for n in self.floating}
+        return open_state_tensors(generation, expected)
+
+    def _commit(self, generation: Path, writer: CheckpointWriter, checksums: dict[str, str]) -> None:
+        """Point the state folder at a complete generation, its tensors' checksums in the manifest."""
+        assert self._state_dir is not None
+        files = {name: shard.filename for shard in writer.shards for name in shard.names}
+        tensors = {name: tensor_entry(files[name], TensorSpec(self.base.specs[name].shape, torch.float32), checksums[name])
+                   for name in self.floating}
+        commit_generation(self._state_dir, generation, self._manifest(tensors))
+        self._generation = generation.name
+        self.legacy = False
+        self._state = self._open_state(read_current(self._state_dir))
+
     def _open_generation(self, step: int) -> CheckpointWriter:
         assert self._state_dir is not None
         layout = [(n, TensorSpec(self.base.specs[n].shape, torch.float32)) for n in self.floating]
@@ -317,8 +426,9 @@ class ContinualMerger:
         target.mkdir(exist_ok=True)
         return target
 
-    def _manifest(self) -> dict[str, Any]:
+    def _manifest(self, tensors: dict[str, Any]) -> dict[str, Any]:
         return {
+            "tensors": tensors,
             "method": self.method,
             "hparams": self.hparams,
             "step": self.step,
@@ -336,6 +446,23 @@ class _Null:
 
     def __exit__(self, *args: object) -> None:
         return None
+
+
+def _bar(show: bool, total: int, desc: str) -> Any:
+    """A tqdm bar over bytes on stderr, as ``merge``'s; a no-op bar when not shown."""
+    if not show:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
+class _NullBar(_Null):
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NullBar:  # type: ignore[override]
+        return self
 
 
 def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
