@@ -31,19 +31,26 @@ def ray_module() -> Any:
     return ray
 
 
+def check_address(address: str) -> None:
+    """``local``, ``local:N`` (N >= 1) or a cluster address; raises MergelabError before anything runs."""
+    if not isinstance(address, str) or not address.strip():
+        raise MergelabError("--ray: give local, local:N or a cluster address")
+    if address.startswith("local:") and not (address[6:].isdigit() and int(address[6:]) >= 1):
+        raise MergelabError(f"--ray {address}: local:N needs a positive number of CPUs")
+
+
 def connect(address: str) -> bool:
     """Start (``local``, ``local:N``) or join (an address) a Ray cluster; True when this call started it.
 
     A Ray already initialised in this process is used as it is (and not shut down by :func:`disconnect`).
     """
+    check_address(address)
     ray = ray_module()
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
     if address == "local" or address.startswith("local:"):
         count = address.partition(":")[2]
-        if count and (not count.isdigit() or int(count) < 1):
-            raise MergelabError(f"--ray {address}: local:N needs a positive number of CPUs")
         kwargs["num_cpus"] = int(count) if count else os.cpu_count() or 1
         # workers on this machine import what the driver imports (a checkout on PYTHONPATH, test helpers)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}

@@ -90,6 +90,11 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
     Returns:
         A :class:`Summary`. ``KeyboardInterrupt`` propagates; finished runs are already committed.
     """
+    if ray is not None:  # a bad address or a missing Ray fails before anything is written
+        from mergelab.distributed import check_address, ray_module
+
+        check_address(ray)
+        ray_module()
     if isinstance(config, ExperimentConfig):
         cfg = config
     elif isinstance(config, dict):

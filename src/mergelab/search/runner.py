@@ -205,6 +205,11 @@ def search(method: str, suite: str, *, space: Mapping[str, Any] | None = None, p
             raise MergelabError(f"{label} must be an integer >= {low}, got {value!r}")
     if tasks is not None and not tasks:
         raise MergelabError("tasks: give at least one task")
+    if ray is not None:
+        from mergelab.distributed import check_address, ray_module
+
+        check_address(ray)
+        ray_module()  # installed?
     names = (suite_tasks or _suite_tasks)(suite, quick)
     unknown = [t for t in tasks or [] if t not in names]
     if unknown:
