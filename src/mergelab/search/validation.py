@@ -1,7 +1,7 @@
 """The validation split of a zoo task (docs/data.md §3) and a scorer for either split.
 
 Validation rows are the training split's rows after the first ``n_train`` (the rows the experts trained on),
-``n_val = n_test // 2`` of them (per class for class-incremental tasks), cached beside the task's rows. The
+``n_val = n_test // 2`` of them (per class for class-incremental tasks; 500 when every test row is scored), cached beside the task's rows. The
 scorer :class:`SplitEvaluator` is :class:`mergelab.eval.Evaluator` with the test rows swapped for
 validation rows when asked for ``split="validation"``.
 """
@@ -18,9 +18,13 @@ from mergelab.errors import MergelabError
 SPLITS = ("validation", "test")
 
 
-def n_validation(spec: Any) -> int | None:
-    """How many validation rows a task has (per class for per-class tasks): half its test rows."""
-    return None if spec.n_test is None else max(1, spec.n_test // 2)
+DEFAULT_ROWS = 500  # for tasks scored on their whole test split (n_test None: vader-domains)
+
+
+def n_validation(spec: Any) -> int:
+    """How many validation rows a task has (per class for per-class tasks): half its test rows, or
+    :data:`DEFAULT_ROWS` when its whole test split is scored."""
+    return DEFAULT_ROWS if spec.n_test is None else max(1, spec.n_test // 2)
 
 
 def validation_path(spec: Any, cache_dir: str | Path | None = None) -> Path:
