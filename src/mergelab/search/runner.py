@@ -245,19 +245,25 @@ def search(method: str, suite: str, *, space: Mapping[str, Any] | None = None, p
         from mergelab.zoo import build_zoo as default_build
 
         build_zoo = default_build
-    zoo = build_zoo(suite, backbone=backbone, quick=quick, cache_dir=cache_dir, device=device, progress=progress)
-    missing = [t for t in chosen if t not in zoo.experts]
-    if missing:
-        raise MergelabError(f"zoo {suite!r} has no expert for task(s) {missing}")
-    if evaluate is None and ray is None:
-        from mergelab.search.validation import SplitEvaluator
+    from mergelab.distributed import connect, disconnect
 
-        evaluate = SplitEvaluator()
-    _WORKER.clear()  # a fresh merger for this search (the driver's own process)
-    with Store(db) as store:
-        return _search(spec, store, zoo, total, evaluate=evaluate, device=device, batch_size=batch_size,
-                       fast=fast, ray=ray, retry_failed=retry_failed, progress=progress, job=job_path,
-                       out=out_path, overwrite=overwrite)
+    started = connect(ray) if ray is not None else False  # an unreachable cluster fails before anything is built
+    try:
+        zoo = build_zoo(suite, backbone=backbone, quick=quick, cache_dir=cache_dir, device=device, progress=progress)
+        missing = [t for t in chosen if t not in zoo.experts]
+        if missing:
+            raise MergelabError(f"zoo {suite!r} has no expert for task(s) {missing}")
+        if evaluate is None and ray is None:
+            from mergelab.search.validation import SplitEvaluator
+
+            evaluate = SplitEvaluator()
+        _WORKER.clear()  # a fresh merger for this search (the driver's own process)
+        with Store(db) as store:
+            return _search(spec, store, zoo, total, evaluate=evaluate, device=device, batch_size=batch_size,
+                           fast=fast, ray=ray, retry_failed=retry_failed, progress=progress, job=job_path,
+                           out=out_path, overwrite=overwrite)
+    finally:
+        disconnect(started)
 
 
 def _suite_tasks(suite: str, quick: bool) -> list[str]:
@@ -340,13 +346,12 @@ class _Runner:
         self.spec, self.zoo, self.evaluate, self.device = spec, zoo, evaluate, device
         self.kwargs = {"evaluate": evaluate, "device": device, "batch_size": batch_size, "fast": fast,
                        "reference": reference}
-        self.ray, self.started = ray, False
+        self.ray = ray  # connected by search()
         self.expected: dict[str, str] = {}
         if ray is not None:
-            from mergelab.distributed import connect, fingerprints
+            from mergelab.distributed import fingerprints
 
             self.expected = fingerprints([zoo.base, *(zoo.experts[t] for t in spec.tasks)])
-            self.started = connect(ray)
 
     def run(self, todo: list[tuple[int, dict[str, Any]]], earlier: list[Trial]) -> Any:
         seen = {canonical_json(t.params): t for t in earlier if t.score is not None}
@@ -377,10 +382,7 @@ class _Runner:
         return int(merger.merges) if merger is not None else 0
 
     def close(self) -> None:
-        if self.ray is not None:
-            from mergelab.distributed import disconnect
-
-            disconnect(self.started)
+        """Nothing to release here: Ray is disconnected by :func:`search`."""
 
 
 def _remote_trial(spec: SearchSpec, zoo: Any, number: int, params: dict[str, Any], kwargs: dict[str, Any],
