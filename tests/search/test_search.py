@@ -139,3 +139,12 @@ def test_existing_out_is_refused_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(MergelabError, match="output exists"):
         run_search(tmp_path, out=tmp_path / "best")
     assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_report_shows_trials_and_the_test_score_apart(tmp_path: Path) -> None:
+    from mergelab.report import write_report
+
+    result = run_search(tmp_path, space={"scaling": [0.4, 1.0]})
+    text = write_report(tmp_path / "s.sqlite", out=tmp_path / "r.md").read_text()
+    assert "| 0 | scaling=0.4 | " + f"{result.trials[0].score:.4f} |" in text
+    assert f"test accuracy {result.test['average']:.4f} (not used to choose)" in text
