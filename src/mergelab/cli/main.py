@@ -14,7 +14,16 @@ from mergelab.errors import MergelabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mergelab.cli import continual_cmd, eval_cmd, experiment_cmd, merge_cmd, methods_cmd, report_cmd, zoo_cmd
+    from mergelab.cli import (
+        continual_cmd,
+        eval_cmd,
+        experiment_cmd,
+        merge_cmd,
+        methods_cmd,
+        report_cmd,
+        search_cmd,
+        zoo_cmd,
+    )
     from mergelab.cli._help import examples
 
     parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.",
@@ -32,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub)
     experiment_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
+    search_cmd.add_parser(sub)
     return parser
 
 

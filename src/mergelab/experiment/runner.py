@@ -69,7 +69,7 @@ class CachedEvaluator:
 def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Callable[..., Any] | None = None,
         build_zoo: Callable[..., Any] | None = None, suite_tasks: Callable[[str, bool], list[str]] | None = None,
         retry_failed: bool = False, progress: bool | None = None, db: str | Path | None = None,
-        command: str | None = None, on_run: Callable[[Row], None] | None = None) -> Summary:
+        command: str | None = None, on_run: Callable[[Row], None] | None = None, ray: str | None = None) -> Summary:
     """Run every run of ``config`` that the results database does not hold yet.
 
     Args:
@@ -84,10 +84,17 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
         db: results database (default: the config's ``db``, relative to the config file).
         command: the command line recorded with each row (default: this process's argv).
         on_run: called with each stored row (the CLI logs one line per run when there is no progress bar).
+        ray: run each run as a Ray task on this cluster (``local``, ``local:N`` or an address; see
+            :mod:`mergelab.distributed`); None (default): one after the other in this process.
 
     Returns:
         A :class:`Summary`. ``KeyboardInterrupt`` propagates; finished runs are already committed.
     """
+    if ray is not None:  # a bad address or a missing Ray fails before anything is written
+        from mergelab.distributed import check_address, ray_module
+
+        check_address(ray)
+        ray_module()
     if isinstance(config, ExperimentConfig):
         cfg = config
     elif isinstance(config, dict):
@@ -123,11 +130,7 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
                 todo.append(spec)
         from tqdm import tqdm
 
-        for spec in tqdm(todo, desc=cfg.name, unit="run", disable=not progress):
-            if spec.suite not in zoos:  # built (or loaded from its cache) only when a run needs it
-                zoos[spec.suite] = build_zoo(spec.suite, backbone=spec.zoo["backbone"], quick=spec.zoo["quick"],
-                                             cache_dir=cfg.cache_dir, device=device, progress=progress)
-            row = _run_one(spec, zoos[spec.suite], score, device, cfg.batch_size, progress, common)
+        def record(spec: RunSpec, row: Row) -> None:  # the driver alone writes the store
             store.put(row)
             if on_run is not None:
                 on_run(row)
@@ -135,6 +138,23 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
             if row.status != "ok":
                 summary.failed += 1
                 summary.errors.append(f"{row.label} [{spec.subset}]: {row.error}")
+
+        def zoo_of(spec: RunSpec) -> Any:  # built (or loaded from its cache) only when a run needs it
+            if spec.suite not in zoos:
+                zoos[spec.suite] = build_zoo(spec.suite, backbone=spec.zoo["backbone"], quick=spec.zoo["quick"],
+                                             cache_dir=cfg.cache_dir, device=device, progress=progress)
+            return zoos[spec.suite]
+
+        if ray is not None:  # each run a Ray task; rows come back as they finish
+            from mergelab.experiment.remote import run_on_ray
+
+            jobs = [(spec, zoo_of(spec)) for spec in todo]
+            for spec, row in tqdm(run_on_ray(ray, jobs, evaluate, device, cfg.batch_size, common), total=len(todo),
+                                  desc=cfg.name, unit="run", disable=not progress):
+                record(spec, row)
+            return summary
+        for spec in tqdm(todo, desc=cfg.name, unit="run", disable=not progress):
+            record(spec, _run_one(spec, zoo_of(spec), score, device, cfg.batch_size, progress, common))
     return summary
 
 

@@ -88,6 +88,11 @@ def _section(name: str, rows: list[Row], assets: Path, root: Path) -> list[str]:
     for suite in dict.fromkeys(r.suite for r in rows):
         in_suite = [r for r in rows if r.suite == suite]
         lines += [f"### {suite}", ""]
+        if kind.startswith("search"):  # a `mergelab search` stored here: trials and the chosen candidate
+            from mergelab.search.report import search_lines
+
+            lines += search_lines(in_suite)
+            continue
         render = {"multitask": _multitask, "domain_generalization": _domain_generalization,
                   "continual": _continual, "similarity": _similarity}[kind]
         lines += render(in_suite, assets, root, _slug(name, suite))

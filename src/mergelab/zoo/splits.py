@@ -3,6 +3,8 @@
 ``h(text) = int(sha256("mergelab:" + text), 16)``; test = ``h % 5 == 0`` (about 20 %), train = the rest.
 Each split is sorted by ``h`` and its first N rows taken, so sub-samples are fixed too. A per-class cap
 applied before splitting uses a differently salted hash, else the capped classes crowd the first test rows.
+The validation rows (:func:`validation`, for tuning merges) are the training split's rows that follow the
+first N train rows: never trained on, never tested on, and train / test rows stay what they were.
 """
 
 from __future__ import annotations
@@ -46,3 +48,17 @@ def first_per_class(rows: Sequence[Example], classes: Iterable[str], n: int | No
             taken[label] += 1
             out.append((text, label))
     return out
+
+
+def validation(examples: Iterable[Example], n_train: int | None, n_val: int | None,
+               classes: Iterable[str] | None = None) -> list[Example]:
+    """The validation rows: the training split's rows after the first ``n_train`` (those the experts train
+    on), the first ``n_val`` of them in ``h`` order (None: all). With ``classes`` (per-class tasks),
+    ``n_train`` and ``n_val`` count per class, as :func:`first_per_class` does for train and test."""
+    keyed = sorted((text_hash(text), text, label) for text, label in examples)
+    pool = [(text, label) for h, text, label in keyed if h % 5 != 0]
+    if classes is None:
+        return [] if n_train is None else pool[n_train:][:n_val]
+    wanted = list(classes)
+    taken = set(first_per_class(pool, wanted, n_train)) if n_train is not None else set(pool)
+    return first_per_class([row for row in pool if row not in taken], wanted, n_val)

@@ -1,0 +1,136 @@
+"""Weight Weaving Table 1 on the MiniLM zoo: each base method at its lambda tuned on validation data
+(``mergelab search``, grid over the paper's lambda range for the setting) against the same method woven
+(data-free, average pooling: the rows already in results/weave.sqlite, weave_cl.sqlite, dg.sqlite), in the
+multi-task (mt8), continual (noun-ci-5-seq, merged at once as in weave_continual.yaml) and domain-generalisation
+(mt8 leave-one-out: tuned on the 7 source tasks' validation rows, scored on the held-out task's test rows)
+settings; and Figure 2's data: each task's best lambda per method (argmax of that task's validation accuracy
+over the grid).
+
+    python experiments/weave_tuned.py --dry-run        # list the searches and their trials; build nothing
+    python experiments/weave_tuned.py                  # resumable: every trial is stored in --db
+    python experiments/weave_tuned.py --settings multitask --methods task_arithmetic,ties
+
+Writes results/weave_tuned.json: per search the tuned lambda, its validation score, its test accuracy (DG: on
+the held-out task), the woven score of the earlier experiments, and each task's best lambda (Figure 2's data).
+Cost: 426 trials; a trial scores 8 x 500 validation texts (about 40-100 s on 2 CPU cores), so about 5-12 hours
+on this machine (``mergelab search --ray`` spreads the trials; see README "Ray").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SETTINGS: dict[str, dict[str, Any]] = {
+    "multitask": {"suite": "mt8", "preset": "multitask", "woven": ("weave.sqlite", "weave_multitask"),
+                  "methods": ["task_arithmetic", "dare", "ties", "breadcrumbs", "magmax", "pcb", "tsv", "iso_c"]},
+    "continual": {"suite": "noun-ci-5-seq", "preset": "continual", "woven": ("weave_cl.sqlite", "weave_continual"),
+                  "methods": ["task_arithmetic", "ties", "breadcrumbs", "magmax", "pcb", "tsv", "iso_c"]},
+    "domain_generalization": {"suite": "mt8", "preset": "domain_generalization",
+                              "woven": ("dg.sqlite", "domain_generalization"),
+                              "methods": ["task_arithmetic", "ties", "tsv"]},
+}
+
+
+def searches(settings: list[str], methods: list[str] | None) -> list[dict[str, Any]]:
+    """Every search to run: setting, method, suite, merged tasks, held-out task (DG), lambda grid."""
+    from mergelab.experiment.config import SuiteTasks
+    from mergelab.methods.weave import search_space
+
+    out = []
+    for setting in settings:
+        conf = SETTINGS[setting]
+        names = SuiteTasks()(conf["suite"], False)
+        for method in conf["methods"]:
+            if methods and method not in methods:
+                continue
+            lambdas = search_space(method, conf["preset"])
+            if setting == "domain_generalization":
+                for held in names:
+                    out.append({"setting": setting, "method": method, "suite": conf["suite"], "held_out": held,
+                                "tasks": [t for t in names if t != held], "lambdas": lambdas})
+            else:
+                out.append({"setting": setting, "method": method, "suite": conf["suite"], "held_out": None,
+                            "tasks": names, "lambdas": lambdas})
+    return out
+
+
+def woven_score(setting: str, method: str, held_out: str | None) -> float | None:
+    """The data-free weave (average pooling) row of the earlier experiments, if stored."""
+    from mergelab.experiment import Store
+
+    db_name, experiment = SETTINGS[setting]["woven"]
+    db = HERE / "results" / db_name
+    if not db.is_file():
+        return None
+    with Store(db, create=False) as store:
+        for row in store.rows(status="ok", experiment=experiment):
+            hp = row.config.get("hparams", {})
+            if row.method == "weave" and hp.get("inner") == method and hp.get("pooling") == "average" and (
+                    held_out is None or row.config.get("eval_tasks") == [held_out]):
+                return float((row.metrics or {})["average"])
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", help="comma-separated subset of the base methods")
+    parser.add_argument("--db", default=str(HERE / "results" / "weave_tuned.sqlite"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    settings = args.settings.split(",")
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting {unknown[0]!r}: {', '.join(SETTINGS)}")
+    plan = searches(settings, args.methods.split(",") if args.methods else None)
+    if args.dry_run:
+        from mergelab.search.space import Dim, check_space
+
+        for s in plan:  # every lambda resolves with the method (as the search checks before running)
+            check_space(s["method"], {}, {"scaling": Dim("scaling", choices=tuple(s["lambdas"]))}, len(s["tasks"]))
+            held = f" held out {s['held_out']}" if s["held_out"] else ""
+            print(f"{s['setting']:22} {s['method']:16} {s['suite']}{held}: {len(s['lambdas'])} trials "
+                  f"(lambda {s['lambdas'][0]}..{s['lambdas'][-1]})")
+        print(f"{len(plan)} searches, {sum(len(s['lambdas']) for s in plan)} trials; database {args.db}")
+        return
+    run(plan, Path(args.db), args.device)
+
+
+def run(plan: list[dict[str, Any]], db: Path, device: str) -> None:
+    from mergelab.eval import Evaluator
+    from mergelab.search import search
+    from mergelab.search.candidates import CandidateMerger
+
+    results = []
+    for s in plan:
+        name = f"{s['setting']}/{s['method']}" + (f"/{s['held_out']}" if s["held_out"] else "")
+        result = search(s["method"], s["suite"], space={"scaling": s["lambdas"]}, tasks=s["tasks"], db=db, name=name,
+                        job=db.parent / "weave_tuned_jobs" / f"{name.replace('/', '-')}.yaml", device=device,
+                        progress=True)
+        if result.best is None or result.test is None:
+            continue
+        entry = {"setting": s["setting"], "method": s["method"], "held_out": s["held_out"],
+                 "lambda": result.best.params["scaling"], "validation": result.best.score,
+                 "test": result.test["average"], "woven": woven_score(s["setting"], s["method"], s["held_out"]),
+                 "per_task_best_lambda": {t: max(result.trials, key=lambda tr: (tr.metrics or {}).get(
+                     "accuracy", {}).get(t, -1.0)).params["scaling"] for t in s["tasks"]}}
+        if s["held_out"]:  # the chosen lambda scored on the held-out task's test rows
+            from mergelab.zoo import build_zoo
+
+            zoo = build_zoo(s["suite"], device=device, progress=False)
+            merged = CandidateMerger(zoo.base, [zoo.experts[t] for t in s["tasks"]])(s["method"], result.best_params)
+            entry["test"] = Evaluator(zoo, tasks=[s["held_out"]], device=device, progress=False)(merged).average
+        results.append(entry)
+        print(json.dumps(entry))
+    out = db.parent / "weave_tuned.json"
+    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
