@@ -105,3 +105,28 @@ def test_interrupted_write_leaves_nothing(zoo: Any, tmp_path: Path, monkeypatch:
     with pytest.raises(KeyboardInterrupt):
         quick(zoo, "adamerging", out=tmp_path / "out", steps=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_adapt_and_rebuild(zoo: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mergelab.cli.main import main
+
+    root = zoo.path.parents[3]  # <root>/cache/zoo/<backbone>/<suite>
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(fixed_texts(zoo)))
+    assert main(["adapt", "--method", "nope", "--suite", "mt8", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot be adapted" in capsys.readouterr().err
+    assert main(["adapt", "--method", "adamerging", "--suite", "mt8", "--out", str(tmp_path / "x"),
+                 "--unlabelled", str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "x").exists()
+    assert main(["adapt", "--method", "adamerging", "--suite", str(root / "data" / "suite.yaml"), "--backbone",
+                 str(root / "bert"), "--cache-dir", str(root / "cache"), "--steps", "2", "--batch-size", "4",
+                 "--unlabelled", str(texts), "--eval-every", "-1", "--set", "granularity=task", "--device", "cpu",
+                 "--out", str(tmp_path / "x"), "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    models = [a for t in ("mood", "tone", "sky") for a in ("--model", str(zoo.experts[t]))]
+    assert main(["merge", "--method", "adamerging", "--base", str(zoo.base), *models, "--set",
+                 f"coefficients={tmp_path / 'x' / coef.FILE}", "--out", str(tmp_path / "y"), "--quiet"]) == 0
+    a, b = load_file(tmp_path / "x" / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

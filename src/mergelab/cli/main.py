@@ -14,7 +14,16 @@ from mergelab.errors import MergelabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mergelab.cli import continual_cmd, eval_cmd, experiment_cmd, merge_cmd, methods_cmd, report_cmd, zoo_cmd
+    from mergelab.cli import (
+        adapt_cmd,
+        continual_cmd,
+        eval_cmd,
+        experiment_cmd,
+        merge_cmd,
+        methods_cmd,
+        report_cmd,
+        zoo_cmd,
+    )
     from mergelab.cli._help import examples
 
     parser = argparse.ArgumentParser(prog="mergelab", description="Merge fine-tuned models without retraining.",
@@ -30,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     continual_cmd.add_parser(sub)
     zoo_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    adapt_cmd.add_parser(sub)
     experiment_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
     return parser

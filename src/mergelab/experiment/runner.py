@@ -127,7 +127,7 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
             if spec.suite not in zoos:  # built (or loaded from its cache) only when a run needs it
                 zoos[spec.suite] = build_zoo(spec.suite, backbone=spec.zoo["backbone"], quick=spec.zoo["quick"],
                                              cache_dir=cfg.cache_dir, device=device, progress=progress)
-            row = _run_one(spec, zoos[spec.suite], score, device, cfg.batch_size, progress, common)
+            row = _run_one(spec, zoos[spec.suite], score, device, cfg.batch_size, progress, common, cfg.raw.get("adapt"))
             store.put(row)
             if on_run is not None:
                 on_run(row)
@@ -139,7 +139,7 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
 
 
 def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, batch_size: int, progress: bool,
-             common: dict[str, Any]) -> Row:
+             common: dict[str, Any], adapt: dict[str, Any] | None = None) -> Row:
     """One run -> one row; an exception (not an interrupt) becomes a failed row with its message."""
     merge_s = eval_s = 0.0
     result: dict[str, Any] | None = None
@@ -157,11 +157,10 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
         elif spec.kind == "continual":
             result, merge_s, eval_s = _continual(spec, zoo, score, device, batch_size, progress)
         else:
-            import mergelab
+            from mergelab.adapt.experiment import merged_for_run
 
-            start = time.perf_counter()
-            merged = mergelab.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], device=device,
-                                    progress=False, **spec.params)
+            start = time.perf_counter()  # adamerging, adamerging_pp, cart_pp: adapted on the unlabelled inputs first
+            merged = merged_for_run(spec.method, spec.params, zoo, spec.tasks, device, adapt)
             merge_s = time.perf_counter() - start
             start = time.perf_counter()
             scored = score(merged, zoo, tasks=spec.eval_tasks, device=device, batch_size=batch_size,
