@@ -12,7 +12,7 @@ import torch
 import mergelab.methods as _builtin_methods  # noqa: F401  (registers the methods; imported before the
 from mergelab.errors import MergelabError  # function `methods` below, which must not be rebound to the subpackage)
 
-__all__ = ["ContinualMerger", "MergelabError", "__version__", "merge", "methods", "plan"]
+__all__ = ["ContinualMerger", "MergelabError", "__version__", "adapt", "merge", "methods", "plan"]
 
 
 def __getattr__(name: str) -> Any:
@@ -105,3 +105,15 @@ def methods() -> list[str]:
     from mergelab.methods.registry import all_methods
 
     return list(all_methods())
+
+
+def adapt(method: str, suite: Any, **options: Any) -> Any:
+    """Learn a merge's coefficients on unlabelled inputs (AdaMerging, AdaMerging++, CART++) and return an
+    :class:`~mergelab.adapt.run.AdaptResult`; see :func:`mergelab.adapt.run.adapt` for the options.
+
+    Example:
+        >>> result = mergelab.adapt("cart_pp", "mt8", out="merged/")   # + adapt_coefficients.json, adapt_trace.json
+    """
+    from mergelab.adapt.run import adapt as run_adapt
+
+    return run_adapt(method, suite, **options)

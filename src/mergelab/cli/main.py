@@ -15,6 +15,7 @@ from mergelab.errors import MergelabError
 
 def build_parser() -> argparse.ArgumentParser:
     from mergelab.cli import (
+        adapt_cmd,
         continual_cmd,
         eval_cmd,
         experiment_cmd,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     continual_cmd.add_parser(sub)
     zoo_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    adapt_cmd.add_parser(sub)
     experiment_cmd.add_parser(sub)
     report_cmd.add_parser(sub)
     search_cmd.add_parser(sub)

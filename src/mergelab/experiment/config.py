@@ -30,7 +30,7 @@ from typing import Any
 from mergelab.errors import MergelabError
 
 KINDS = ("multitask", "domain_generalization", "continual", "similarity")
-TOP_KEYS = {"name", "kind", "db", "suites", "zoo", "eval", "tasks", "methods", "orders"}
+TOP_KEYS = {"name", "kind", "db", "suites", "zoo", "eval", "tasks", "methods", "orders", "adapt"}  # adapt: mergelab.adapt.experiment
 METHOD_KEYS = {"method", "label", "params", "grid", "sweep"}
 
 

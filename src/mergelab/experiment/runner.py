@@ -149,17 +149,18 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
             from mergelab.experiment.remote import run_on_ray
 
             jobs = [(spec, zoo_of(spec)) for spec in todo]
-            for spec, row in tqdm(run_on_ray(ray, jobs, evaluate, device, cfg.batch_size, common), total=len(todo),
-                                  desc=cfg.name, unit="run", disable=not progress):
+            rows = run_on_ray(ray, jobs, evaluate, device, cfg.batch_size, common, cfg.raw.get("adapt"))
+            for spec, row in tqdm(rows, total=len(todo), desc=cfg.name, unit="run", disable=not progress):
                 record(spec, row)
             return summary
         for spec in tqdm(todo, desc=cfg.name, unit="run", disable=not progress):
-            record(spec, _run_one(spec, zoo_of(spec), score, device, cfg.batch_size, progress, common))
+            record(spec, _run_one(spec, zoo_of(spec), score, device, cfg.batch_size, progress, common,
+                                  cfg.raw.get("adapt")))
     return summary
 
 
 def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, batch_size: int, progress: bool,
-             common: dict[str, Any]) -> Row:
+             common: dict[str, Any], adapt: dict[str, Any] | None = None) -> Row:
     """One run -> one row; an exception (not an interrupt) becomes a failed row with its message."""
     merge_s = eval_s = 0.0
     result: dict[str, Any] | None = None
@@ -177,11 +178,10 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
         elif spec.kind == "continual":
             result, merge_s, eval_s = _continual(spec, zoo, score, device, batch_size, progress)
         else:
-            import mergelab
+            from mergelab.adapt.experiment import merged_for_run
 
-            start = time.perf_counter()
-            merged = mergelab.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], device=device,
-                                    progress=False, **spec.params)
+            start = time.perf_counter()  # adamerging, adamerging_pp, cart_pp: adapted on the unlabelled inputs first
+            merged = merged_for_run(spec.method, spec.params, zoo, spec.tasks, device, adapt)
             merge_s = time.perf_counter() - start
             start = time.perf_counter()
             scored = score(merged, zoo, tasks=spec.eval_tasks, device=device, batch_size=batch_size,

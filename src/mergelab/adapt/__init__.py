@@ -1,0 +1,26 @@
+"""Merging with unlabelled data: test-time adaptation of merging coefficients (AdaMerging, AdaMerging++, CART++).
+
+``mergelab.adapt(method, suite, ...)`` learns task-wise or layer-wise coefficients of a merge by minimising the
+entropy of each task's predictions on its unlabelled inputs, then writes an ordinary merged model folder with
+the learned coefficients (``adapt_coefficients.json``) and the entropy/accuracy trace (``adapt_trace.json``);
+``mergelab merge --method M --set coefficients=FOLDER/adapt_coefficients.json`` rebuilds the same model
+without data. Modules: :mod:`.components` (the merged tensor as an affine function of the coefficients),
+:mod:`.coefficients` (groups and the file), :mod:`.model` (the differentiable merged model), :mod:`.objective`
+(the entropy), :mod:`.data` (unlabelled inputs and heads), :mod:`.optimise` (the loop), :mod:`.run` (the API).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["METHODS", "AdaptResult", "adapt"]
+
+METHODS = ("adamerging", "adamerging_pp", "cart_pp")
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("adapt", "AdaptResult"):  # lazy: the merge methods import this package's light modules
+        from mergelab.adapt import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'mergelab.adapt' has no attribute {name!r}")

@@ -1,0 +1,144 @@
+"""The test-time adaptation loop (AdaMerging's, which CART++ adopts): Adam on the coefficients, entropy objective.
+
+Each step: merge the weights once from the (clamped) coefficients, run every task's sampled unlabelled batches
+through the backbone with its frozen head, sum the tasks' mean entropies (:mod:`.objective`), one backward pass
+to the coefficients, one Adam step. Defaults and where they come from:
+
+================== ======== ==================================================================================
+option             default  source
+================== ======== ==================================================================================
+``init``           0.3      official ``prior = 0.3`` (EnnengYang/AdaMerging ``src/main_*_adamerging*.py``);
+                            FusionBench ``init_values: 0.3`` (``config/method/adamerging/clip.yaml``)
+``lr``             1e-3     official ``torch.optim.Adam(..., lr=1e-3, betas=(0.9, 0.999), weight_decay=0.)``;
+                            FusionBench ``lr: 1e-3``
+``batch_size``     16       official ``get_dataset(..., batch_size=16)``; FusionBench ``batch_size: 16``
+``batches``        2        official: each step reads batches ``i = 0`` and ``i = 1`` of a freshly shuffled
+                            loader per task (``if i > 0: break`` after the second), summing their mean
+                            entropies; FusionBench reads one (``batches=1``)
+``steps``          500      official ``epochs = 500`` (one optimiser step each); FusionBench ``max_steps: 1000``
+``clamp``          True     official ``torch.clamp(lambdas_raw, 0, 1)`` in every forward (the raw values are
+                            optimised; the clamped ones merge); FusionBench ``clamp_weights: false``
+================== ======== ==================================================================================
+
+The base's own coefficient is fixed at 1 (official ``pretrain_lambdas = ones``); CART++ likewise keeps
+``theta_avg`` at 1. Sampling: each step draws, per task, ``batch_size * batches`` distinct inputs from a
+``torch.Generator`` seeded with ``seed`` (a fresh shuffle per step, as the official loaders), so a seed
+fixes the run on a given device and thread count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergelab.adapt.data import Inputs, TaskInputs
+from mergelab.adapt.model import Functional, MergedWeights
+from mergelab.adapt.objective import mean_entropy
+
+
+@dataclass(frozen=True)
+class Options:
+    steps: int = 500
+    lr: float = 1e-3
+    batch_size: int = 16
+    batches: int = 2
+    init: float = 0.3
+    clamp: bool = True
+    seed: int = 0
+    eval_every: int = 0  # accuracy every N steps (0: before and after only; -1: never)
+    max_len: int = 64
+    eval_batch_size: int = 64
+
+    def check(self) -> None:
+        from mergelab.errors import MergelabError
+
+        for key in ("steps", "batch_size", "batches", "eval_every", "max_len", "eval_batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MergelabError(f"{key} must be an integer, got {value!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.batches < 1 or self.max_len < 2 or self.eval_batch_size < 1:
+            raise MergelabError("steps >= 0, batch_size >= 1, batches >= 1, max_len >= 2 and eval_batch_size >= 1 are needed")
+        if self.eval_every < -1:
+            raise MergelabError("eval_every must be -1 (never), 0 (before and after) or a number of steps")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1e3):
+            raise MergelabError(f"lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class Outcome:
+    coefficients: torch.Tensor  # (groups, tasks), as merged (clamped)
+    trace: list[dict[str, Any]] = field(default_factory=list)  # {"step", "entropy"} and {"step", "accuracy", ...}
+    seconds: float = 0.0
+
+
+def logits(inputs: Inputs, task: TaskInputs, weights: dict[str, torch.Tensor], texts: list[str], max_len: int) -> torch.Tensor:
+    """The task's logits on ``texts`` with the merged ``weights``: scale * cos(embedding, frozen head)."""
+    from mergelab.zoo.encoder import LOGIT_SCALE, pooled, tokenize
+
+    emb = pooled(Functional(inputs.module, weights), tokenize(inputs.tokenizer, texts, inputs.device, max_len))
+    return LOGIT_SCALE * emb @ task.head.to(emb.device, emb.dtype).T
+
+
+def accuracy(inputs: Inputs, weights: dict[str, torch.Tensor], options: Options) -> dict[str, float]:
+    from mergelab.zoo.encoder import accuracy as top1
+    from mergelab.zoo.encoder import encode
+
+    model = Functional(inputs.module, {k: v.detach() for k, v in weights.items()})
+    out = {}
+    for task in inputs.tasks:
+        emb = encode(model, inputs.tokenizer, [t for t, _ in task.test], batch_size=options.eval_batch_size,
+                     device=inputs.device, max_len=options.max_len)
+        out[task.name] = top1(emb, task.head.float().cpu(), [c for _, c in task.test])
+    return out
+
+
+def optimise(merged: MergedWeights, inputs: Inputs, options: Options, *, progress: bool = False,
+             on_step: Callable[[int, float], None] | None = None) -> Outcome:
+    """Learn the coefficients; returns those the merged model uses and the trace."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    device = next(iter(merged.anchor.values())).device if merged.anchor else torch.device("cpu")
+    raw = torch.nn.Parameter(torch.full((len(merged.groups), merged.n_tasks), float(options.init), device=device))
+    optimizer = torch.optim.Adam([raw], lr=options.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(options.seed)
+    trace: list[dict[str, Any]] = []
+
+    def used() -> torch.Tensor:
+        return raw.clamp(0.0, 1.0) if options.clamp else raw * 1.0
+
+    def record_accuracy(step: int) -> None:
+        with torch.no_grad():
+            acc = accuracy(inputs, merged.weights(used()), options)
+        trace.append({"step": step, "accuracy": acc, "average": sum(acc.values()) / len(acc)})
+
+    if options.eval_every >= 0:
+        record_accuracy(0)
+    bar = tqdm(range(options.steps), desc="adapt", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        weights = merged.weights(used())
+        loss = torch.zeros((), device=device)
+        for task in inputs.tasks:
+            n = len(task.texts)
+            take = torch.randperm(n, generator=generator)[: options.batch_size * options.batches].tolist()
+            for b in range(0, len(take), options.batch_size):
+                texts = [task.texts[i] for i in take[b: b + options.batch_size]]
+                loss = loss + mean_entropy(logits(inputs, task, weights, texts, options.max_len))
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        value = float(loss.detach())
+        trace.append({"step": step, "entropy": value})
+        bar.set_postfix(entropy=f"{value:.4f}")
+        if on_step is not None:
+            on_step(step, value)
+        done = step + 1
+        if options.eval_every > 0 and done % options.eval_every == 0 and done != options.steps:
+            record_accuracy(done)
+    if options.eval_every >= 0 and options.steps > 0:
+        record_accuracy(options.steps)
+    return Outcome(used().detach().cpu(), trace, time.perf_counter() - start)
