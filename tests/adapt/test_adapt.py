@@ -130,3 +130,23 @@ def test_cli_adapt_and_rebuild(zoo: Any, tmp_path: Path, capsys: pytest.CaptureF
                  f"coefficients={tmp_path / 'x' / coef.FILE}", "--out", str(tmp_path / "y"), "--quiet"]) == 0
     a, b = load_file(tmp_path / "x" / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_whatever_a_kill_mid_merge_leaves_is_a_leftover_the_next_run_removes(
+        zoo: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a SIGKILL runs no clean-up: what is beside --out at that moment is what stays; each entry must be
+    # an owner-named folder of --out, which the next run's sweep removes once its owner is gone
+    from mergelab.io import leftovers, writer
+
+    out = tmp_path / "out"
+    seen: list[tuple[set[str], set[str]]] = []
+    real_write = writer.CheckpointWriter.write
+
+    def write(self: Any, name: str, tensor: torch.Tensor) -> None:
+        real_write(self, name, tensor)
+        if self._next == 2:
+            seen.append(({p.name for p in tmp_path.iterdir()}, {item.path.name for item in leftovers.leftovers(out)}))
+
+    monkeypatch.setattr(writer.CheckpointWriter, "write", write)
+    quick(zoo, "adamerging", out=out, steps=1)
+    assert seen and all(present and present == recognised for present, recognised in seen)
