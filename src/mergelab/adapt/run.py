@@ -144,11 +144,11 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
         # the merge writes inside the owner-tagged staging folder, so a run killed at any point leaves one
         # folder that the next run's sweep recognises as stale (a sibling target would get its own name)
         staged.mkdir(0o777)
-        inner = mergelab.merge(result.method, base, models, out=staged / "model", coefficients=result.payload(),
-                               progress=progress)
-        for entry in sorted(Path(inner).iterdir()):
+        inner = staged / "model"
+        mergelab.merge(result.method, base, models, out=inner, coefficients=result.payload(), progress=progress)
+        for entry in sorted(inner.iterdir()):
             os.replace(entry, staged / entry.name)
-        Path(inner).rmdir()
+        inner.rmdir()
         _write_json(staged / coef.FILE, result.payload() | {"options": _jsonable(result.options)})
         _write_json(staged / coef.TRACE, {"method": result.method, "tasks": result.tasks, "trace": result.trace,
                                           "seconds": round(result.seconds, 3)})

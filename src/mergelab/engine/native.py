@@ -24,17 +24,16 @@ the engine's chunk threads run them in parallel.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+
+from mergelab._compile import build_library
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 _FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
@@ -176,41 +175,8 @@ def _load() -> Kernels | None:
 
 def build(cache_dir: Path | None = None) -> Path:
     """Compile ``kernels.cpp`` into the cache (once per source, flags, compiler and CPU) and return the library's path."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise OSError("no C++ compiler found (set CXX)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_features()])).hexdigest()
-    root = cache_dir or Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "native"
-    target = root / f"kernels-{key[:16]}.so"
-    if target.exists():
-        _check_trusted(root)
-        _check_trusted(target)
-        return target
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_trusted(root)
-    with tempfile.TemporaryDirectory(dir=root) as scratch:  # built aside, renamed into place: never half-written
-        built = Path(scratch) / target.name
-        for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):  # some compilers lack -march=native
-            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                                    timeout=600)
-            if result.returncode == 0:
-                break
-        else:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["?"]
-            raise OSError(f"{compiler} failed on {SOURCE.name}: {errors[0].strip()}")
-        os.replace(built, target)
-    return target
-
-
-def _check_trusted(path: Path) -> None:
-    """Loading a library runs its code: refuse one (or a folder) that another user owns or may write."""
-    if not hasattr(os, "getuid"):
-        return  # no POSIX ownership to check
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise OSError(f"{path} is not owned by this user or is writable by others; not loading compiled code from it")
+    without_march = tuple(f for f in _FLAGS if f != "-march=native")  # some compilers lack -march=native
+    return build_library(SOURCE, "kernels", (_FLAGS, without_march), key_extra=_cpu_features(), cache_dir=cache_dir)
 
 
 def _cpu_features() -> bytes:

@@ -27,17 +27,16 @@ a later run removes it.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import mmap
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mergelab._compile import build_library
 
 SOURCE = Path(__file__).with_name("sigbus.cpp")
 _FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared")
@@ -128,27 +127,5 @@ def _load() -> ctypes.CDLL | None:
 
 def build(cache_dir: Path | None = None) -> Path:
     """Compile ``sigbus.cpp`` into the cache (once per source, flags and compiler) and return the library's path."""
-    from mergelab.engine.native import _check_trusted
+    return build_library(SOURCE, "sigbus", (_FLAGS,), link=("-lpthread",), cache_dir=cache_dir)
 
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise OSError("no C++ compiler found (set CXX)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(_FLAGS).encode(), version.encode()])).hexdigest()
-    root = cache_dir or Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab")) / "native"
-    target = root / f"sigbus-{key[:16]}.so"
-    if target.exists():
-        _check_trusted(root)
-        _check_trusted(target)
-        return target
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_trusted(root)
-    with tempfile.TemporaryDirectory(dir=root) as scratch:  # built aside, renamed into place: never half-written
-        built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(SOURCE), "-lpthread"], capture_output=True,
-                                text=True, timeout=600)
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines() or ["?"]
-            raise OSError(f"{compiler} failed on {SOURCE.name}: {errors[0].strip()}")
-        os.replace(built, target)
-    return target
