@@ -400,3 +400,24 @@ def test_continual_ties_majority_patch_is_checksummed_as_written(tmp_path, capsy
     assert "every tensor matches its checksum" in capsys.readouterr().out
     # -0.5 + 0.5 * (majority-sign merge of [-0.5, 0.5] = -0.5) = -0.75, against -0.5 + 0.5 * 0 unpatched
     assert load_file(str(generation(tmp_path / "state") / "model.safetensors"))["a"][0, 0].item() == -0.75
+
+
+# ---------------------------------------------------------------- OPCM's low_rank option
+
+
+def test_opcm_states_saved_before_low_rank_continue_with_the_official_rule(tmp_path):
+    state, models = make_state(tmp_path, method="opcm", added=1)
+    assert mergelab.ContinualMerger.load(state).hparams["low_rank"] == "auto"  # new states: the stable rule
+    reseal(state, lambda manifest: (manifest["hparams"].pop("low_rank"), manifest["hparams"].pop("rank_tol")))
+    merger = mergelab.ContinualMerger.load(state)  # as written by an earlier mergelab
+    assert merger.hparams["low_rank"] == "official"
+    merger.add(str(models[1]))
+    saved = json.loads((generation(state) / "manifest.json").read_text())
+    assert saved["hparams"]["low_rank"] == "official"
+
+
+def test_opcm_rank_tol_is_validated():
+    with pytest.raises(MergelabError, match="rank_tol"):
+        mergelab.ContinualMerger("opcm", base=tiny_state(0), rank_tol=1.5)
+    with pytest.raises(MergelabError, match="low_rank"):
+        mergelab.ContinualMerger("opcm", base=tiny_state(0), low_rank="sometimes")

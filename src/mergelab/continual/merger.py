@@ -46,18 +46,20 @@ from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
+from mergelab.methods._spectral import LOW_RANK, RANK_TOL
 from mergelab.methods.registry import TensorCtx, resolve_hparams
 from mergelab.methods.ties import TiesGlobalStats, ties
 from mergelab.methods.ties import _finalize as ties_finalize
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": []},
+    "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": [],
+             "low_rank": "auto", "rank_tol": RANK_TOL},
     "continual_ta": {"scaling": 0.3},
     "continual_ties": {"scaling": 0.5, "density": 0.2, "merge_func": "sum"},
     "swa": {},
 }
 CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "opcm": {"projection": ("official", "paper"), "non_matrix": ("official", "average")},
+    "opcm": {"projection": ("official", "paper"), "non_matrix": ("official", "average"), "low_rank": LOW_RANK},
     "continual_ties": {"merge_func": ("mean", "sum", "max")},
 }
 
@@ -67,13 +69,15 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
     if "density" in hp and not 0.0 <= hp["density"] <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {hp['density']}")
+    if "rank_tol" in hp and not 0.0 <= hp["rank_tol"] < 1.0:
+        raise ValueError(f"rank_tol must be in [0, 1), got {hp['rank_tol']}")
 
 
 class ContinualMerger:
     """Merge models sequentially: ``cm.add(model)`` one at a time, ``cm.merged()`` at any point.
 
     Args:
-        method: ``"opcm"`` (alpha, seed, projection, non_matrix, exclude), ``"continual_ta"``
+        method: ``"opcm"`` (alpha, seed, projection, non_matrix, exclude, low_rank, rank_tol), ``"continual_ta"``
             (scaling), ``"continual_ties"`` (scaling, density, merge_func) or ``"swa"``.
         base: the pre-trained model (any model-like input). To ``save`` a merger and continue
             it later, pass the base as a path, which the state records.
@@ -289,7 +293,10 @@ class ContinualMerger:
                             _check, manifest["hparams"], 1)
         except MergelabError as err:
             raise MergelabError(f"state manifest: {err.message}", file=generation.manifest_file) from None
-        merger = cls(manifest["method"], manifest["base"], device=device, **manifest["hparams"])
+        hparams = dict(manifest["hparams"])
+        if manifest["method"] == "opcm":
+            hparams.setdefault("low_rank", "official")  # saved before the option: continue as it began
+        merger = cls(manifest["method"], manifest["base"], device=device, **hparams)
         if manifest["base_fingerprint"] != _fingerprint(merger.base):
             raise MergelabError("the base model changed since this state was created", file=manifest["base"])
         merger.step = manifest["step"]
@@ -329,7 +336,8 @@ class ContinualMerger:
         if state is None:
             return tau
         if self._is_matrix(name):
-            return state + project_out(state, tau, hp["alpha"], hp["projection"])
+            rank_tol = hp["rank_tol"] if hp["low_rank"] == "auto" else 0.0
+            return state + project_out(state, tau, hp["alpha"], hp["projection"], rank_tol)
         if hp["non_matrix"] == "average":
             return rules.swa_update(state, tau, count)
         return state + tau

@@ -29,6 +29,15 @@ in leaf modules (e.g. CLIP's ``class_embedding``), every floating tensor is hand
 the contract, every 2-D floating tensor is a matrix (use ``exclude`` patterns to treat some as
 non-matrices, e.g. ``["*embed*"]`` to reproduce the official nn.Linear-only setting).
 
+Departure, ``low_rank="auto"`` (default; ``"official"`` keeps the official rule everywhere): the
+official diagonal runs over every singular pair of ``tau_merged``, including those of (numerically)
+zero singular values, whose vectors are an arbitrary basis of the null spaces. After a LoRA-derived
+(low-rank) model the merged vector is rank-deficient, and a 1e-7 change of it moved the next projection
+by 14-18 % of the new task vector's largest entry. ``"auto"`` leaves out the pairs with
+``s_i <= rank_tol * s_1`` (``rank_tol=1e-5``, as ``tsv``/``iso_c``); with none of those (full-rank merged
+vectors) the computation is the official one, bit for bit. ``projection="paper"`` never touches them.
+States saved before this option existed keep ``"official"``.
+
 Default ``alpha=0.5``: FusionBench ``config/method/opcm/opcm.yaml`` and the paper's experiments.
 """
 
@@ -50,8 +59,11 @@ def split_rank(singular_values: torch.Tensor, alpha: float, projection: str) -> 
     return int((ratio >= alpha).float().argmax()) + 1
 
 
-def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projection: str) -> torch.Tensor:
-    """``tau`` with its components in ``merged_tv``'s dominant singular subspace removed (2-D)."""
+def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projection: str,
+                rank_tol: float = 0.0) -> torch.Tensor:
+    """``tau`` with its components in ``merged_tv``'s dominant singular subspace removed (2-D).
+    ``rank_tol > 0`` (``low_rank="auto"``): the official diagonal leaves out the pairs whose singular
+    value is ``<= rank_tol * s_1`` (see the module docstring)."""
     if not bool(merged_tv.abs().amax() > 0):
         return tau  # nothing merged yet in this matrix: no subspace to avoid
     # exact, in the compute dtype (float32 by default), as the official code: the official
@@ -63,7 +75,12 @@ def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projec
     removed = u[:, :r] @ (u[:, :r].mT @ tau @ v[:, :r]) @ v[:, :r].mT
     if projection == "official":
         # diagonal entries P_ii = u_i^T tau v_i for i >= r (those below r are inside the block)
-        diag = (u[:, r:] * (tau @ v[:, r:])).sum(dim=0)  # (k - r,)
-        removed = removed + (u[:, r:] * diag) @ v[:, r:].mT
+        u_tail, v_tail = u[:, r:], v[:, r:]
+        if rank_tol > 0:
+            live = s[r:] > rank_tol * s[0]
+            if not bool(live.all()):  # null-space pairs: arbitrary vectors, left out
+                u_tail, v_tail = u_tail[:, live], v_tail[:, live]
+        diag = (u_tail * (tau @ v_tail)).sum(dim=0)  # (k - r,)
+        removed = removed + (u_tail * diag) @ v_tail.mT
     cleaned: torch.Tensor = tau - removed
     return cleaned
