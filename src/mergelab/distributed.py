@@ -10,11 +10,9 @@ file's sha256 against the driver's first (:func:`check_fingerprints`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -99,17 +97,9 @@ def fingerprint(path: str | Path) -> str:
         files = [path]
     if not files or not all(f.is_file() for f in files):
         raise MergelabError("no model weights here (the cache folder must be shared by every node)", file=str(path))
-    parts = [_file_sha256(str(f), f.stat().st_size, f.stat().st_mtime) for f in files]
-    return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+    from mergelab.zoo.backbones import files_sha256
 
-
-@lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return files_sha256(files)
 
 
 def fingerprints(paths: Sequence[Any]) -> dict[str, str]:

@@ -80,5 +80,10 @@ def weights_sha256(folder: Path) -> str:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         raise MergelabError("no weights (*.safetensors or *.bin) in the model folder", file=str(folder))
+    return files_sha256(files)
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 of one file, or of the files' sha256s joined (each cached by path, size and mtime)."""
     parts = [_file_sha256(str(f), f.stat().st_size, f.stat().st_mtime) for f in files]
     return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
