@@ -336,3 +336,27 @@ def test_a_merged_sentence_transformer_loads(tmp_path):
     embedding = merged_model.encode(["hello world"])
     assert embedding.shape == (1, 8)
     assert abs(float((embedding**2).sum()) - 1.0) < 1e-4  # the Normalize module is there
+
+
+def test_small_text_files_are_written_atomically_and_dead_runs_temporaries_removed(tmp_path, monkeypatch):
+    # reports, eval results, zoo manifests, cached rows and search jobs go through leftovers.write_text
+    target = tmp_path / "report.md"
+    pid, machine, boot = os.getpid(), leftovers_module._machine(), leftovers_module._boot()
+    start = leftovers_module._start_ticks(pid)
+    dead = tmp_path / f".report.md.mergelab-tmp-{machine}-{boot}-{pid}-{start + 1}-00"  # a killed run's
+    alive = leftovers_module.sibling(target, "tmp")  # this process's: a live writer's
+    other = tmp_path / f".other.md.mergelab-tmp-{machine}-{boot}-{pid}-{start + 1}-00"  # another target's
+    for path in (dead, alive, other):
+        path.write_text("partial")
+    leftovers_module.write_text(target, "done\n")
+    assert target.read_text() == "done\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.md", alive.name, other.name])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(leftovers_module.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        leftovers_module.write_text(target, "new\n")
+    assert target.read_text() == "done\n"  # the old file stays whole, no temporary is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.md", alive.name, other.name])

@@ -99,3 +99,19 @@ def test_failed_runs_are_listed_and_empty_database_refused(tmp_path: Path) -> No
     with pytest.raises(MergelabError, match="no runs stored"):
         write_report(tmp_path / "empty.sqlite", tmp_path / "e.md")
     assert not (tmp_path / "e.md").exists()
+
+
+def test_a_report_removes_what_a_killed_report_left_and_leaves_no_temporary(
+        report: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+
+    from mergelab.io import leftovers
+
+    db, _ = report
+    out = tmp_path / "again.md"
+    pid, start = os.getpid(), leftovers._start_ticks(os.getpid()) or 0
+    killed = tmp_path / f".again.md.mergelab-tmp-{leftovers._machine()}-{leftovers._boot()}-{pid}-{start + 1}-00"
+    killed.write_text("half a report")
+    write_report(db, out)
+    assert out.read_text().startswith("#") and not killed.exists()
+    assert not [p for p in tmp_path.iterdir() if ".mergelab-tmp-" in p.name]

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mergelab.io.leftovers import write_text
+
 
 def add_parser(sub: Any) -> None:
     from mergelab.cli._help import examples
@@ -45,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
                       quick=args.quick)
     payload = result.to_json() | {"model": args.model}
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2) if args.json else f"{args.model} on {result.suite}\n{result.table()}")
     return 0
 

@@ -11,7 +11,8 @@ the process id and the process start time (clock ticks since boot), so that a re
 reboot is told apart from the run that made the folder. :func:`sweep` touches only folders whose
 owner is provably gone: same machine and PID namespace, and either another boot or no live process
 with that PID and start time. Folders of other machines, of live runs, or without an owner in
-their name (older versions) are never touched.
+their name (older versions) are never touched. Small text files written with :func:`write_text` use
+the same names (``.NAME.mergelab-tmp-OWNER-RANDOM`` files) and the same rule.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def tag_of(path: Path) -> str:
     return path.name.split(".mergelab-", 1)[1].split("-", 1)[1]
 
 
-def leftovers(out: Path) -> list[Leftover]:
-    """Every owner-named folder beside ``out`` (any owner, dead or alive)."""
+def leftovers(out: Path, files: bool = False) -> list[Leftover]:
+    """Every owner-named folder beside ``out`` (any owner, dead or alive); with ``files``, the
+    owner-named temporary files of :func:`write_text` instead."""
     prefix = f".{out.name}.mergelab-"
     try:
         names = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
@@ -72,7 +74,7 @@ def leftovers(out: Path) -> list[Leftover]:
     found = []
     for path in names:
         match = _OWNER.match(path.name[len(prefix):])
-        if match and path.is_dir() and not path.is_symlink():
+        if match and (path.is_file() if files else path.is_dir()) and not path.is_symlink():
             found.append(Leftover(path, match["kind"], match["machine"], match["boot"], int(match["pid"]),
                                   int(match["start"])))
     return found
@@ -113,6 +115,25 @@ def sweep(out: Path) -> None:
     for item in leftovers(out):
         if item.path != back and is_stale(item):
             discard(item.path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small text file (a report, a result, a cache entry) atomically: into
+    ``.NAME.mergelab-tmp-OWNER-RANDOM`` beside it, renamed over ``path`` when complete. Such files
+    that killed runs left beside ``path`` (owner provably gone) are removed first."""
+    for item in leftovers(path, files=True):
+        if is_stale(item):
+            item.path.unlink(missing_ok=True)
+    tmp = sibling(path, "tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def discard(path: Path) -> None:

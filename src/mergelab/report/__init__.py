@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mergelab.errors import MergelabError
 from mergelab.experiment.store import Row, Store
+from mergelab.io.leftovers import write_text
 from mergelab.report import plots
 from mergelab.report.tables import md_table, mean_std, per_task, subset_size_means, sweeps
 
@@ -51,9 +52,7 @@ def write_report(db: str | Path, out: str | Path = "report.md", *, experiment: s
     if failed:
         lines += ["## Failed runs", "", md_table(["experiment", "run", "error"],
                                                    [[r.experiment, r.label, r.error] for r in failed]), ""]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, "\n".join(lines))
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 from mergelab.errors import MergelabError
 from mergelab.experiment.config import canonical_json
 from mergelab.experiment.store import Row, Store
+from mergelab.io.leftovers import write_text
 from mergelab.search.space import Dim, check_space, default_space, grid, parse_space
 from mergelab.search.strategy import STRATEGIES, propose
 
@@ -475,7 +475,5 @@ def write_job(path: Path, method: str, zoo: Any, tasks: list[str], parameters: d
     body = {"method": method, "base": where(zoo.base), "models": [where(zoo.experts[t]) for t in tasks],
             "parameters": parameters}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(body, sort_keys=False))
     return path

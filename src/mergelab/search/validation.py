@@ -9,11 +9,11 @@ validation rows when asked for ``split="validation"``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
+from mergelab.io.leftovers import write_text
 
 SPLITS = ("validation", "test")
 
@@ -55,9 +55,7 @@ def load_validation(spec: Any, cache_dir: str | Path | None = None) -> list[tupl
     index = {c: i for i, c in enumerate(scored)}
     out = [(text, index[label]) for text, label in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(out, ensure_ascii=False))
     return out
 
 

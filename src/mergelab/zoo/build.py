@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
+from mergelab.io.leftovers import write_text
 from mergelab.zoo.backbones import DEFAULT, backbone_folder, backbone_id, weights_sha256
 from mergelab.zoo.datasets import TaskData, cache_root, load_task
 from mergelab.zoo.encoder import TEMPLATE, accuracy, encode, load_encoder, text_head
@@ -110,9 +111,7 @@ def build_experts(suite: Suite, *, backbone: str = DEFAULT, recipe: Recipe | Non
     manifest = {"suite": suite.name, "backbone": backbone, "base": str(base), "sequential": suite.sequential,
                 "tasks": [asdict(t) for t in suite.tasks], "experts": entries, "recipe": recipe.to_json()}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "zoo.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(root / "zoo.json")
+    write_text(root / "zoo.json", json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergelab.errors import MergelabError
+from mergelab.io.leftovers import write_text
 from mergelab.zoo.splits import first_per_class, split
 from mergelab.zoo.suites import SOURCES, TaskSpec
 
@@ -54,9 +55,7 @@ def load_task(spec: TaskSpec, cache_dir: str | Path | None = None) -> TaskData:
     else:
         rows = _make_rows(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, json.dumps(rows, ensure_ascii=False))
     train = [(text, int(label)) for text, label in rows["train"]]
     test = [(text, int(label)) for text, label in rows["test"]]
     digest = hashlib.sha256(json.dumps([train, test], ensure_ascii=False).encode("utf-8")).hexdigest()
