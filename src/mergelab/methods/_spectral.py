@@ -279,7 +279,8 @@ def rank_report(method: str, notes: Mapping[str, Mapping[str, Any]], hparams: Ma
     done = ("low_rank='auto' left those directions out" if low_rank == "auto"
             else "low_rank='official' kept them, so the result there depends on rounding (use low_rank='auto')")
     line = (f"mergelab: {method}: {len(deficient)} of {len(noted)} matrices have numerically rank-deficient task "
-            f"vectors (singular values <= rank_tol={rank_tol:g} x the largest: LoRA-derived or duplicated models?); "
+            f"vectors (singular values <= rank_tol={rank_tol:g} x the largest: LoRA-derived or duplicated models, "
+            f"or rows the fine-tuning left (almost) untouched); "
             f"the official definition is ill-posed there and {done}. Worst: {worst}, "
             f"{deficient[worst]['noise']} of {deficient[worst]['of']} directions numerically zero")
     return line, json.dumps(record, separators=(",", ":"))
