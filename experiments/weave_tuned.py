@@ -9,6 +9,7 @@ over the grid).
     python experiments/weave_tuned.py --dry-run        # list the searches and their trials; build nothing
     python experiments/weave_tuned.py                  # resumable: every trial is stored in --db
     python experiments/weave_tuned.py --settings multitask --methods task_arithmetic,ties
+    python experiments/weave_tuned.py --plot           # Figure 2 from results/weave_tuned.json
 
 Writes results/weave_tuned.json: per search the tuned lambda, its validation score, its test accuracy (DG: on
 the held-out task), the woven score of the earlier experiments, and each task's best lambda (Figure 2's data).
@@ -82,7 +83,12 @@ def main() -> None:
     parser.add_argument("--db", default=str(HERE / "results" / "weave_tuned.sqlite"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="draw Figure 2 from the JSON of an earlier run, run nothing")
     args = parser.parse_args()
+    if args.plot:
+        json_path = Path(args.db).parent / "weave_tuned.json"
+        print(f"wrote {plot_best_lambdas(json_path, Path(args.db).parent / 'weave_tuned_files' / 'fig2_best_lambdas.png')}")
+        return
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -130,6 +136,28 @@ def run(plan: list[dict[str, Any]], db: Path, device: str) -> None:
     out = db.parent / "weave_tuned.json"
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+
+
+def plot_best_lambdas(json_path: Path, png: Path) -> Path:
+    """Figure 2: per setting and method, the histogram of the tasks' best lambdas (argmax of each task's
+    validation accuracy over the grid), the tuned lambda marked."""
+    from mergelab.report.plots import _figure
+
+    entries = json.loads(json_path.read_text(encoding="utf-8"))
+    fig = _figure(2.4 * min(4, len(entries)), 2.2 * ((len(entries) + 3) // 4))
+    for index, entry in enumerate(entries):
+        ax = fig.add_subplot((len(entries) + 3) // 4, min(4, len(entries)), index + 1)
+        best = list(entry["per_task_best_lambda"].values())
+        ax.hist(best, bins=[x / 10 - 0.05 for x in range(0, 27)], color="tab:blue")
+        ax.axvline(entry["lambda"], color="tab:red", linestyle="--", linewidth=1)
+        held = f" ({entry['held_out']})" if entry.get("held_out") else ""
+        ax.set_title(f"{entry['setting']}: {entry['method']}{held}", fontsize="small")
+        ax.set_xlim(0.0, 2.6)
+        ax.set_xlabel("best lambda per task", fontsize="small")
+    fig.suptitle("Each task's best lambda on validation data (dashed: the tuned lambda)", fontsize="medium")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    return png
 
 
 if __name__ == "__main__":
