@@ -133,13 +133,13 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
     """The merged folder + coefficients + trace, assembled beside ``out`` and renamed into place when complete."""
     import mergelab
     from mergelab.io import leftovers
-    from mergelab.io.writer import _deliver, _signals_held, _sync_dir
+    from mergelab.io.writer import place
 
     if out.suffix == ".safetensors":
         raise MergelabError("adapt writes a folder (model, coefficients, trace); give a folder name", file=str(out))
     leftovers.sweep(out)
     tag = leftovers.new_tag()
-    staged, new = leftovers.sibling(out, "tmp", tag), leftovers.sibling(out, "new", tag)
+    staged = leftovers.sibling(out, "tmp", tag)
     try:
         # the merge writes inside the owner-tagged staging folder, so a run killed at any point leaves one
         # folder that the next run's sweep recognises as stale (a sibling target would get its own name)
@@ -152,29 +152,12 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
         _write_json(staged / coef.FILE, result.payload() | {"options": _jsonable(result.options)})
         _write_json(staged / coef.TRACE, {"method": result.method, "tasks": result.tasks, "trace": result.trace,
                                           "seconds": round(result.seconds, 3)})
-        if out.exists() and not overwrite:
-            raise MergelabError("output exists (use overwrite)", file=str(out))
-        held: list[int] = []
-        placed = False
-        try:
-            with _signals_held(held):
-                os.replace(staged, new)
-                old = leftovers.sibling(out, "old", tag) if os.path.lexists(out) else None
-                if old is not None:
-                    os.replace(out, old)
-                os.replace(new, out)
-                _sync_dir(out.parent)
-                placed = True
-                if old is not None:
-                    leftovers.discard(old)
-        finally:
-            _deliver(held, out if placed else None)
+        place(staged, out, tag, overwrite=overwrite)
     except OSError as err:
         raise MergelabError(f"cannot write the output ({err.strerror or err})", file=str(out)) from None
     finally:
-        for path in (staged, new):
-            if path.exists():
-                leftovers.discard(path)
+        if staged.exists():
+            leftovers.discard(staged)
     return out
 
 

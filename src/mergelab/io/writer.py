@@ -257,45 +257,8 @@ class CheckpointWriter:
                         (self.tmp / CARD).write_text(card)
         with _io_errors(self.out):
             _sync_tree(self.tmp, {s.filename for s in self.shards})
-        placed, held = False, list[int]()
-        try:
-            with _signals_held(held):
-                self._move_into_place()
-                placed = True
-        finally:
-            _deliver(held, self.out if placed else None)
+        place(self.tmp, self.out, self.tag, overwrite=self.overwrite, single=self.single)
         return self.out
-
-    def _move_into_place(self) -> None:
-        if self.out.exists() and not self.overwrite:
-            raise MergelabError("output appeared while merging (another run?); nothing was replaced", file=str(self.out))
-        if self.single:  # a file is renamed over the old one atomically
-            with _io_errors(self.out):
-                os.replace(self.tmp / self.out.name, self.out)
-            _remove(self.tmp)
-            return
-        new = leftovers.sibling(self.out, "new", self.tag)
-        with _io_errors(self.out):
-            os.replace(self.tmp, new)  # marks it complete: from here on a later run may move it into place
-        self.tmp = new
-        old = None
-        if os.path.lexists(self.out):  # a folder cannot be renamed over: the old one is moved aside first
-            old = leftovers.sibling(self.out, "old", self.tag)
-            with _io_errors(self.out):
-                os.replace(self.out, old)
-        try:
-            os.replace(new, self.out)
-        except OSError as err:
-            if old is not None:
-                try:
-                    os.replace(old, self.out)  # put the previous output back
-                except OSError:
-                    raise MergelabError(f"cannot move the output into place ({err.strerror or err}); the previous "
-                                        f"output is at {old.name}, and the next run puts it back", file=str(self.out)) from None
-            raise MergelabError(f"cannot move the output into place ({err.strerror or err})", file=str(self.out)) from None
-        _sync_dir(self.out.parent)
-        if old is not None:
-            leftovers.discard(old)
 
     def abort(self) -> None:
         self._close_handle_quietly()
@@ -503,6 +466,58 @@ def _io_errors(shown: Path) -> Iterator[None]:
         yield
     except OSError as err:
         raise MergelabError(f"cannot write the output ({err.strerror or err})", file=str(shown)) from None
+
+
+def place(staged: Path, out: Path, tag: str, *, overwrite: bool, single: bool = False) -> None:
+    """Move the complete, synced output ``staged`` to ``out``, SIGINT/SIGTERM held until the renames are
+    done. A ``single`` file (``staged/out.name``) replaces an old one with one atomic rename. A folder is
+    renamed ``.NAME.mergelab-new-TAG`` (complete) before anything is replaced, the old ``out`` moved aside
+    as ``.NAME.mergelab-old-TAG``, the new one renamed into place and the old one removed: a kill at any
+    point leaves the old or the new output at ``out``, or both beside it for the next run's
+    :func:`mergelab.io.leftovers.sweep`. On an error the new folder is removed and the previous output put
+    back (or named, for the next run to put back). Raises MergelabError."""
+    placed, held = False, list[int]()
+    try:
+        with _signals_held(held):
+            if out.exists() and not overwrite:
+                raise MergelabError("output appeared while merging (another run?); nothing was replaced", file=str(out))
+            if single:
+                with _io_errors(out):
+                    os.replace(staged / out.name, out)
+                _remove(staged)
+            else:
+                _replace_folder(staged, out, tag)
+            placed = True
+    finally:
+        _deliver(held, out if placed else None)
+
+
+def _replace_folder(staged: Path, out: Path, tag: str) -> None:
+    new = leftovers.sibling(out, "new", tag)
+    with _io_errors(out):
+        os.replace(staged, new)  # marks it complete: from here on a later run may move it into place
+    try:
+        old = None
+        if os.path.lexists(out):  # a folder cannot be renamed over: the old one is moved aside first
+            old = leftovers.sibling(out, "old", tag)
+            with _io_errors(out):
+                os.replace(out, old)
+        try:
+            os.replace(new, out)
+        except OSError as err:
+            if old is not None:
+                try:
+                    os.replace(old, out)  # put the previous output back
+                except OSError:
+                    raise MergelabError(f"cannot move the output into place ({err.strerror or err}); the previous "
+                                        f"output is at {old.name}, and the next run puts it back", file=str(out)) from None
+            raise MergelabError(f"cannot move the output into place ({err.strerror or err})", file=str(out)) from None
+    except BaseException:
+        leftovers.discard(new)
+        raise
+    _sync_dir(out.parent)
+    if old is not None:
+        leftovers.discard(old)
 
 
 @contextmanager
