@@ -46,7 +46,7 @@ from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
-from mergelab.methods._spectral import LOW_RANK, RANK_TOL
+from mergelab.methods._spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
 from mergelab.methods.registry import TensorCtx, resolve_hparams
 from mergelab.methods.ties import TiesGlobalStats, ties
 from mergelab.methods.ties import _finalize as ties_finalize
@@ -69,8 +69,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
     if "density" in hp and not 0.0 <= hp["density"] <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {hp['density']}")
-    if "rank_tol" in hp and not 0.0 <= hp["rank_tol"] < 1.0:
-        raise ValueError(f"rank_tol must be in [0, 1), got {hp['rank_tol']}")
+    check_rank_tol(hp)
 
 
 class ContinualMerger:
@@ -336,7 +335,7 @@ class ContinualMerger:
         if state is None:
             return tau
         if self._is_matrix(name):
-            rank_tol = hp["rank_tol"] if hp["low_rank"] == "auto" else 0.0
+            rank_tol = dropped_below(hp["low_rank"], hp["rank_tol"])
             return state + project_out(state, tau, hp["alpha"], hp["projection"], rank_tol)
         if hp["non_matrix"] == "average":
             return rules.swa_update(state, tau, count)

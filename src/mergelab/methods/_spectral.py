@@ -237,6 +237,11 @@ def check_hparams(hp: dict[str, object]) -> None:
     if not isinstance(exclude, (list, tuple)):
         raise ValueError(f"exclude must be a list of name patterns, got {exclude!r}")
     check_patterns(exclude)
+    check_rank_tol(hp)
+
+
+def check_rank_tol(hp: dict[str, Any]) -> None:
+    """``rank_tol`` (if given) is a number in [0, 1): tsv, iso_c, iso_cts and opcm."""
     rank_tol = hp.get("rank_tol", 0.0)
     if not isinstance(rank_tol, (int, float)) or isinstance(rank_tol, bool) or not 0.0 <= rank_tol < 1.0:
         raise ValueError(f"rank_tol must be in [0, 1), got {rank_tol!r}")
