@@ -363,14 +363,14 @@ def test_add_shows_progress_on_a_terminal_and_quiet_silences_it(tmp_path, capsys
 def test_a_failed_commit_leaves_the_state_and_the_merger_as_they_were(tmp_path, capsys, monkeypatch):
     state, models = make_state(tmp_path)
     before = snapshot(state)
-    real = mergelab.continual.state._atomic_write
+    real = mergelab.continual.state.write_text
 
     def disk_full_at_current(path, text):
         if path.name == "CURRENT":
             raise OSError(28, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(mergelab.continual.state, "_atomic_write", disk_full_at_current)
+    monkeypatch.setattr(mergelab.continual.state, "write_text", disk_full_at_current)
     refused(["continual", "add", str(state), str(models[2])], capsys, str(state), "cannot write the state: No space")
     assert snapshot(state) == before  # the new generation is gone too
     merger = mergelab.ContinualMerger.load(state)

@@ -43,6 +43,7 @@ import torch
 
 from mergelab.engine.stream import all_finite
 from mergelab.errors import MergelabError
+from mergelab.io.leftovers import write_text
 from mergelab.io.safetensors_header import DTYPE_NAMES, DTYPES, TensorSpec, read_header
 from mergelab.io.sources import SafetensorsSource, TensorSource, open_source
 
@@ -273,8 +274,8 @@ def commit_generation(state_dir: Path, generation: Path, manifest: dict[str, Any
     manifest's checksum)."""
     text = json.dumps(dict(manifest, format=FORMAT), indent=2, sort_keys=True) + "\n"
     try:
-        _atomic_write(generation / MANIFEST, text)
-        _atomic_write(state_dir / CURRENT, f"{generation.name} sha256:{hashlib.sha256(text.encode()).hexdigest()}\n")
+        write_text(generation / MANIFEST, text)
+        write_text(state_dir / CURRENT, f"{generation.name} sha256:{hashlib.sha256(text.encode()).hexdigest()}\n")
     except OSError as err:  # CURRENT still names the previous generation
         raise MergelabError(f"cannot write the state: {err.strerror}", file=str(state_dir)) from None
     for stale in state_dir.iterdir():
@@ -307,17 +308,3 @@ def locked(state_dir: Path) -> Iterator[None]:
             yield
         finally:
             handle.truncate(0)  # still ours: the kernel releases the lock when the file closes
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.mergelab-tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -134,6 +134,21 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_dir(path.parent)
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a folder, so that renames and new entries in it are on disk (where the platform allows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on a directory: nothing more to do
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def discard(path: Path) -> None:

@@ -515,7 +515,7 @@ def _replace_folder(staged: Path, out: Path, tag: str) -> None:
     except BaseException:
         leftovers.discard(new)
         raise
-    _sync_dir(out.parent)
+    leftovers.sync_dir(out.parent)
     if old is not None:
         leftovers.discard(old)
 
@@ -559,21 +559,8 @@ def _sync_tree(folder: Path, synced: set[str]) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
-            _sync_dir(path)
-    _sync_dir(folder)
-
-
-def _sync_dir(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory descriptors
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some file systems refuse fsync on a directory: nothing more to do
-        pass
-    finally:
-        os.close(descriptor)
+            leftovers.sync_dir(path)
+    leftovers.sync_dir(folder)
 
 
 def _remove(path: Path) -> None:
