@@ -162,10 +162,9 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=1) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    from mergelab.io.leftovers import write_text
+
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
