@@ -1,4 +1,4 @@
-"""Continual-merging metrics (pure functions over an accuracy matrix).
+"""Accuracy metrics of a merged model, and continual-merging metrics (pure functions over an accuracy matrix).
 
 ``matrix[j][i]`` is the accuracy on task ``i`` (in merge order) of the model merged after step ``j``
 (``j >= i``; entries above the diagonal, tasks not merged yet, are ``None``). Following the OPCM paper
@@ -15,7 +15,8 @@ which Lin et al. use.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def acc(matrix: Sequence[Sequence[float | None]]) -> float:
@@ -49,4 +50,15 @@ def step_averages(matrix: Sequence[Sequence[float | None]]) -> list[float]:
     for j, row in enumerate(matrix):
         seen = [float(a) for a in row[: j + 1] if a is not None]
         out.append(sum(seen) / len(seen))
+    return out
+
+
+def accuracy_metrics(accuracy: Mapping[str, float], tasks: list[str], reference: Mapping[str, float]) -> dict[str, Any]:
+    """Per-task accuracy and its mean; with every task's ``reference`` (its expert's accuracy on the same
+    split), normalised accuracy (accuracy / reference) too."""
+    acc = {t: float(accuracy[t]) for t in tasks}
+    out: dict[str, Any] = {"accuracy": acc, "average": sum(acc.values()) / len(acc)}
+    if all(reference.get(t) for t in tasks):
+        out["normalized"] = {t: a / reference[t] for t, a in acc.items()}
+        out["normalized_average"] = sum(out["normalized"].values()) / len(tasks)
     return out

@@ -187,7 +187,7 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
             scored = score(merged, zoo, tasks=spec.eval_tasks, device=device, batch_size=batch_size,
                            progress=progress)
             eval_s = time.perf_counter() - start
-            result = _accuracy_metrics(dict(scored.accuracy), spec.eval_tasks, zoo)
+            result = metrics.accuracy_metrics(dict(scored.accuracy), spec.eval_tasks, _experts(zoo))
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded, not raised: the other runs go on
@@ -198,16 +198,9 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **common)
 
 
-def _accuracy_metrics(accuracy: dict[str, float], tasks: list[str], zoo: Any) -> dict[str, Any]:
-    """Per-task accuracy, the average, and normalised accuracy (accuracy / that task's expert)."""
-    acc = {t: float(accuracy[t]) for t in tasks}
-    experts = getattr(zoo, "expert_accuracy", {}) or {}
-    normalized = {t: a / experts[t] for t, a in acc.items() if experts.get(t)}
-    out: dict[str, Any] = {"accuracy": acc, "average": sum(acc.values()) / len(acc)}
-    if len(normalized) == len(acc):
-        out["normalized"] = normalized
-        out["normalized_average"] = sum(normalized.values()) / len(normalized)
-    return out
+def _experts(zoo: Any) -> dict[str, float]:
+    """The zoo's expert accuracy per task (the reference of normalised accuracy), if it has them."""
+    return getattr(zoo, "expert_accuracy", {}) or {}
 
 
 def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, batch_size: int,
@@ -228,7 +221,8 @@ def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, 
         scored = score(merged, zoo, tasks=order[: j + 1], device=device, batch_size=batch_size, progress=progress)
         eval_s += time.perf_counter() - start
         matrix.append([float(scored.accuracy[t]) for t in order[: j + 1]] + [None] * (len(order) - j - 1))
-    final = _accuracy_metrics({t: a for t, a in zip(order, matrix[-1], strict=True) if a is not None}, order, zoo)
+    last = {t: a for t, a in zip(order, matrix[-1], strict=True) if a is not None}
+    final = metrics.accuracy_metrics(last, order, _experts(zoo))
     result = {"order": order, "matrix": matrix, "acc": metrics.acc(matrix), "bwt": metrics.bwt(matrix),
               "step_average": metrics.step_averages(matrix), **final}
     return result, merge_s, eval_s

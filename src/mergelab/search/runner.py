@@ -22,6 +22,7 @@ from typing import Any
 
 from mergelab.errors import MergelabError
 from mergelab.experiment.config import canonical_json
+from mergelab.experiment.metrics import accuracy_metrics
 from mergelab.experiment.store import Row, Store
 from mergelab.io.leftovers import write_text
 from mergelab.search.space import Dim, check_space, default_space, grid, parse_space
@@ -99,17 +100,6 @@ class SearchResult:
 
 def objective_of(metrics: Mapping[str, Any], objective: str) -> float:
     return float(metrics["average"] if objective == "mean" else metrics["normalized_average"])
-
-
-def accuracy_metrics(accuracy: Mapping[str, float], tasks: list[str], reference: Mapping[str, float]) -> dict[str, Any]:
-    """Per-task accuracy and its mean; with every task's ``reference`` (an expert's accuracy on the same
-    split), normalised accuracy too."""
-    acc = {t: float(accuracy[t]) for t in tasks}
-    out: dict[str, Any] = {"accuracy": acc, "average": sum(acc.values()) / len(acc)}
-    if all(reference.get(t) for t in tasks):
-        out["normalized"] = {t: a / reference[t] for t, a in acc.items()}
-        out["normalized_average"] = sum(out["normalized"].values()) / len(tasks)
-    return out
 
 
 # --- one trial: pure in its inputs, so that it runs here or on a Ray worker ------------------------------
