@@ -33,8 +33,8 @@ def fixed_texts(zoo: Any) -> dict[str, list[str]]:
 
 
 def quick(zoo: Any, method: str, **kw: Any) -> Any:
-    args: dict[str, Any] = {"steps": 6, "lr": 0.05, "batch_size": 4, "unlabelled": fixed_texts(zoo), "eval_every": -1,
-                            "cache_dir": zoo.path.parents[2]}
+    args: dict[str, Any] = {"steps": 6, "lr": 0.05, "batch_size": 4, "batches": 2, "unlabelled": fixed_texts(zoo),
+                            "eval_every": -1, "cache_dir": zoo.path.parents[2]}
     return adapt(method, zoo, **(args | kw))
 
 
@@ -47,6 +47,46 @@ def test_entropy_decreases_and_coefficients_leave_init(zoo: Any, method: str) ->
     assert any(abs(c - 0.3) > 1e-3 for c in values) and all(0.0 <= c <= 1.0 for c in values)  # clamped
     assert set(result.coefficients) == {"embeddings", "encoder.layer.0", "encoder.layer.1", "other"}
     assert result.merged is not None and result.out is None
+
+
+def test_length_sorted_forwards_give_the_per_batch_objective(zoo: Any) -> None:
+    """The fast objective (every sampled text of every task in length-sorted chunks) equals the plain loop of
+    the official code (each task's batches run and averaged one by one), value and gradient."""
+    from mergelab.adapt.data import load_inputs
+    from mergelab.adapt.model import build as build_weights
+    from mergelab.adapt.objective import mean_entropy
+    from mergelab.adapt.optimise import Options, logits, step_loss, token_lengths
+    from mergelab.adapt.run import _opened, _opened_all
+    from mergelab.methods.registry import get_method
+
+    texts = {t.name: [("very " * (i % 7)) + f"good day {i}" for i in range(11)] for t in zoo.tasks}
+    inputs = load_inputs(zoo, tasks=None, unlabelled=texts, device="cpu", backbone="all-minilm-l6-v2",
+                         cache_dir=zoo.path.parents[2], quick=False, progress=False)
+    names = [t.name for t in inputs.tasks]
+    hp = get_method("adamerging").resolve({"granularity": "block"}, len(names))
+    with _opened(zoo.base) as base, _opened_all([zoo.experts[t] for t in names]) as states:
+        merged = build_weights("adamerging", hp, base, states)
+    options = Options(batch_size=4, batches=3)  # 12 > 11 texts: the last batch is short, as in the official loop
+    generator = torch.Generator().manual_seed(3)
+    samples = [torch.randperm(11, generator=generator)[:12].tolist() for _ in inputs.tasks]
+    lengths = [token_lengths(inputs, task.texts, options.max_len) for task in inputs.tasks]
+    grads = []
+    for fast in (True, False):
+        coefficients = torch.full((len(merged.groups), len(names)), 0.4, requires_grad=True)
+        weights = merged.weights(coefficients)
+        if fast:
+            loss = step_loss(inputs, weights, samples, lengths, options)
+        else:
+            loss = torch.zeros(())
+            for task, take in zip(inputs.tasks, samples, strict=True):
+                for b in range(0, len(take), options.batch_size):
+                    batch = [task.texts[i] for i in take[b: b + options.batch_size]]
+                    loss = loss + mean_entropy(logits(inputs, task, weights, batch, options.max_len))
+        loss.backward()
+        grads.append((float(loss.detach()), coefficients.grad))
+    (fast_loss, fast_grad), (plain_loss, plain_grad) = grads
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert torch.allclose(fast_grad, plain_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_task_wise_has_one_coefficient_per_task(zoo: Any) -> None:

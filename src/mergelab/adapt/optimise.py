@@ -12,9 +12,12 @@ option             default  source
 ``lr``             1e-3     official ``torch.optim.Adam(..., lr=1e-3, betas=(0.9, 0.999), weight_decay=0.)``;
                             FusionBench ``lr: 1e-3``
 ``batch_size``     16       official ``get_dataset(..., batch_size=16)``; FusionBench ``batch_size: 16``
-``batches``        2        official: each step reads batches ``i = 0`` and ``i = 1`` of a freshly shuffled
-                            loader per task (``if i > 0: break`` after the second), summing their mean
-                            entropies; FusionBench reads one (``batches=1``)
+``batches``        1        FusionBench (one batch per task per step). The official code reads two, batches
+                            ``i = 0`` and ``i = 1`` of a freshly shuffled loader per task (``if i > 0: break``
+                            after the second), summing their mean entropies: ``batches=2``. One is the default
+                            because a step's cost is its forwards: on a 2-core CPU, MT8 MiniLM takes ~1.6 s
+                            per step with one batch and ~3.1 s with two (``benchmarks/bench_adapt.py``), i.e.
+                            ~13 against ~26 minutes for the 500 steps
 ``steps``          500      official ``epochs = 500`` (one optimiser step each); FusionBench ``max_steps: 1000``
 ``clamp``          True     official ``torch.clamp(lambdas_raw, 0, 1)`` in every forward (the raw values are
                             optimised; the clamped ones merge); FusionBench ``clamp_weights: false``
@@ -37,7 +40,7 @@ import torch
 
 from mergelab.adapt.data import Inputs, TaskInputs
 from mergelab.adapt.model import Functional, MergedWeights
-from mergelab.adapt.objective import mean_entropy
+from mergelab.adapt.objective import entropy
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Options:
     steps: int = 500
     lr: float = 1e-3
     batch_size: int = 16
-    batches: int = 2
+    batches: int = 1
     init: float = 0.3
     clamp: bool = True
     seed: int = 0
@@ -83,6 +86,43 @@ def logits(inputs: Inputs, task: TaskInputs, weights: dict[str, torch.Tensor], t
     return LOGIT_SCALE * emb @ task.head.to(emb.device, emb.dtype).T
 
 
+def token_lengths(inputs: Inputs, texts: list[str], max_len: int) -> list[int]:
+    """Each text's token count (truncated at ``max_len``), to group the forwards by length."""
+    ids = inputs.tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    return [len(row) for row in ids]
+
+
+def step_loss(inputs: Inputs, weights: dict[str, torch.Tensor], samples: list[list[int]], lengths: list[list[int]],
+              options: Options) -> torch.Tensor:
+    """``sum_tasks sum_batches mean_{x in batch} H(x)`` for each task's sampled text indices ``samples[t]``,
+    batches of ``batch_size`` in the sampled order (as the official loop).
+
+    The value depends only on which texts form each batch, not on how they are run through the backbone, so
+    the forwards take every sampled text of every task sorted by length, in chunks of ``batch_size``: little
+    padding (MT8 texts average ~20 tokens, a random batch pads to ~45) and the same objective, to float
+    rounding; padded positions are masked out of attention and pooling."""
+    from mergelab.zoo.encoder import LOGIT_SCALE, pooled, tokenize
+
+    flat = [(t, i) for t, take in enumerate(samples) for i in take]
+    order = sorted(range(len(flat)), key=lambda k: lengths[flat[k][0]][flat[k][1]])
+    model = Functional(inputs.module, weights)
+    pieces = []
+    for start in range(0, len(order), options.batch_size):
+        chunk = order[start: start + options.batch_size]
+        texts = [inputs.tasks[flat[k][0]].texts[flat[k][1]] for k in chunk]
+        pieces.append(pooled(model, tokenize(inputs.tokenizer, texts, inputs.device, options.max_len)))
+    emb = torch.empty(len(flat), pieces[0].shape[1], dtype=pieces[0].dtype, device=pieces[0].device)
+    emb = emb.index_copy(0, torch.tensor(order, device=emb.device), torch.cat(pieces))
+    loss = torch.zeros((), device=emb.device)
+    offset = 0
+    for task, take in zip(inputs.tasks, samples, strict=True):
+        scores = entropy(LOGIT_SCALE * emb[offset: offset + len(take)] @ task.head.to(emb.device, emb.dtype).T)
+        for b in range(0, len(take), options.batch_size):
+            loss = loss + scores[b: b + options.batch_size].mean()
+        offset += len(take)
+    return loss
+
+
 def accuracy(inputs: Inputs, weights: dict[str, torch.Tensor], options: Options) -> dict[str, float]:
     from mergelab.zoo.encoder import accuracy as top1
     from mergelab.zoo.encoder import encode
@@ -118,16 +158,13 @@ def optimise(merged: MergedWeights, inputs: Inputs, options: Options, *, progres
 
     if options.eval_every >= 0:
         record_accuracy(0)
+    lengths = [token_lengths(inputs, task.texts, options.max_len) for task in inputs.tasks]
     bar = tqdm(range(options.steps), desc="adapt", disable=not progress, dynamic_ncols=True)
     for step in bar:
         weights = merged.weights(used())
-        loss = torch.zeros((), device=device)
-        for task in inputs.tasks:
-            n = len(task.texts)
-            take = torch.randperm(n, generator=generator)[: options.batch_size * options.batches].tolist()
-            for b in range(0, len(take), options.batch_size):
-                texts = [task.texts[i] for i in take[b: b + options.batch_size]]
-                loss = loss + mean_entropy(logits(inputs, task, weights, texts, options.max_len))
+        samples = [torch.randperm(len(task.texts), generator=generator)[: options.batch_size * options.batches].tolist()
+                   for task in inputs.tasks]
+        loss = step_loss(inputs, weights, samples, lengths, options)
         optimizer.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()

@@ -51,7 +51,7 @@ class AdaptResult:
 
 def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, base: Any = None,
           tasks: list[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
-          unlabelled: Any = "test", steps: int = 500, lr: float = 1e-3, batch_size: int = 16, batches: int = 2,
+          unlabelled: Any = "test", steps: int = 500, lr: float = 1e-3, batch_size: int = 16, batches: int = 1,
           clamp: bool = True, seed: int = 0, eval_every: int = 0, device: str = "cpu",
           deltas_dtype: str = "float32", backbone: str = "all-minilm-l6-v2", cache_dir: str | Path | None = None,
           quick: bool = False, progress: bool | None = None, max_len: int = 64, **hparams: Any) -> AdaptResult:
@@ -64,7 +64,8 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
         tasks: a subset of the suite's tasks (the models merged are those tasks' experts).
         out: write the merged folder there (else the merged state dict is returned in ``result.merged``).
         unlabelled: ``"test"`` (papers' protocol), ``"train"``, or ``{task: [texts] | path}`` (see :mod:`.data`).
-        steps, lr, batch_size, batches, clamp, seed, eval_every, max_len: see :mod:`.optimise` (defaults official).
+        steps, lr, batch_size, batches, clamp, seed, eval_every, max_len: see :mod:`.optimise` (where each default
+            comes from: the official AdaMerging code, or FusionBench for ``batches=1``).
         device: ``cpu``, ``cuda`` or ``auto``.
         deltas_dtype: ``float32`` or ``bfloat16`` (half the memory; float32 accumulation).
         **hparams: the method's hyperparameters (``init``, ``granularity``, ``density``, ``rank_ratio``, ...).

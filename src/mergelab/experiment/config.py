@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab.adapt.experiment import adapts
 from mergelab.errors import MergelabError
 
 KINDS = ("multitask", "domain_generalization", "continual", "similarity")
@@ -52,11 +53,15 @@ class RunSpec:
     group: str = ""  # the entry's label (default: the method): what sweeps and tables group by
     swept: tuple[str, ...] = ()  # hyperparameters this run takes from the entry's `sweep`
     used: dict[str, Any] = field(default_factory=dict)  # `resolved` with the preset's values filled in (stored)
+    adapt: dict[str, Any] = field(default_factory=dict)  # test-time adaptation options (adapted runs only)
 
     def key(self) -> dict[str, Any]:
         # the experiment's name is part of the key: two configs sharing a database keep their own rows
-        return {"experiment": self.experiment, "kind": self.kind, "suite": self.suite, "zoo": self.zoo,
-                "method": self.method, "hparams": self.resolved, "tasks": self.tasks, "eval_tasks": self.eval_tasks}
+        key = {"experiment": self.experiment, "kind": self.kind, "suite": self.suite, "zoo": self.zoo,
+               "method": self.method, "hparams": self.resolved, "tasks": self.tasks, "eval_tasks": self.eval_tasks}
+        if self.adapt:  # only adapted runs carry it, so every other run keeps its hash
+            key["adapt"] = self.adapt
+        return key
 
     @property
     def hash(self) -> str:
@@ -179,6 +184,7 @@ def parse_config(raw: Any, *, path: Path | None = None,
         return ExperimentConfig(path, name, kind, root / db, runs, device, batch_size, zoo.get("cache_dir"), raw)
 
     entries = _method_entries(raw.get("methods"), kind, fail)
+    adapt_options = _adapt_options(raw, kind, fail)
     runs = []
     for suite, names in suite_task_names.items():
         for tasks, eval_tasks, subset in _subsets(raw, kind, names, fail):
@@ -188,8 +194,9 @@ def parse_config(raw: Any, *, path: Path | None = None,
                     resolved = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail)
                     used = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail, presets=True)
                     swept = tuple(k for k in entry.get("sweep", {}) if k in params)
+                    adapted = adapt_options if adapts(entry["method"], params) else {}
                     runs.append(RunSpec(name, kind, suite, entry["method"], label, params, resolved,
-                                        list(tasks), list(eval_tasks), subset, zoo_key, group, swept, used))
+                                        list(tasks), list(eval_tasks), subset, zoo_key, group, swept, used, adapted))
     seen: dict[str, RunSpec] = {}
     for run in runs:  # two entries resolving to the same run would be computed once anyway; say so
         if run.hash in seen and seen[run.hash].label != run.label:
@@ -198,6 +205,18 @@ def parse_config(raw: Any, *, path: Path | None = None,
         seen.setdefault(run.hash, run)
     unique = list({r.hash: r for r in runs}.values())
     return ExperimentConfig(path, name, kind, root / db, unique, device, batch_size, zoo.get("cache_dir"), raw)
+
+
+def _adapt_options(raw: dict[str, Any], kind: str, fail: Callable[[str, str], MergelabError]) -> dict[str, Any]:
+    """The ``adapt:`` options with their defaults (mergelab.adapt.experiment), checked now, not at run time."""
+    from mergelab.adapt.experiment import resolve_options
+
+    if "adapt" in raw and kind not in ("multitask", "domain_generalization"):
+        raise fail("adapt", f"not used by kind {kind!r}")
+    try:
+        return resolve_options(_mapping(raw.get("adapt") or {}, "adapt", fail))
+    except MergelabError as err:
+        raise fail("adapt", err.message) from None
 
 
 def _mapping(value: Any, key: str, fail: Callable[[str, str], MergelabError]) -> dict[str, Any]:

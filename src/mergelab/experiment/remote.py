@@ -18,7 +18,7 @@ _SCORER: Any = None  # per worker process: the default scorer keeps its encoder 
 
 
 def remote_run(spec: RunSpec, zoo: Any, evaluate: Callable[..., Any] | None, device: str, batch_size: int,
-               common: dict[str, Any], expected: dict[str, str], adapt: dict[str, Any] | None = None) -> Row:
+               common: dict[str, Any], expected: dict[str, str]) -> Row:
     """One run on a worker: the models checked against the driver's fingerprints, then merged and scored."""
     global _SCORER
     from mergelab.distributed import check_fingerprints
@@ -29,14 +29,13 @@ def remote_run(spec: RunSpec, zoo: Any, evaluate: Callable[..., Any] | None, dev
         if _SCORER is None:
             _SCORER = CachedEvaluator()
         evaluate = _SCORER
-    return _run_one(spec, zoo, evaluate, device, batch_size, False, common, adapt)
+    return _run_one(spec, zoo, evaluate, device, batch_size, False, common)
 
 
 def run_on_ray(address: str, jobs: list[tuple[RunSpec, Any]], evaluate: Callable[..., Any] | None, device: str,
-               batch_size: int, common: dict[str, Any],
-               adapt: dict[str, Any] | None = None) -> Iterator[tuple[RunSpec, Row]]:
-    """Yield ``(spec, row)`` for every ``(spec, zoo)`` job as its Ray task finishes (``adapt``: the
-    config's test-time adaptation settings, for the runs of adamerging, adamerging_pp and cart_pp)."""
+               batch_size: int, common: dict[str, Any]) -> Iterator[tuple[RunSpec, Row]]:
+    """Yield ``(spec, row)`` for every ``(spec, zoo)`` job as its Ray task finishes (an adapted run's
+    options travel in its spec)."""
     from mergelab.distributed import connect, disconnect, fingerprints, run_tasks
 
     started = connect(address)
@@ -48,7 +47,7 @@ def run_on_ray(address: str, jobs: list[tuple[RunSpec, Any]], evaluate: Callable
                 prints[id(zoo)] = fingerprints([zoo.base, *zoo.experts.values()])
             expected = {p: d for p, d in prints[id(zoo)].items()
                         if p == str(zoo.base) or p in {str(zoo.experts[t]) for t in spec.tasks if t in zoo.experts}}
-            args.append((spec, zoo, evaluate, device, batch_size, common, expected, adapt))
+            args.append((spec, zoo, evaluate, device, batch_size, common, expected))
         for index, row, error in run_tasks(remote_run, args):
             spec = jobs[index][0]
             yield spec, row if error is None else lost_row(spec, error, common)

@@ -149,18 +149,17 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
             from mergelab.experiment.remote import run_on_ray
 
             jobs = [(spec, zoo_of(spec)) for spec in todo]
-            rows = run_on_ray(ray, jobs, evaluate, device, cfg.batch_size, common, cfg.raw.get("adapt"))
+            rows = run_on_ray(ray, jobs, evaluate, device, cfg.batch_size, common)
             for spec, row in tqdm(rows, total=len(todo), desc=cfg.name, unit="run", disable=not progress):
                 record(spec, row)
             return summary
         for spec in tqdm(todo, desc=cfg.name, unit="run", disable=not progress):
-            record(spec, _run_one(spec, zoo_of(spec), score, device, cfg.batch_size, progress, common,
-                                  cfg.raw.get("adapt")))
+            record(spec, _run_one(spec, zoo_of(spec), score, device, cfg.batch_size, progress, common))
     return summary
 
 
 def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, batch_size: int, progress: bool,
-             common: dict[str, Any], adapt: dict[str, Any] | None = None) -> Row:
+             common: dict[str, Any]) -> Row:
     """One run -> one row; an exception (not an interrupt) becomes a failed row with its message."""
     merge_s = eval_s = 0.0
     result: dict[str, Any] | None = None
@@ -181,13 +180,15 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
             from mergelab.adapt.experiment import merged_for_run
 
             start = time.perf_counter()  # adamerging, adamerging_pp, cart_pp: adapted on the unlabelled inputs first
-            merged = merged_for_run(spec.method, spec.params, zoo, spec.tasks, device, adapt)
+            merged, adapted = merged_for_run(spec.method, spec.params, zoo, spec.tasks, device, spec.adapt)
             merge_s = time.perf_counter() - start
             start = time.perf_counter()
             scored = score(merged, zoo, tasks=spec.eval_tasks, device=device, batch_size=batch_size,
                            progress=progress)
             eval_s = time.perf_counter() - start
             result = metrics.accuracy_metrics(dict(scored.accuracy), spec.eval_tasks, _experts(zoo))
+            if adapted is not None:
+                result["adapt"] = adapted
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded, not raised: the other runs go on
