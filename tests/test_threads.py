@@ -342,3 +342,31 @@ def test_plan_prints_an_override_and_its_source(model_files, capsys, monkeypatch
 def test_a_bad_threads_option_exits_2(model_files, capsys):
     assert main(["--threads", "none", "plan", *model_files]) == 2
     assert "positive number, auto or legacy" in capsys.readouterr().err
+
+
+# ---- Ray: each task computes on its share ----------------------------------------------------------------
+
+def _probe_policy(index: int) -> tuple[int | None, str, int, str | None]:
+    from mergelab import threads as worker_threads
+
+    policy = worker_threads.in_task()
+    return policy.threads, policy.source, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY")
+
+
+def test_ray_tasks_compute_on_their_share_and_do_not_spin(monkeypatch):
+    pytest.importorskip("ray")
+    for name in (*threads.WAIT_VARIABLES, "MERGELAB_THREADS", "_MERGELAB_SET_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    from mergelab.distributed import connect, disconnect, run_tasks
+
+    started = connect("local:2")
+    try:
+        alone = [result for _, result, _ in run_tasks(_probe_policy, [(0,)])]
+        three = [result for _, result, _ in run_tasks(_probe_policy, [(i,) for i in range(3)])]
+    finally:
+        disconnect(started)
+    if not started:  # a Ray instance of another test module, of its own size: only the form is checked
+        assert all(r[1] == "the Ray task's CPUs" for r in alone + three)
+        return
+    assert alone == [(2, "the Ray task's CPUs", 2, "PASSIVE")]
+    assert three == [(1, "the Ray task's CPUs", 1, "PASSIVE")] * 3
