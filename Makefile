@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave bench-memory clean
+.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave bench-memory bench-contention bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,16 @@ bench-continual: install
 
 bench-weave: install
 	$(PY) benchmarks/bench_weave.py --threads $(BENCH_THREADS)
+
+# each job alone, next to a busy core and two side by side, policy off (before) and on (after); run on a quiet machine
+bench-contention: install
+	$(PY) benchmarks/bench_contention.py
+
+# mergekit 0.1.5's TIES, task arithmetic and breadcrumbs against mergelab's on the engine set (mergekit in
+# benchmarks/_work/mk-venv, never in .venv)
+bench-peers: install
+	PYTHON=$(PYTHON) benchmarks/mergekit_venv.sh
+	$(PY) benchmarks/bench_peers.py
 
 # four Llama-2-7B-shaped bf16 models (sparse inputs) merged for real: peak RSS at 7 B scale; ~14 GB of disk
 bench-memory: install

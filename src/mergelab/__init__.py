@@ -7,10 +7,13 @@ __version__ = "0.1.0"
 from pathlib import Path
 from typing import Any
 
-import torch
+from mergelab import threads as _threads
 
-import mergelab.methods as _builtin_methods  # noqa: F401  (registers the methods; imported before the
-from mergelab.errors import MergelabError  # function `methods` below, which must not be rebound to the subpackage)
+_threads.before_torch()  # the mergelab command only: OpenMP reads its wait policy when torch loads it
+import torch  # noqa: E402
+
+import mergelab.methods as _builtin_methods  # noqa: F401, E402  (registers the methods; imported before the
+from mergelab.errors import MergelabError  # noqa: E402  function `methods` below, which must not be rebound to the subpackage)
 
 __all__ = ["ContinualMerger", "MergelabError", "__version__", "adapt", "merge", "methods", "plan"]
 
@@ -43,6 +46,7 @@ def plan(
     """
     from mergelab.engine.plan import build_plan
 
+    _threads.ensure()
     return build_plan(
         method, base, list(models), hparams, out=out, overwrite=overwrite, device=device,
         dtype=dtype, max_shard_size=max_shard_size,
@@ -88,6 +92,7 @@ def merge(
     from mergelab.engine.stream import execute
     from mergelab.io.leftovers import sweep
 
+    _threads.ensure()
     if out is not None:
         sweep(Path(out))  # a killed earlier run's leftovers first: an output it put back counts as existing
     job = build_plan(

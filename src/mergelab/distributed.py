@@ -2,7 +2,8 @@
 
 ``--ray local`` starts a Ray instance on this machine (``local:N``: with N CPUs); any other value is the
 address of a running cluster (``ray start --head`` prints it; ``auto`` finds the one this machine joined).
-Each job is one task taking one CPU. A task whose worker dies is retried (``MAX_RETRIES`` times), then
+Each job is one task taking an equal share of the cluster's CPUs (``mergelab.threads``: at least one, at most a
+node's), and computing on that many threads. A task whose worker dies is retried (``MAX_RETRIES`` times), then
 reported as an error, so that the caller records it as failed and a rerun fills it in. Workers read models
 through paths the driver gives them (a cache folder shared by every node, README "Ray") and check each
 file's sha256 against the driver's first (:func:`check_fingerprints`).
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab import threads
 from mergelab.errors import MergelabError
 
 MAX_RETRIES = 2
@@ -49,11 +51,14 @@ def connect(address: str) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
     if address == "local" or address.startswith("local:"):
         count = address.partition(":")[2]
-        kwargs["num_cpus"] = int(count) if count else os.cpu_count() or 1
+        kwargs["num_cpus"] = int(count) if count else threads.budget() or os.cpu_count() or 1
         # workers on this machine import what the driver imports (a checkout on PYTHONPATH, test helpers)
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                                              **threads.worker_env()}}
     else:
         kwargs["address"] = address
+        if threads.worker_env():  # OpenMP's waiting is read when a worker loads torch
+            kwargs["runtime_env"] = {"env_vars": threads.worker_env()}
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
@@ -72,7 +77,8 @@ def run_tasks(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], *,
     as each finishes (the error when the task's worker died more often than retried). An interrupt cancels
     the tasks still pending and propagates."""
     ray = ray_module()
-    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES if max_retries is None else max_retries)(fn)
+    cpus = threads.ray_task_cpus(len(jobs), ray)  # the cluster's CPUs divided among the tasks running at once
+    remote = ray.remote(num_cpus=cpus, max_retries=MAX_RETRIES if max_retries is None else max_retries)(fn)
     pending = {remote.remote(*job): i for i, job in enumerate(jobs)}
     try:
         while pending:

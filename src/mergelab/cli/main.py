@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from mergelab import __version__
+from mergelab import __version__, threads
 from mergelab.errors import MergelabError
 
 
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "mergelab COMMAND --help     # examples for each command"))
     parser.add_argument("--version", action="version", version=f"mergelab {__version__}",
                         help="print the version and exit")
+    parser.add_argument("--threads", metavar="N|auto|legacy", help="threads to compute on (default auto: the CPUs "
+                        "this process may use -- affinity, cgroup quota, OMP_NUM_THREADS; env MERGELAB_THREADS); "
+                        "may also follow the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of")
     merge_cmd.add_parsers(sub)
     methods_cmd.add_parser(sub)
@@ -57,10 +60,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(threads.hoist_threads(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.WARNING, format="mergelab: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
+        threads.apply(threads.choose(args.threads))  # torch, BLAS and mergelab's workers: one budget
         return int(args.run(args) or 0)
     except MergelabError as err:
         print(f"mergelab: error: {err}", file=sys.stderr)

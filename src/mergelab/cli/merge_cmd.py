@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab import threads
 from mergelab.errors import MergelabError
 
 CONFIG_KEYS = {"method", "base", "models", "parameters", "out", "device", "dtype", "max_shard_size", "overwrite"}
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         sweep(Path(job.out))
     plan = mergelab.plan(job.method, job.base, list(job.models), **options, **job.parameters)
     if not args.quiet:
-        print(plan.summary())
+        print(f"{plan.summary()}\n{threads.ensure().describe()}")
     if args.dry_run:
         if not args.quiet:
             print("plan is valid; nothing was written (dry run)")

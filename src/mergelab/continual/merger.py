@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mergelab import __version__
+from mergelab import __version__, threads
 from mergelab.continual import rules
 from mergelab.continual.opcm import project_out
 from mergelab.continual.state import (
@@ -91,6 +91,7 @@ class ContinualMerger:
     """
 
     def __init__(self, method: str, base: Any, *, device: str = "cpu", **hparams: Any):
+        threads.ensure()
         if method not in DEFAULTS:
             raise MergelabError(f"unknown continual method {method!r}; available: {', '.join(sorted(DEFAULTS))}")
         self.method = method

@@ -21,7 +21,10 @@ def remote_run(spec: RunSpec, zoo: Any, evaluate: Callable[..., Any] | None, dev
                common: dict[str, Any], expected: dict[str, str]) -> Row:
     """One run on a worker: the models checked against the driver's fingerprints, then merged and scored."""
     global _SCORER
+    from mergelab import threads
     from mergelab.distributed import check_fingerprints
+
+    threads.in_task()  # this worker's share: the CPUs Ray gave the task
     from mergelab.experiment.runner import CachedEvaluator, _run_one
 
     check_fingerprints(expected)

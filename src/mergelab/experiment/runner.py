@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab import threads
 from mergelab.errors import MergelabError
 from mergelab.experiment import metrics, provenance
 from mergelab.experiment.config import ExperimentConfig, RunSpec, load_config, parse_config
@@ -90,6 +91,7 @@ def run(config: str | Path | dict[str, Any] | ExperimentConfig, *, evaluate: Cal
     Returns:
         A :class:`Summary`. ``KeyboardInterrupt`` propagates; finished runs are already committed.
     """
+    threads.ensure()  # local runs go one at a time (each the whole budget); Ray tasks get a share each
     if ray is not None:  # a bad address or a missing Ray fails before anything is written
         from mergelab.distributed import check_address, ray_module
 

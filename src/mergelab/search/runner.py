@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelab import threads
 from mergelab.errors import MergelabError
 from mergelab.experiment.config import canonical_json
 from mergelab.experiment.metrics import accuracy_metrics
@@ -185,6 +186,7 @@ def search(method: str, suite: str, *, space: Mapping[str, Any] | None = None, p
     """
     from mergelab.methods.registry import get_method
 
+    threads.ensure()  # local trials go one at a time (each the whole budget); Ray tasks get a share each
     get_method(method)
     if strategy not in STRATEGIES:
         raise MergelabError(f"unknown strategy {strategy!r} ({', '.join(STRATEGIES)})")
@@ -377,6 +379,7 @@ class _Runner:
 
 def _remote_trial(spec: SearchSpec, zoo: Any, number: int, params: dict[str, Any], kwargs: dict[str, Any],
                   expected: dict[str, str]) -> dict[str, Any]:
+    threads.in_task()  # this worker's share: the CPUs Ray gave the task
     return evaluate_trial(spec, zoo, number, params, expected=expected, **kwargs)
 
 
