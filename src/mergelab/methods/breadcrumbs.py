@@ -10,10 +10,10 @@ then Task Arithmetic: ``theta = theta_0 + scaling * sum_t mask_t * tau_t``.
   picks their zeroed positions (sparse rows, ``density + gamma > 1``): the official code multiplies
   the outlier-zeroed row by the second mask.
 * ``scope="tensor"`` is mergekit's per-tensor variant (``sparsify.py::magnitude_outliers``):
-  sort the whole tensor, drop ``int(gamma * N)`` largest and keep ``int(density * N)``. We do not
-  inherit its bug: with ``int(gamma * N) == 0`` mergekit's slice ``indices[n_bot:-0]`` is empty and
-  the whole task vector of every small tensor (biases, norms) is silently dropped; here nothing is
-  removed from the top in that case.
+  sort the whole tensor, drop ``int(gamma * N)`` largest and keep ``int(density * N)``. mergekit up to
+  0.1.4 sliced ``indices[n_bot:-n_top]``, empty when ``int(gamma * N) == 0`` (every small tensor's task
+  vector silently dropped); 0.1.5 slices ``indices[n_bot : n_bot + target_n]``, which is our rule (and
+  ``benchmarks/bench_peers.py`` finds our per-tensor outputs equal to mergekit 0.1.5's).
 
 Defaults: ``density=0.15, gamma=0.006`` -- the official search's starting point
 (``find_best_hyperparam.py``, ``points_to_evaluate = [{"alpha": 0.2, "beta": 0.15, "gamma": 0.006}]``);
