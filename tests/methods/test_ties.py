@@ -76,7 +76,7 @@ def test_tensor_scope_equals_official_per_tensor():
 
 
 def test_tensor_scope_radix_threshold_equals_official(monkeypatch):
-    from mergelab.methods import _common
+    from mergelab.ops import sparsify as _common
 
     monkeypatch.setattr(_common, "_RADIX_MIN", 1)  # every tensor takes the radix selection, not kthvalue
     base = tiny_state(5)
@@ -99,7 +99,7 @@ taus_with_ties = st.integers(1, 4).flatmap(  # repeated values and signed zeros
 @settings(max_examples=40, deadline=None, database=None)
 @given(taus_with_ties, st.integers(0, 8))
 def test_kth_threshold_radix_path_equals_kthvalue(taus, rank):
-    from mergelab.methods import _common
+    from mergelab.ops import sparsify as _common
 
     magnitudes = taus.abs()
     expected = _common.kth_threshold(magnitudes, rank)  # tiny rows: kthvalue (or the 0 / d + 1 cases)

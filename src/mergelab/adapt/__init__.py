@@ -4,8 +4,9 @@
 entropy of each task's predictions on its unlabelled inputs, then writes an ordinary merged model folder with
 the learned coefficients (``adapt_coefficients.json``) and the entropy/accuracy trace (``adapt_trace.json``);
 ``mergelab merge --method M --set coefficients=FOLDER/adapt_coefficients.json`` rebuilds the same model
-without data. Modules: :mod:`.components` (the merged tensor as an affine function of the coefficients),
-:mod:`.coefficients` (groups and the file), :mod:`.model` (the differentiable merged model), :mod:`.objective`
+without data. Modules: :mod:`mergelab.ops.adaptive` (the merged tensor as an affine function of the
+coefficients) and :mod:`mergelab.ops.coefficients` (groups and the file), shared with the merge methods that
+rebuild the model; here :mod:`.model` (the differentiable merged model), :mod:`.objective`
 (the entropy), :mod:`.data` (unlabelled inputs and heads), :mod:`.optimise` (the loop), :mod:`.run` (the API).
 """
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt import components
 from mergelab.errors import MergelabError
+from mergelab.ops import adaptive as components
+from mergelab.ops import coefficients as coef
 
 DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from mergelab.adapt import METHODS
-from mergelab.adapt import coefficients as coef
 from mergelab.errors import MergelabError
+from mergelab.ops import coefficients as coef
 
 
 @dataclass
@@ -70,7 +70,7 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
         deltas_dtype: ``float32`` or ``bfloat16`` (half the memory; float32 accumulation).
         **hparams: the method's hyperparameters (``init``, ``granularity``, ``density``, ``rank_ratio``, ...).
     """
-    import mergelab
+    from mergelab import api
     from mergelab.adapt.data import load_inputs
     from mergelab.adapt.model import build
     from mergelab.adapt.optimise import Options, optimise
@@ -106,7 +106,7 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
     if base is None:
         base = zoo.base if zoo is not None else backbone_folder(backbone, cache_dir)
     resolved = get_method(method).resolve(hparams, len(model_list))
-    mergelab.plan(method, base, model_list, out=out, overwrite=overwrite, **hparams)  # every header check first
+    api.plan(method, base, model_list, out=out, overwrite=overwrite, **hparams)  # every header check first
 
     inputs = load_inputs(zoo if zoo is not None else suite, tasks=chosen, unlabelled=unlabelled, device=device,
                          backbone=backbone, cache_dir=cache_dir, quick=quick, progress=show)
@@ -122,7 +122,7 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
                                                               "eval_every", "max_len")}},
                          outcome.seconds)
     if out is None:
-        state = mergelab.merge(method, base, model_list, coefficients=result.payload(), progress=False)
+        state = api.merge(method, base, model_list, coefficients=result.payload(), progress=False)
         assert isinstance(state, dict)
         result.merged = state
     else:
@@ -132,7 +132,7 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
 
 def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overwrite: bool, progress: bool) -> Path:
     """The merged folder + coefficients + trace, assembled beside ``out`` and renamed into place when complete."""
-    import mergelab
+    from mergelab import api
     from mergelab.io import leftovers
     from mergelab.io.writer import place
 
@@ -146,7 +146,7 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
         # folder that the next run's sweep recognises as stale (a sibling target would get its own name)
         staged.mkdir(0o777)
         inner = staged / "model"
-        mergelab.merge(result.method, base, models, out=inner, coefficients=result.payload(), progress=progress)
+        api.merge(result.method, base, models, out=inner, coefficients=result.payload(), progress=progress)
         for entry in sorted(inner.iterdir()):
             os.replace(entry, staged / entry.name)
         inner.rmdir()

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from mergelab import __version__
 from mergelab.continual import rules
 from mergelab.continual.opcm import project_out
 from mergelab.continual.state import (
@@ -39,17 +38,18 @@ from mergelab.continual.state import (
     tensor_entry,
     tensor_sha256,
 )
-from mergelab.engine.plan import check_models, resolve_device
-from mergelab.engine.stream import all_finite
 from mergelab.errors import MergelabError
+from mergelab.io.checks import check_models
 from mergelab.io.names import resolve_model_name
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
-from mergelab.methods._spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
 from mergelab.methods.registry import TensorCtx, resolve_hparams
-from mergelab.methods.ties import TiesGlobalStats, ties
-from mergelab.methods.ties import _finalize as ties_finalize
+from mergelab.methods.ties import TiesGlobalStats, majority_patches, ties
+from mergelab.ops.device import resolve_device
+from mergelab.ops.finite import all_finite
+from mergelab.ops.spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
+from mergelab.version import __version__
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": [],
@@ -366,10 +366,10 @@ class ContinualMerger:
     def _apply_ties_majority(self, stats: Any, writer: CheckpointWriter | None,
                              new_state: dict[str, torch.Tensor]) -> list[str]:
         """Re-merge the few parameters whose TIES sign needed the model-wide majority (see
-        ties._finalize); returns the names of the tensors changed."""
+        ties.majority_patches); returns the names of the tensors changed."""
         assert self._state is not None
         hp = {"merge_func": self.hparams["merge_func"], "scaling": self.hparams["scaling"]}
-        patches = ties_finalize(hp, stats)
+        patches = majority_patches(hp, stats)
         for name, (index, delta) in patches.items():
             values = self._state.get(name).reshape(-1)[index].to(torch.float32) + delta
             if writer is not None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods._svd import svd
+from mergelab.ops.svd import svd
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float, projection: str) -> int:
@@ -68,7 +68,7 @@ def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projec
         return tau  # nothing merged yet in this matrix: no subspace to avoid
     # exact, in the compute dtype (float32 by default), as the official code: the official
     # projection uses every singular pair, so the Gram path (accurate in the top ones) does not apply;
-    # _svd.svd decomposes wide matrices through their transpose (2-5x faster on CPU) and picks the CUDA driver
+    # ops.svd.svd decomposes wide matrices through their transpose (2-5x faster on CPU) and picks the CUDA driver
     u, s, vh = svd(merged_tv)  # (m,k) (k,) (k,n)
     v = vh.mT
     r = split_rank(s, alpha, projection)

@@ -29,21 +29,14 @@ from typing import Any
 
 import torch
 
-from mergelab import __version__
-from mergelab.engine import native
 from mergelab.engine.plan import CHUNK_ELEMENTS_CPU, LOOKAHEAD_PER_WORKER, MergePlan
 from mergelab.errors import MergelabError
 from mergelab.io import sigbus
 from mergelab.io.writer import CheckpointWriter, input_paths
 from mergelab.methods.registry import TensorCtx
-
-
-def all_finite(values: torch.Tensor) -> bool:
-    """NaN/Inf check: a sum (30x cheaper than ``isfinite``) is non-finite whenever an entry is;
-    only then is every entry checked (a finite tensor whose sum overflows is still accepted)."""
-    if bool(torch.isfinite(values.sum())):
-        return True
-    return bool(torch.isfinite(values).all())
+from mergelab.ops import native
+from mergelab.ops.finite import all_finite
+from mergelab.version import __version__
 
 
 def tune_malloc() -> None:
@@ -266,7 +259,7 @@ def _one_blas_thread(plan: MergePlan) -> Any:
     over the cores."""
     if plan.device.type != "cpu" or not plan.method.is_tensor_parallel(plan.hparams):
         return nullcontext()
-    from mergelab.methods._lapack import single_threaded_blas
+    from mergelab.ops.lapack import single_threaded_blas
 
     return single_threaded_blas()
 
@@ -529,12 +522,12 @@ def provenance(plan: MergePlan) -> dict[str, str]:
     return metadata
 
 
-RANK_KEY, RANK_WIDTH = "mergelab.numerical_rank", 480  # reserved metadata value: _spectral.rank_report's JSON
+RANK_KEY, RANK_WIDTH = "mergelab.numerical_rank", 480  # reserved metadata value: ops.spectral.rank_report's JSON
 
 
 def _rank_report(plan: MergePlan, notes: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
-    """The warning line and metadata value summing up the method's notes (``_spectral.rank_report``)."""
-    from mergelab.methods._spectral import rank_report
+    """The warning line and metadata value summing up the method's notes (``ops.spectral.rank_report``)."""
+    from mergelab.ops.spectral import rank_report
 
     return rank_report(plan.method.name, notes, plan.hparams)
 
@@ -548,7 +541,7 @@ def _fitting(record: str) -> str:
 
 def _warn(report: tuple[str, str] | None) -> None:
     """One warning line summing up the method's notes, once the output is in place."""
-    from mergelab.methods._spectral import LowRankWarning
+    from mergelab.ops.spectral import LowRankWarning
 
     if report is not None and report[0]:
         warnings.warn(report[0], LowRankWarning, stacklevel=5)  # the caller of mergelab.merge

@@ -30,11 +30,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mergelab import __version__
 from mergelab.errors import MergelabError
 from mergelab.io import leftovers
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec
 from mergelab.io.sources import BIN_INDEX, SAFE_INDEX, SafetensorsSource, TensorSource, TorchSource
+from mergelab.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> DareTiesStats | None:
 
 
 def _finalize(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return ties_module._finalize(_ties_hparams(hp), stats)
+    return ties_module.majority_patches(_ties_hparams(hp), stats)
 
 
 @register(

@@ -312,9 +312,9 @@ def _search(spec: SearchSpec, store: Store, zoo: Any, total: int, *, evaluate: A
     result.test = _test_score(spec, store, stored, zoo, result.best, evaluate, device, batch_size, common)
     result.job = write_job(job, spec.method, zoo, spec.tasks, result.best_params)
     if out is not None:
-        import mergelab
+        from mergelab import api
 
-        written = mergelab.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], out=out,
+        written = api.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], out=out,
                                  overwrite=overwrite, device=device, progress=progress, **result.best_params)
         assert isinstance(written, Path)
         result.out = written

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 import mergelab
 from conftest import save_states
-from mergelab.engine import native, stream
-from mergelab.engine.select import StreamingKth, WindowCount
 from mergelab.errors import MergelabError
+from mergelab.engine import stream
+from mergelab.ops import native
+from mergelab.ops.select import StreamingKth, WindowCount
 
 needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                    reason="no C++ compiler to build the kernels")

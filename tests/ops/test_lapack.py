@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.linalg import eigh
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mergelab.methods._lapack import _routine, eigh_top, single_threaded_blas, svd
+from mergelab.ops.lapack import _routine, eigh_top, single_threaded_blas, svd
 
 
 def symmetric(n: int, seed: int) -> np.ndarray:
