@@ -40,8 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mergelab.__main__",),
 ]
 MAX_LINES = 400
-NOT_YET_SPLIT = {"mergelab/continual/merger.py", "mergelab/engine/stream.py", "mergelab/search/runner.py",
-                 "mergelab/io/sources.py", "mergelab/io/writer.py"}
+NOT_YET_SPLIT = {"mergelab/continual/merger.py"}
 
 
 def package_of(module: str) -> str:

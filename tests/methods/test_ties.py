@@ -193,9 +193,9 @@ def test_continual_ties_applies_the_majority_sign_too():
 
 @pytest.mark.parametrize("threads", [1, 3])  # 3: the chunks are merged (and their pending patches kept) in parallel
 def test_majority_patches_span_several_chunks(monkeypatch, threads):
-    from mergelab.engine import stream
+    from mergelab.engine import chunks
 
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
     base, models = cancellation_case()
     models[0]["w"][5], models[1]["w"][5] = 0.75, -0.75  # a second cancellation, in another chunk
     models[0]["w"][3], models[1]["w"][3] = 0.5, -0.5  # and a third

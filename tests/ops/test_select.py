@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergelab.engine.stream import run_chunks
+from mergelab.engine.chunks import run_chunks
 from mergelab.ops import select
 from mergelab.ops.select import StreamingKth
 

@@ -134,7 +134,7 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
     """The merged folder + coefficients + trace, assembled beside ``out`` and renamed into place when complete."""
     from mergelab import api
     from mergelab.io import leftovers
-    from mergelab.io.writer import place
+    from mergelab.io.placing import place
 
     if out.suffix == ".safetensors":
         raise MergelabError("adapt writes a folder (model, coefficients, trace); give a folder name", file=str(out))

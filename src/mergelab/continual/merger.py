@@ -41,9 +41,10 @@ from mergelab.continual.state import (
 from mergelab.errors import MergelabError
 from mergelab.io.checks import check_models
 from mergelab.io.names import resolve_model_name
+from mergelab.io.placing import check_new_folder, input_paths
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
-from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
+from mergelab.io.writer import CheckpointWriter
 from mergelab.methods.registry import TensorCtx, resolve_hparams
 from mergelab.methods.ties import TiesGlobalStats, majority_patches, ties
 from mergelab.ops.device import resolve_device

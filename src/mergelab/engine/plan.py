@@ -18,17 +18,18 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.io.checks import check_models
+from mergelab.io.placing import check_apart, check_output, input_paths
 from mergelab.io.sources import TensorSource, open_source
-from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_apart, check_output, input_paths, plan_shards
+from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, plan_shards
 from mergelab.methods.registry import Method, get_method
 from mergelab.ops import native
 from mergelab.ops.device import resolve_device
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after import (~0.35-0.4 GB)
-MALLOC_TRIM_BYTES = 64 * 2**20  # stream.tune_malloc's trim threshold: freed memory an allocator arena may keep
+MALLOC_TRIM_BYTES = 64 * 2**20  # runtime.tune_malloc's trim threshold: freed memory an allocator arena may keep
 MALLOC_KEPT_BYTES = 3 * MALLOC_TRIM_BYTES  # x 3 threads (main, reader, writer)
-CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
+CHUNK_ELEMENTS_CPU = 1 << 18  # chunks.CHUNK_ELEMENTS["cpu"]
 LOOKAHEAD_PER_WORKER = 4  # tensor-parallel merges: tensors started ahead of the one awaited (stream._merged_at_once)
 
 log = logging.getLogger(__name__)
