@@ -24,6 +24,7 @@ def synthetic(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     from mergelab.adapt.data import Inputs, TaskInputs
+    from mergelab.adapt.encoders import TextEncoder
     from mergelab.adapt.model import build
     from mergelab.adapt.optimise import Options, optimise
     from mergelab.io.sources import open_source
@@ -44,7 +45,7 @@ def synthetic(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(0)
     tasks = [TaskInputs(f"t{i}", [" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(1000)],
                         text_head(module, tokenizer, rng.sample(words, args.classes)), []) for i in range(args.tasks)]
-    inputs = Inputs(module, tokenizer, tasks, "cpu", {})
+    inputs = Inputs(TextEncoder(module, tokenizer), tasks, {})
     hp = get_method(args.method).resolve({"granularity": args.granularity}, args.tasks)
     start = time.perf_counter()
     merged = build(args.method, hp, base, models, deltas_dtype=args.deltas_dtype)

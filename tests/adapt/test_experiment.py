@@ -81,3 +81,13 @@ def test_an_adapted_run_stores_coefficients_that_rebuild_it(tmp_path: Path) -> N
                            cache_dir=zoo.path.parents[2])
     assert adapted["coefficients"]["coefficients"] == again.coefficients
     assert all(torch.equal(rebuilt[k], again.merged[k]) for k in rebuilt)
+
+    from mergelab.report import write_report
+
+    text = write_report(tmp_path / "tta.sqlite", tmp_path / "report" / "r.md").read_text()
+    averages = [e["average"] for e in adapted["trace"] if "average" in e]
+    assert "| run | 0 | 1 | 2 |" in text
+    assert f"| adamerging | {averages[0]:.4f} | {averages[1]:.4f} | {averages[2]:.4f} |" in text
+    first = next(e["entropy"] for e in adapted["trace"] if "entropy" in e)
+    assert f"| adamerging | 2 | {first:.3f} |" in text
+    assert (tmp_path / "report" / "r_files").is_dir() or any((tmp_path / "report").rglob("*_adapt.png"))

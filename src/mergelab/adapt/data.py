@@ -1,4 +1,5 @@
-"""What the adaptation sees: each task's unlabelled texts and frozen head, and (for the trace only) labelled test rows.
+"""What the adaptation sees: an encoder (:mod:`.encoders`), each task's unlabelled inputs and frozen head, and (for
+the trace only) labelled test rows. This module loads the text zoo's; :mod:`.images` the CLIP image tasks'.
 
 The heads are the evaluation harness's (:class:`mergelab.eval.Evaluator`): the zoo's frozen label-name heads
 from the suite's pretrained encoder, logits ``LOGIT_SCALE * cos``. Unlabelled inputs (``unlabelled``):
@@ -20,28 +21,38 @@ from typing import Any
 
 import torch
 
+from mergelab.adapt.encoders import Encoder, TextEncoder
 from mergelab.errors import MergelabError
+from mergelab.zoo.encoder import MAX_LEN
 
 
 @dataclass
 class TaskInputs:
     name: str
-    texts: list[str]  # unlabelled inputs the entropy is minimised on
-    head: torch.Tensor  # (classes, dim), frozen
-    test: list[tuple[str, int]]  # labelled rows, for the accuracy trace
+    items: list[Any]  # unlabelled inputs the entropy is minimised on (texts, images)
+    head: torch.Tensor  # (classes, dim), frozen, rows normalised
+    test: list[tuple[Any, int]]  # labelled rows, for the accuracy trace
+
+    @property
+    def texts(self) -> list[Any]:
+        """The inputs of a text task (``items``)."""
+        return self.items
 
 
 @dataclass
 class Inputs:
-    module: torch.nn.Module  # the suite's base encoder (its weights are replaced at every forward)
-    tokenizer: Any
+    encoder: Encoder  # the base backbone, run on the merged weights at every forward
     tasks: list[TaskInputs]
-    device: str
     expert_accuracy: dict[str, float]
+
+    @property
+    def device(self) -> str:
+        return self.encoder.device
 
 
 def load_inputs(suite: Any, *, tasks: list[str] | None, unlabelled: Any, device: str, backbone: str,
-                cache_dir: str | Path | None, quick: bool, progress: bool) -> Inputs:
+                cache_dir: str | Path | None, quick: bool, progress: bool, max_len: int = MAX_LEN) -> Inputs:
+    """The text suite's inputs: its evaluator's heads and test rows, the encoder truncating at ``max_len``."""
     from mergelab.eval import Evaluator
     from mergelab.zoo.datasets import load_task
 
@@ -62,7 +73,7 @@ def load_inputs(suite: Any, *, tasks: list[str] | None, unlabelled: Any, device:
         out.append(TaskInputs(spec.name, texts, scorer.heads[spec.name], scorer.test[spec.name]))
     for param in scorer.model.parameters():
         param.requires_grad_(False)
-    return Inputs(scorer.model, scorer.tokenizer, out, scorer.device, dict(scorer.expert_accuracy))
+    return Inputs(TextEncoder(scorer.model, scorer.tokenizer, scorer.device, max_len), out, dict(scorer.expert_accuracy))
 
 
 def _texts(table: Mapping[str, Any], task: str) -> list[str]:

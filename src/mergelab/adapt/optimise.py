@@ -31,6 +31,7 @@ fixes the run on a given device and thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from typing import Any
 import torch
 
 from mergelab.adapt.data import Inputs, TaskInputs
-from mergelab.adapt.model import Functional, MergedWeights
+from mergelab.adapt.encoders import Encoder, TextEncoder
+from mergelab.adapt.model import MergedWeights
 from mergelab.adapt.objective import entropy
 
 
@@ -78,45 +80,50 @@ class Outcome:
     seconds: float = 0.0
 
 
-def logits(inputs: Inputs, task: TaskInputs, weights: dict[str, torch.Tensor], texts: list[str], max_len: int) -> torch.Tensor:
-    """The task's logits on ``texts`` with the merged ``weights``: scale * cos(embedding, frozen head)."""
-    from mergelab.zoo.encoder import LOGIT_SCALE, pooled, tokenize
+def _encoder(inputs: Inputs, max_len: int | None) -> Encoder:
+    encoder = inputs.encoder
+    if max_len is not None and isinstance(encoder, TextEncoder) and encoder.max_len != max_len:
+        return dataclasses.replace(encoder, max_len=max_len)
+    return encoder
 
-    emb = pooled(Functional(inputs.module, weights), tokenize(inputs.tokenizer, texts, inputs.device, max_len))
-    return LOGIT_SCALE * emb @ task.head.to(emb.device, emb.dtype).T
+
+def logits(inputs: Inputs, task: TaskInputs, weights: dict[str, torch.Tensor], items: list[Any],
+           max_len: int | None = None) -> torch.Tensor:
+    """The task's logits on ``items`` with the merged ``weights``: scale * cos(features, frozen head)
+    (``max_len``: the texts' truncation, if not the encoder's)."""
+    encoder = _encoder(inputs, max_len)
+    emb = encoder.embed(weights, items)
+    return encoder.logit_scale * emb @ task.head.to(emb.device, emb.dtype).T
 
 
-def token_lengths(inputs: Inputs, texts: list[str], max_len: int) -> list[int]:
-    """Each text's token count (truncated at ``max_len``), to group the forwards by length."""
-    ids = inputs.tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
-    return [len(row) for row in ids]
+def token_lengths(inputs: Inputs, items: list[Any], max_len: int | None = None) -> list[int]:
+    """Each input's size (a text's token count, truncated at ``max_len``), to group the forwards by it."""
+    return _encoder(inputs, max_len).sizes(items)
 
 
 def step_loss(inputs: Inputs, weights: dict[str, torch.Tensor], samples: list[list[int]], lengths: list[list[int]],
               options: Options) -> torch.Tensor:
-    """``sum_tasks sum_batches mean_{x in batch} H(x)`` for each task's sampled text indices ``samples[t]``,
+    """``sum_tasks sum_batches mean_{x in batch} H(x)`` for each task's sampled input indices ``samples[t]``,
     batches of ``batch_size`` in the sampled order (as the official loop).
 
-    The value depends only on which texts form each batch, not on how they are run through the backbone, so
-    the forwards take every sampled text of every task sorted by length, in chunks of ``batch_size``: little
-    padding (MT8 texts average ~20 tokens, a random batch pads to ~45) and the same objective, to float
-    rounding; padded positions are masked out of attention and pooling."""
-    from mergelab.zoo.encoder import LOGIT_SCALE, pooled, tokenize
-
+    The value depends only on which inputs form each batch, not on how they are run through the backbone, so
+    the forwards take every sampled input of every task sorted by size (``lengths``: the encoder's ``sizes``),
+    in chunks of ``batch_size``. For texts: little padding (MT8 texts average ~20 tokens, a random batch pads
+    to ~45) and the same objective, to float rounding; padded positions are masked out of attention and
+    pooling. Images are all one size: the chunks are the sampled batches."""
+    encoder = inputs.encoder
     flat = [(t, i) for t, take in enumerate(samples) for i in take]
     order = sorted(range(len(flat)), key=lambda k: lengths[flat[k][0]][flat[k][1]])
-    model = Functional(inputs.module, weights)
     pieces = []
     for start in range(0, len(order), options.batch_size):
         chunk = order[start: start + options.batch_size]
-        texts = [inputs.tasks[flat[k][0]].texts[flat[k][1]] for k in chunk]
-        pieces.append(pooled(model, tokenize(inputs.tokenizer, texts, inputs.device, options.max_len)))
+        pieces.append(encoder.embed(weights, [inputs.tasks[flat[k][0]].items[flat[k][1]] for k in chunk]))
     emb = torch.empty(len(flat), pieces[0].shape[1], dtype=pieces[0].dtype, device=pieces[0].device)
     emb = emb.index_copy(0, torch.tensor(order, device=emb.device), torch.cat(pieces))
     loss = torch.zeros((), device=emb.device)
     offset = 0
     for task, take in zip(inputs.tasks, samples, strict=True):
-        scores = entropy(LOGIT_SCALE * emb[offset: offset + len(take)] @ task.head.to(emb.device, emb.dtype).T)
+        scores = entropy(encoder.logit_scale * emb[offset: offset + len(take)] @ task.head.to(emb.device, emb.dtype).T)
         for b in range(0, len(take), options.batch_size):
             loss = loss + scores[b: b + options.batch_size].mean()
         offset += len(take)
@@ -124,14 +131,13 @@ def step_loss(inputs: Inputs, weights: dict[str, torch.Tensor], samples: list[li
 
 
 def accuracy(inputs: Inputs, weights: dict[str, torch.Tensor], options: Options) -> dict[str, float]:
+    """Top-1 accuracy of each task's labelled rows (the trace; never the objective)."""
     from mergelab.zoo.encoder import accuracy as top1
-    from mergelab.zoo.encoder import encode
 
-    model = Functional(inputs.module, {k: v.detach() for k, v in weights.items()})
+    detached = {k: v.detach() for k, v in weights.items()}
     out = {}
     for task in inputs.tasks:
-        emb = encode(model, inputs.tokenizer, [t for t, _ in task.test], batch_size=options.eval_batch_size,
-                     device=inputs.device, max_len=options.max_len)
+        emb = inputs.encoder.encode(detached, [x for x, _ in task.test], options.eval_batch_size)
         out[task.name] = top1(emb, task.head.float().cpu(), [c for _, c in task.test])
     return out
 
@@ -158,11 +164,11 @@ def optimise(merged: MergedWeights, inputs: Inputs, options: Options, *, progres
 
     if options.eval_every >= 0:
         record_accuracy(0)
-    lengths = [token_lengths(inputs, task.texts, options.max_len) for task in inputs.tasks]
+    lengths = [inputs.encoder.sizes(task.items) for task in inputs.tasks]
     bar = tqdm(range(options.steps), desc="adapt", disable=not progress, dynamic_ncols=True)
     for step in bar:
         weights = merged.weights(used())
-        samples = [torch.randperm(len(task.texts), generator=generator)[: options.batch_size * options.batches].tolist()
+        samples = [torch.randperm(len(task.items), generator=generator)[: options.batch_size * options.batches].tolist()
                    for task in inputs.tasks]
         loss = step_loss(inputs, weights, samples, lengths, options)
         optimizer.zero_grad()

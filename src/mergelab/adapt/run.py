@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from mergelab.adapt import METHODS
+from mergelab.adapt.data import Inputs
+from mergelab.adapt.optimise import Options
 from mergelab.errors import MergelabError
 from mergelab.ops import coefficients as coef
 
@@ -70,22 +72,12 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
         deltas_dtype: ``float32`` or ``bfloat16`` (half the memory; float32 accumulation).
         **hparams: the method's hyperparameters (``init``, ``granularity``, ``density``, ``rank_ratio``, ...).
     """
-    from mergelab import api
     from mergelab.adapt.data import load_inputs
-    from mergelab.adapt.model import build
-    from mergelab.adapt.optimise import Options, optimise
-    from mergelab.methods.registry import get_method
     from mergelab.zoo import Zoo, build_zoo, resolve_device, resolve_suite
     from mergelab.zoo.backbones import backbone_folder
 
-    if method not in METHODS:
-        raise MergelabError(f"method {method!r} cannot be adapted; adaptable: {', '.join(METHODS)}")
-    if "coefficients" in hparams:
-        raise MergelabError("coefficients are what adapt learns; to merge with given ones use mergelab merge")
-    options = Options(steps=steps, lr=lr, batch_size=batch_size, batches=batches,
-                      init=float(hparams.get("init", get_method(method).defaults["init"])), clamp=bool(clamp),
-                      seed=seed, eval_every=eval_every, max_len=max_len)
-    options.check()
+    options = check_options(method, hparams, steps=steps, lr=lr, batch_size=batch_size, batches=batches, clamp=bool(clamp),
+                            seed=seed, eval_every=eval_every, max_len=max_len)
     show = bool(progress) if progress is not None else False
     device = resolve_device(device)
     zoo = suite if isinstance(suite, Zoo) else None
@@ -102,31 +94,63 @@ def adapt(method: str, suite: Any, *, models: Mapping[str, Any] | None = None, b
         raise MergelabError(f"no model for task(s) {', '.join(missing)}")
     if len(chosen) < 1:
         raise MergelabError("no task to adapt on")
-    model_list = [experts[t] for t in chosen]
     if base is None:
         base = zoo.base if zoo is not None else backbone_folder(backbone, cache_dir)
-    resolved = get_method(method).resolve(hparams, len(model_list))
-    api.plan(method, base, model_list, out=out, overwrite=overwrite, **hparams)  # every header check first
 
-    inputs = load_inputs(zoo if zoo is not None else suite, tasks=chosen, unlabelled=unlabelled, device=device,
-                         backbone=backbone, cache_dir=cache_dir, quick=quick, progress=show)
-    with _opened(base) as base_state, _opened_all(model_list) as states:
+    def load() -> Inputs:
+        return load_inputs(zoo if zoo is not None else suite, tasks=chosen, unlabelled=unlabelled, device=device,
+                           backbone=backbone, cache_dir=cache_dir, quick=quick, progress=show, max_len=max_len)
+
+    return run(method, base, chosen, [experts[t] for t in chosen], load, options, hparams, out=out,
+               overwrite=overwrite, device=device, deltas_dtype=deltas_dtype, progress=show,
+               record={"unlabelled": unlabelled if isinstance(unlabelled, str) else "given"})
+
+
+def check_options(method: str, hparams: Mapping[str, Any], **given: Any) -> Options:
+    """The loop's options (``init`` from the method's hyperparameters), checked with the method."""
+    from mergelab.methods.registry import get_method
+
+    if method not in METHODS:
+        raise MergelabError(f"method {method!r} cannot be adapted; adaptable: {', '.join(METHODS)}")
+    if "coefficients" in hparams:
+        raise MergelabError("coefficients are what adapt learns; to merge with given ones use mergelab merge")
+    options = Options(init=float(hparams.get("init", get_method(method).defaults["init"])), **given)
+    options.check()
+    return options
+
+
+RECORDED = ("steps", "lr", "batch_size", "batches", "clamp", "seed", "eval_every", "max_len")
+
+
+def run(method: str, base: Any, tasks: list[str], models: list[Any], load: Callable[[], Inputs], options: Options,
+        hparams: Mapping[str, Any], *, out: str | Path | None, overwrite: bool, device: str, deltas_dtype: str,
+        progress: bool, record: Mapping[str, Any], recorded: tuple[str, ...] = RECORDED) -> AdaptResult:
+    """The adaptation shared by :func:`adapt` (text zoo) and :func:`~mergelab.adapt.images.adapt_clip`: every
+    header check (``mergelab.plan``), then ``load()`` the inputs, build the deltas, optimise, and return or write
+    the merged model. ``record``: what the options entry of the result adds first (the inputs' description)."""
+    from mergelab import api
+    from mergelab.adapt.model import build
+    from mergelab.adapt.optimise import optimise
+    from mergelab.methods.registry import get_method
+
+    resolved = get_method(method).resolve(dict(hparams), len(models))
+    api.plan(method, base, models, out=out, overwrite=overwrite, **hparams)  # every header check first
+    inputs = load()
+    with _opened(base) as base_state, _opened_all(models) as states:
         merged = build(method, resolved, base_state, states, device=device, deltas_dtype=deltas_dtype)
-    outcome = optimise(merged, inputs, options, progress=show)
+    outcome = optimise(merged, inputs, options, progress=progress)
     table = {g: [float(c) for c in outcome.coefficients[i].tolist()] for i, g in enumerate(merged.groups)}
     del merged
-    result = AdaptResult(method, resolved, chosen, table, outcome.trace,
-                         {"unlabelled": unlabelled if isinstance(unlabelled, str) else "given",
-                          "deltas_dtype": deltas_dtype, "device": device, "expert_accuracy": inputs.expert_accuracy,
-                          **{k: getattr(options, k) for k in ("steps", "lr", "batch_size", "batches", "clamp", "seed",
-                                                              "eval_every", "max_len")}},
+    result = AdaptResult(method, resolved, tasks, table, outcome.trace,
+                         {**record, "deltas_dtype": deltas_dtype, "device": device,
+                          "expert_accuracy": inputs.expert_accuracy, **{k: getattr(options, k) for k in recorded}},
                          outcome.seconds)
     if out is None:
-        state = api.merge(method, base, model_list, coefficients=result.payload(), progress=False)
+        state = api.merge(method, base, models, coefficients=result.payload(), progress=False)
         assert isinstance(state, dict)
         result.merged = state
     else:
-        result.out = write(result, Path(out), base, model_list, overwrite=overwrite, progress=show)
+        result.out = write(result, Path(out), base, models, overwrite=overwrite, progress=progress)
     return result
 
 

@@ -20,7 +20,7 @@ from mergelab.errors import MergelabError
 from mergelab.experiment.store import Row, Store
 from mergelab.io.leftovers import write_text
 from mergelab.report import plots
-from mergelab.report.tables import md_table, mean_std, per_task, subset_size_means, sweeps
+from mergelab.report.tables import adapt_curves, adapt_entropy, md_table, mean_std, per_task, subset_size_means, sweeps
 
 __all__ = ["write_report"]
 
@@ -109,6 +109,7 @@ def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str
         series = {str(r[0]): r[1:1 + len(tasks)] for r in table if not fixed or r[0] in fixed}
         path = plots.bar_chart(assets / f"{slug}_tasks.png", "accuracy per task", tasks, series)
         lines += [_image(path, root, "accuracy per task"), ""]
+        lines += _adapted(full, assets, root, slug)
     swept = [r for r in rows if r.config["subset"] == "all" and r.config.get("swept")]
     for param, groups in sweeps(swept).items():
         lines += [f"Sweep of `{param}` (average accuracy over all tasks):", "",
@@ -132,6 +133,26 @@ def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str
             path = plots.line_plot(assets / f"{slug}_subsets{suffix}.png", f"{what} vs number of merged tasks",
                                    "number of tasks", lines_by_label)
             lines += [_image(path, root, f"{what} vs number of tasks"), ""]
+    return lines
+
+
+def _adapted(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+    """Test-time-adapted runs: the objective's first and last values, and average accuracy against steps."""
+    curves, entropy = adapt_curves(rows), adapt_entropy(rows)
+    if not entropy:
+        return []
+    lines = ["Test-time adaptation: the objective (sum over tasks of the mean prediction entropy on a step's "
+             "unlabelled batches) at the first step and averaged over the last 10:", "",
+             md_table(["run", "steps", "objective, step 1", "objective, last 10"],
+                      [[label, n, f"{a:.3f}", f"{b:.3f}"] for label, (a, b, n) in entropy.items()]), ""]
+    if curves:
+        steps = sorted({s for xs, _ in curves.values() for s in xs})
+        lookup = {label: dict(zip(xs, ys, strict=True)) for label, (xs, ys) in curves.items()}
+        lines += ["Average accuracy against adaptation steps (the trace; step 0 = the coefficients' initial value):", "",
+                  md_table(["run", *[f"{s:g}" for s in steps]],
+                           [[label, *[lookup[label].get(s) for s in steps]] for label in curves]), ""]
+        path = plots.line_plot(assets / f"{slug}_adapt.png", "average accuracy vs adaptation steps", "step", curves)
+        lines += [_image(path, root, "accuracy vs adaptation steps"), ""]
     return lines
 
 

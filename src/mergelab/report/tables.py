@@ -71,3 +71,25 @@ def sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[f
             pairs = sorted(zip(xs, ys, strict=True))
             groups[group] = ([p[0] for p in pairs], [p[1] for p in pairs])
     return out
+
+
+def adapt_curves(rows: Sequence[Row]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{label: (steps, average accuracy)}`` from the accuracy trace of test-time-adapted runs (``metrics.adapt``)."""
+    out = {}
+    for row in rows:
+        trace = ((row.metrics or {}).get("adapt") or {}).get("trace", [])
+        points = [(float(e["step"]), float(e["average"])) for e in trace if "average" in e]
+        if points:
+            out[row.label] = ([p[0] for p in points], [p[1] for p in points])
+    return out
+
+
+def adapt_entropy(rows: Sequence[Row]) -> dict[str, tuple[float, float, int]]:
+    """``{label: (first step's objective, mean of the last 10 steps', steps)}`` of test-time-adapted runs."""
+    out = {}
+    for row in rows:
+        values = [float(e["entropy"]) for e in ((row.metrics or {}).get("adapt") or {}).get("trace", []) if "entropy" in e]
+        if values:
+            tail = values[-10:]
+            out[row.label] = (values[0], sum(tail) / len(tail), len(values))
+    return out

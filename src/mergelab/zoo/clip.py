@@ -5,7 +5,9 @@ encoders of CLIP ViT-B/32 (or L/14) fine-tuned on 8 tasks, each scored with its 
 class, the mean of the normalised text embeddings of the dataset's prompt templates, renormalised
 (``build_classification_head`` in mlfoundations/task_vectors ``src/heads.py``; templates from its
 ``src/datasets/templates.py``, reproduced as data below). Logits = image features @ head.T (the logit
-scale does not change the argmax). Everything loads from local folders; see README "The papers' setting".
+scale does not change the argmax; the test-time adaptation, :func:`mergelab.adapt.adapt_clip`, whose entropy
+it does change, multiplies by CLIP's ``logit_scale.exp()`` as the official heads). Everything loads from local
+folders; see README "The papers' setting".
 """
 
 from __future__ import annotations
@@ -81,6 +83,33 @@ def image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
+def templates_for(task: str) -> list[str]:
+    """The task's prompt templates: ``TEMPLATES[task]`` (case-insensitive) or CLIP's "a photo of a {}."."""
+    return TEMPLATES.get(task.lower(), _PHOTO[:1])
+
+
+def task_data(task: str, data: Any, classnames: Sequence[str] | None) -> tuple[list[Any], list[int], list[str]]:
+    """``(images, labels, class names)`` of a task given as an image folder (``root/<class>/<image>``; class
+    names default to the folder names) or a sequence of ``{"image": PIL image, "label": int}`` records (a
+    Hugging Face ``datasets`` split, whose class names must then be given); one-line MergelabError otherwise."""
+    if isinstance(data, (str, Path)):
+        folder_classes, items = image_folder(data)
+        images: list[Any] = [p for p, _ in items]
+        labels = [c for _, c in items]
+        classnames = classnames or folder_classes
+    else:
+        try:
+            images, labels = [r["image"] for r in data], [int(r["label"]) for r in data]
+        except (TypeError, KeyError, ValueError):
+            raise MergelabError(f"task {task!r}: data must be an image folder or records with an image and an "
+                                "integer label") from None
+        if not images:
+            raise MergelabError(f"task {task!r}: no images")
+    if not classnames:
+        raise MergelabError(f"task {task!r}: class names needed for its zero-shot head")
+    return images, labels, list(classnames)
+
+
 @torch.no_grad()
 def encode_images(model: Any, processor: Any, images: Sequence[Any], *, batch_size: int = 64, device: str = "cpu",
                   progress: bool = False, desc: str = "images") -> torch.Tensor:
@@ -136,17 +165,9 @@ def evaluate_clip(vision: Any, clip_folder: str | Path, tasks: dict[str, tuple[A
     if vision is not None:
         load_vision(model, vision)
     acc = {}
-    for task, (data, classnames) in tasks.items():
-        if isinstance(data, (str, Path)):
-            folder_classes, items = image_folder(data)
-            images: Sequence[Any] = [p for p, _ in items]
-            labels = [c for _, c in items]
-            classnames = classnames or folder_classes
-        else:
-            images, labels = [r["image"] for r in data], [int(r["label"]) for r in data]
-        if not classnames:
-            raise MergelabError(f"task {task!r}: class names needed for its zero-shot head")
-        head = zero_shot_head(model, tokenizer, classnames, TEMPLATES.get(task.lower(), _PHOTO[:1]), device)
+    for task, (data, names) in tasks.items():
+        images, labels, classnames = task_data(task, data, names)
+        head = zero_shot_head(model, tokenizer, classnames, templates_for(task), device)
         emb = encode_images(model, processor, images, batch_size=batch_size, device=device, progress=progress,
                             desc=f"eval {task}")
         acc[task] = float(((emb @ head.T).argmax(1) == torch.tensor(labels)).float().mean())
