@@ -117,7 +117,7 @@ def _finetune(base_path: Path, path: Path, index: int) -> None:
 def decomposition_timer() -> Iterator[dict[str, float]]:
     """Accumulates seconds and calls inside ``torch.linalg.svd``, ``torch.linalg.eigh``,
     ``scipy.linalg.eigh`` and mergelab's GIL-free LAPACK calls (its float64 CPU path: ``eigh_top``
-    counted as eigh, ``lapack_svd`` as svd, wrapped where ``_svd`` looks them up). Every
+    counted as eigh, ``lapack_svd`` as svd, wrapped where ``ops.svd`` looks them up). Every
     implementation looks them up on their module at call time, so wrapping them there counts all.
     Calls on several threads at once add up: thread seconds."""
     import torch
@@ -130,7 +130,7 @@ def decomposition_timer() -> Iterator[dict[str, float]]:
     except ImportError:  # a benchmark venv without SciPy
         pass
     try:
-        from mergelab.methods import _svd
+        from mergelab.ops import svd as _svd
 
         wrapped += [(_svd, "eigh_top", "eigh"), (_svd, "lapack_svd", "svd")]
     except ImportError:  # FusionBench's venv

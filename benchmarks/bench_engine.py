@@ -361,7 +361,7 @@ def machine() -> dict:
 
 def native_kernels() -> str:
     """Build (or find) global TIES' compiled kernels; which library, or why there is none."""
-    from mergelab.engine import native
+    from mergelab.ops import native
 
     try:
         return native.build().name

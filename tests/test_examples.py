@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mergelab
+import mergelab.io.names as names
 import mergelab.zoo.backbones as backbones
 from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
@@ -26,7 +27,8 @@ def fake_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     base = tiny_state(0)
     (tmp_path / "minilm").mkdir()
     save_file(base, str(tmp_path / "minilm" / "model.safetensors"))
-    monkeypatch.setattr(backbones, "backbone_folder", lambda name, cache_dir=None: tmp_path / "minilm")
+    for module in (backbones, names):  # where names are resolved, and the zoo's own name
+        monkeypatch.setattr(module, "backbone_folder", lambda name, cache_dir=None: tmp_path / "minilm")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     job = yaml.safe_load((EXAMPLES / "merge_job.yaml").read_text(encoding="utf-8"))
     experts = {}

@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 import mergelab  # noqa: E402
 from adapt.tiny import build  # noqa: E402
 from mergelab.adapt import adapt  # noqa: E402
-from mergelab.adapt import coefficients as coef  # noqa: E402
 from mergelab.errors import MergelabError  # noqa: E402
+from mergelab.ops import coefficients as coef  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 import mergelab
 from conftest import finetune_of, tiny_state
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt import components
 from mergelab.adapt.model import build
 from mergelab.adapt.objective import entropy
 from mergelab.errors import MergelabError
-from mergelab.methods._common import disjoint_merge, elect_sign
 from mergelab.methods.registry import get_method
+from mergelab.ops import adaptive as components
+from mergelab.ops import coefficients as coef
+from mergelab.ops.sparsify import disjoint_merge, elect_sign
 
 
 def test_entropy_by_hand() -> None:

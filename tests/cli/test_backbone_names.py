@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import mergelab
+import mergelab.io.names as names
 import mergelab.zoo.backbones as backbones
 from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
@@ -22,7 +23,8 @@ def packaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "site-packages" / "minilm"
     folder.mkdir(parents=True)
     save_file(tiny_state(0), str(folder / "model.safetensors"))
-    monkeypatch.setattr(backbones, "backbone_folder", lambda name, cache_dir=None: folder)
+    for module in (backbones, names):  # where names are resolved, and the zoo's own name
+        monkeypatch.setattr(module, "backbone_folder", lambda name, cache_dir=None: folder)
     return folder
 
 

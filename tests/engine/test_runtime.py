@@ -11,7 +11,7 @@ import torch
 
 import mergelab
 from conftest import finetune_of, save_states, tiny_state
-from mergelab.engine import stream
+from mergelab.engine import chunks, stream
 from mergelab.errors import MergelabError
 
 
@@ -57,7 +57,7 @@ def test_non_finite_input_is_named(tmp_path, dtype, culprit, value):
     ("ties", {}),  # global statistics: runs serially, still equal
 ])
 def test_chunks_on_several_threads_give_the_serial_result(monkeypatch, method, hparams):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 5)  # many chunks per tensor
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 5)  # many chunks per tensor
     base = tiny_state(0)
     models = [finetune_of(base, 1), finetune_of(base, 2), finetune_of(base, 3)]
     threads = torch.get_num_threads()
@@ -80,7 +80,7 @@ def test_run_chunks_runs_chunks_at_the_same_time_and_each_once():
             meeting.wait()
         done.append(start)
 
-    stream.run_chunks(work, range(0, 60, 3), threads=2)
+    chunks.run_chunks(work, range(0, 60, 3), threads=2)
     assert sorted(done) == list(range(0, 60, 3))
 
 
@@ -93,12 +93,12 @@ def test_run_chunks_raises_the_first_error_and_stops():
         done.append(start)
 
     with pytest.raises(ValueError, match="chunk 4 failed"):
-        stream.run_chunks(work, range(1000), threads=2)
+        chunks.run_chunks(work, range(1000), threads=2)
     assert len(done) < 999  # the other thread stopped instead of finishing the tensor
 
 
 def test_non_finite_input_is_named_when_chunks_run_in_parallel(monkeypatch, tmp_path):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 4)
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 4)
     states = [tiny_state(0), finetune_of(tiny_state(0), 1), finetune_of(tiny_state(0), 2)]
     states[2]["layer.0.mlp.weight"][7, 5] = float("nan")  # in the tensor's last chunk
     paths = save_states(states, tmp_path)

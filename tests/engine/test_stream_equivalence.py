@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import mergelab
 from conftest import assert_close, finetune_of, tiny_state, write_sharded
-from mergelab.engine import stream
+from mergelab.engine import chunks, stream
 
 Combine = Callable[[torch.Tensor], torch.Tensor]  # (T, *shape) task vectors -> merged task vector
 
@@ -89,7 +89,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streamed_equals_in_memory_reference_for_every_form(tmp_path, monkeypatch, case, dtype):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 5)  # several column chunks per tensor
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 5)  # several column chunks per tensor
     hparams, expected_of = CASES[case]
     base = tiny_state(0, dtype)
     models = [finetune_of(base, i) for i in range(3)]
@@ -116,7 +116,7 @@ def test_written_output_with_reused_buffers_equals_in_memory_merge(tmp_path, mon
     in-memory merge returns."""
     from mergelab.io.sources import SafetensorsSource
 
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 5)
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 5)
     if copied:
         monkeypatch.setattr(SafetensorsSource, "copies", lambda self, name: True)
     into_given: list[bool] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_the_previous_output_is_put_back_when_the_new_one_is_gone(files, capsys)
     mergelab.merge("task_arithmetic", str(files["base"]), [str(files["m"])], out=files["out"], scaling=1.0)
     killed_at(files, "place")
     for folder in files["root"].glob(".out.mergelab-new-*"):
-        writer_module.shutil.rmtree(folder)
+        shutil.rmtree(folder)
     assert main(merge_argv(files)) == 2
     assert same(read_out(files["out"]), old)
     assert names(files["root"]) == ["base.safetensors", "m.safetensors", "out"]
@@ -144,7 +145,7 @@ def test_a_removal_cut_short_never_leaves_something_to_put_back(files, monkeypat
     leftovers_module.sweep(files["out"])
     assert left_beside(files["root"]) == ["tmp"]  # renamed to a temporary before its removal began
     monkeypatch.undo()
-    writer_module.shutil.rmtree(files["out"])
+    shutil.rmtree(files["out"])
     assert leftovers_module.restorable(files["out"]) is None  # a partly removed folder is never put back
     leftovers_module.sweep(files["out"])
     assert names(files["root"]) == ["base.safetensors", "m.safetensors"]
@@ -247,7 +248,7 @@ def test_a_full_disk_while_committing_is_one_line_and_leaves_nothing(tmp_path, m
     elif where == "fsync":
         monkeypatch.setattr(writer_module.os, "fsync", enospc)
     elif where == "extras":
-        monkeypatch.setattr(writer_module.shutil, "copyfile", enospc)
+        monkeypatch.setattr(shutil, "copyfile", enospc)
     elif where == "rename":
         monkeypatch.setattr(writer_module.os, "replace", enospc)
     else:

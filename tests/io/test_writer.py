@@ -238,9 +238,9 @@ def test_metadata_reserved_blank_is_filled_before_commit_in_every_shard(tmp_path
 
 
 def test_a_rank_record_too_long_for_its_reservation_drops_its_example():
-    from mergelab.engine.stream import RANK_WIDTH, _fitting
+    from mergelab.engine.provenance import RANK_WIDTH, fitting
 
     short = json.dumps({"matrices": 3, "worst": {"tensor": "w"}})
-    assert _fitting(short) == short
+    assert fitting(short) == short
     long = json.dumps({"matrices": 3, "worst": {"tensor": "w" * RANK_WIDTH}})
-    assert json.loads(_fitting(long)) == {"matrices": 3}
+    assert json.loads(fitting(long)) == {"matrices": 3}

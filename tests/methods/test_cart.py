@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 import mergelab
 from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
-from mergelab.methods._spectral import OFFICIAL_EXCLUDE, is_matrix
 from mergelab.methods.cart import PRESETS, cart, kept_rank
 from mergelab.methods.registry import TensorCtx
+from mergelab.ops.spectral import OFFICIAL_EXCLUDE, is_matrix
 
 
 def official_cart(

@@ -18,9 +18,10 @@ from safetensors import safe_open
 import mergelab
 from mergelab.continual.opcm import project_out
 from mergelab.errors import MergelabError
-from mergelab.methods import _spectral, _svd
-from mergelab.methods._spectral import NOTE, RANK_TOL, LowRankWarning
 from mergelab.methods.registry import TensorCtx, get_method
+from mergelab.ops import spectral as _spectral
+from mergelab.ops import svd as _svd
+from mergelab.ops.spectral import NOTE, RANK_TOL, LowRankWarning
 
 SPECTRAL = ["tsv", "iso_c", "iso_cts"]
 SHAPES = [(48, 32), (32, 32), (24, 64)]  # tall, square, wide: min(m, n) >= 24, so TSV-M keeps k >= 6 >= rank

@@ -164,9 +164,9 @@ def test_hand_checked_tiny_case(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_streamed_global_equals_official(variant, monkeypatch):
-    from mergelab.engine import stream
+    from mergelab.engine import chunks
 
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 64)  # many chunks per tensor, tensors split across chunks
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 64)  # many chunks per tensor, tensors split across chunks
     base, models = model_trio(0)
     flat = torch.stack([flatten(m, base, FLOATING) for m in models])
     flat_ptm = torch.cat([base[n].reshape(-1) for n in FLOATING])

@@ -12,16 +12,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_close
-from mergelab.methods._svd import EPS64, error_estimate, fast_svd, solver, svd, svd_driver, tolerance
 from mergelab.methods.cart import cart, cart_matrix
 from mergelab.methods.iso_c import iso_c, iso_c_matrix
 from mergelab.methods.iso_cts import iso_cts, iso_cts_matrix
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.tsv import tsv, tsv_matrix
+from mergelab.ops.svd import EPS64, error_estimate, fast_svd, solver, svd, svd_driver, tolerance
 
 TOL32 = tolerance(torch.float32)
-_svd_module = sys.modules["mergelab.methods._svd"]
-_spectral_module = sys.modules["mergelab.methods._spectral"]
+_svd_module = sys.modules["mergelab.ops.svd"]
+_spectral_module = sys.modules["mergelab.ops.spectral"]
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def test_tensor_scope_equals_official_per_tensor():
 
 
 def test_tensor_scope_radix_threshold_equals_official(monkeypatch):
-    from mergelab.methods import _common
+    from mergelab.ops import sparsify as _common
 
     monkeypatch.setattr(_common, "_RADIX_MIN", 1)  # every tensor takes the radix selection, not kthvalue
     base = tiny_state(5)
@@ -99,7 +99,7 @@ taus_with_ties = st.integers(1, 4).flatmap(  # repeated values and signed zeros
 @settings(max_examples=40, deadline=None, database=None)
 @given(taus_with_ties, st.integers(0, 8))
 def test_kth_threshold_radix_path_equals_kthvalue(taus, rank):
-    from mergelab.methods import _common
+    from mergelab.ops import sparsify as _common
 
     magnitudes = taus.abs()
     expected = _common.kth_threshold(magnitudes, rank)  # tiny rows: kthvalue (or the 0 / d + 1 cases)
@@ -193,9 +193,9 @@ def test_continual_ties_applies_the_majority_sign_too():
 
 @pytest.mark.parametrize("threads", [1, 3])  # 3: the chunks are merged (and their pending patches kept) in parallel
 def test_majority_patches_span_several_chunks(monkeypatch, threads):
-    from mergelab.engine import stream
+    from mergelab.engine import chunks
 
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 2)  # w (6 elements) is merged in 3 chunks
     base, models = cancellation_case()
     models[0]["w"][5], models[1]["w"][5] = 0.75, -0.75  # a second cancellation, in another chunk
     models[0]["w"][3], models[1]["w"][3] = 0.5, -0.5  # and a third

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 import mergelab
 from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
-from mergelab.methods._spectral import OFFICIAL_EXCLUDE, polar, svd_driver
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.tsv import tsv
+from mergelab.ops.spectral import OFFICIAL_EXCLUDE, polar, svd_driver
 
 
 def official_tsvm(task_vectors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

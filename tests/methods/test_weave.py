@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import mergelab
 from conftest import assert_close, finetune_of, tiny_state
 from mergelab.cli.main import main
-from mergelab.engine import stream
+from mergelab.engine import chunks
 from mergelab.errors import MergelabError
 from mergelab.methods.registry import all_methods
 from mergelab.methods.weave import STANDARD, search_space
@@ -95,7 +95,7 @@ def test_equals_algorithm_one_run_literally(inner, pooling):
 
 
 def test_ties_global_with_a_corrected_entry_in_chunks_equals_the_algorithm(monkeypatch):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 3)  # the corrected entries sit in later chunks
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 3)  # the corrected entries sit in later chunks
     gen = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(4, 5, generator=gen), "b": torch.randn(7, generator=gen)}
     first = {k: v - 1.0 for k, v in base.items()}  # mostly negative task vectors: majority sign -1

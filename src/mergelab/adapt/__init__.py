@@ -6,8 +6,9 @@ of a merge by minimising the entropy of each task's predictions on its unlabelle
 ordinary merged model folder with the learned coefficients (``adapt_coefficients.json``) and the
 entropy/accuracy trace (``adapt_trace.json``);
 ``mergelab merge --method M --set coefficients=FOLDER/adapt_coefficients.json`` rebuilds the same model
-without data. Modules: :mod:`.components` (the merged tensor as an affine function of the coefficients),
-:mod:`.coefficients` (groups and the file), :mod:`.model` (the differentiable merged model), :mod:`.objective`
+without data. Modules: :mod:`mergelab.ops.adaptive` (the merged tensor as an affine function of the
+coefficients) and :mod:`mergelab.ops.coefficients` (groups and the file), shared with the merge methods that
+rebuild the model; here :mod:`.model` (the differentiable merged model), :mod:`.objective`
 (the entropy), :mod:`.encoders` (texts or images to features), :mod:`.data` (the text tasks' inputs and heads),
 :mod:`.images` (the CLIP image tasks' and ``adapt_clip``), :mod:`.optimise` (the loop), :mod:`.run` (the API).
 """

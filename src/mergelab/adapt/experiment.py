@@ -50,14 +50,15 @@ def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 def merged_for_run(method: str, params: Mapping[str, Any], zoo: Any, tasks: list[str], device: str,
                    options: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
     """The merged state dict of one experiment run, and (adapted runs) the coefficients and trace to store."""
-    import mergelab
+    from mergelab import api
+    from mergelab.adapt.run import adapt
 
     models = [zoo.experts[t] for t in tasks]
     if not adapts(method, params):
-        return mergelab.merge(method, zoo.base, models, device=device, progress=False, **params), None
+        return api.merge(method, zoo.base, models, device=device, progress=False, **params), None
     full = resolve_options(options)
     cache_dir = zoo.path.parents[2] if getattr(zoo, "path", None) is not None else None
-    result = mergelab.adapt(method, zoo, tasks=tasks, device=device, progress=False, cache_dir=cache_dir,
-                            **full, **params)
+    result = adapt(method, zoo, tasks=tasks, device=device, progress=False, cache_dir=cache_dir,
+                   **full, **params)
     return result.merged, {"coefficients": result.payload(), "trace": result.trace,
                            "seconds": round(result.seconds, 3)}

@@ -1,7 +1,7 @@
 """The differentiable merged model: weights as a function of the coefficients, forwards without model copies.
 
 ``MergedWeights`` holds, per floating tensor of the base, ``anchor = base + anchor_delta`` and the per-task
-``deltas`` (:mod:`.components`), computed once; ``weights(coef)`` gives
+``deltas`` (:mod:`mergelab.ops.adaptive`), computed once; ``weights(coef)`` gives
 ``{name: anchor + sum_t coef[g(name), t] * delta_t}`` (autograd flows to ``coef``), and ``forward`` runs the
 backbone on them through ``torch.func.functional_call``: no module is copied and nothing is loaded per step.
 Deltas are kept in float32, or in bfloat16 (``deltas_dtype="bfloat16"``: half the memory) with the sum
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt import components
 from mergelab.errors import MergelabError
+from mergelab.ops import adaptive as components
+from mergelab.ops import coefficients as coef
 
 DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

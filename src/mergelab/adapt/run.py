@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from mergelab.adapt import METHODS
-from mergelab.adapt import coefficients as coef
 from mergelab.adapt.data import Inputs
 from mergelab.adapt.optimise import Options
 from mergelab.errors import MergelabError
+from mergelab.ops import coefficients as coef
 
 
 @dataclass
@@ -128,13 +128,13 @@ def run(method: str, base: Any, tasks: list[str], models: list[Any], load: Calla
     """The adaptation shared by :func:`adapt` (text zoo) and :func:`~mergelab.adapt.images.adapt_clip`: every
     header check (``mergelab.plan``), then ``load()`` the inputs, build the deltas, optimise, and return or write
     the merged model. ``record``: what the options entry of the result adds first (the inputs' description)."""
-    import mergelab
+    from mergelab import api
     from mergelab.adapt.model import build
     from mergelab.adapt.optimise import optimise
     from mergelab.methods.registry import get_method
 
     resolved = get_method(method).resolve(dict(hparams), len(models))
-    mergelab.plan(method, base, models, out=out, overwrite=overwrite, **hparams)  # every header check first
+    api.plan(method, base, models, out=out, overwrite=overwrite, **hparams)  # every header check first
     inputs = load()
     with _opened(base) as base_state, _opened_all(models) as states:
         merged = build(method, resolved, base_state, states, device=device, deltas_dtype=deltas_dtype)
@@ -146,7 +146,7 @@ def run(method: str, base: Any, tasks: list[str], models: list[Any], load: Calla
                           "expert_accuracy": inputs.expert_accuracy, **{k: getattr(options, k) for k in recorded}},
                          outcome.seconds)
     if out is None:
-        state = mergelab.merge(method, base, models, coefficients=result.payload(), progress=False)
+        state = api.merge(method, base, models, coefficients=result.payload(), progress=False)
         assert isinstance(state, dict)
         result.merged = state
     else:
@@ -156,9 +156,9 @@ def run(method: str, base: Any, tasks: list[str], models: list[Any], load: Calla
 
 def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overwrite: bool, progress: bool) -> Path:
     """The merged folder + coefficients + trace, assembled beside ``out`` and renamed into place when complete."""
-    import mergelab
+    from mergelab import api
     from mergelab.io import leftovers
-    from mergelab.io.writer import place
+    from mergelab.io.placing import place
 
     if out.suffix == ".safetensors":
         raise MergelabError("adapt writes a folder (model, coefficients, trace); give a folder name", file=str(out))
@@ -170,7 +170,7 @@ def write(result: AdaptResult, out: Path, base: Any, models: list[Any], *, overw
         # folder that the next run's sweep recognises as stale (a sibling target would get its own name)
         staged.mkdir(0o777)
         inner = staged / "model"
-        mergelab.merge(result.method, base, models, out=inner, coefficients=result.payload(), progress=progress)
+        api.merge(result.method, base, models, out=inner, coefficients=result.payload(), progress=progress)
         for entry in sorted(inner.iterdir()):
             os.replace(entry, staged / entry.name)
         inner.rmdir()

@@ -9,8 +9,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from mergelab import __version__, threads
+from mergelab import threads
 from mergelab.errors import MergelabError
+from mergelab.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from mergelab import __version__, threads
-from mergelab.continual import rules
-from mergelab.continual.opcm import project_out
+from mergelab import threads
+from mergelab.continual.rules import RuleCtx, all_rules, get_rule
 from mergelab.continual.state import (
     Generation,
     StateSource,
@@ -39,37 +38,17 @@ from mergelab.continual.state import (
     tensor_entry,
     tensor_sha256,
 )
-from mergelab.engine.plan import check_models, resolve_device
-from mergelab.engine.stream import all_finite
+from mergelab.continual.steps import Null, as_json, fingerprint, hash_tensor, progress_bar
 from mergelab.errors import MergelabError
+from mergelab.io.checks import check_models
 from mergelab.io.names import resolve_model_name
+from mergelab.io.placing import check_new_folder, input_paths
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
-from mergelab.io.writer import CheckpointWriter, check_new_folder, input_paths
-from mergelab.methods._spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
-from mergelab.methods.registry import TensorCtx, resolve_hparams
-from mergelab.methods.ties import TiesGlobalStats, ties
-from mergelab.methods.ties import _finalize as ties_finalize
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "opcm": {"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": [],
-             "low_rank": "auto", "rank_tol": RANK_TOL},
-    "continual_ta": {"scaling": 0.3},
-    "continual_ties": {"scaling": 0.5, "density": 0.2, "merge_func": "sum"},
-    "swa": {},
-}
-CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "opcm": {"projection": ("official", "paper"), "non_matrix": ("official", "average"), "low_rank": LOW_RANK},
-    "continual_ties": {"merge_func": ("mean", "sum", "max")},
-}
-
-
-def _check(hp: dict[str, Any], n_models: int) -> None:
-    if "alpha" in hp and not 0.0 <= hp["alpha"] <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
-    if "density" in hp and not 0.0 <= hp["density"] <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {hp['density']}")
-    check_rank_tol(hp)
+from mergelab.io.writer import CheckpointWriter
+from mergelab.ops.device import resolve_device
+from mergelab.ops.finite import all_finite
+from mergelab.version import __version__
 
 
 class ContinualMerger:
@@ -81,7 +60,8 @@ class ContinualMerger:
         base: the pre-trained model (any model-like input). To ``save`` a merger and continue
             it later, pass the base as a path, which the state records.
         device: where per-tensor maths runs (``"cpu"`` or ``"cuda"``).
-        **hparams: the method's hyperparameters (defaults in ``DEFAULTS``, sources in the docs).
+        **hparams: the rule's hyperparameters (defaults and sources: ``mergelab methods``; the rules are
+            registered in :mod:`mergelab.continual.rules`, one module each).
 
     Example:
         >>> cm = ContinualMerger("opcm", base="base/", alpha=0.5)
@@ -92,10 +72,9 @@ class ContinualMerger:
 
     def __init__(self, method: str, base: Any, *, device: str = "cpu", **hparams: Any):
         threads.ensure()
-        if method not in DEFAULTS:
-            raise MergelabError(f"unknown continual method {method!r}; available: {', '.join(sorted(DEFAULTS))}")
+        self.rule = get_rule(method)
         self.method = method
-        self.hparams = resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), _check, hparams, 1)
+        self.hparams = self.rule.resolve(hparams)
         base = resolve_model_name(base)  # a backbone name -> its folder, recorded as such (mergelab.io.names)
         self.base_ref = str(Path(base).resolve()) if isinstance(base, (str, Path)) else None
         self.base = open_source(base, "<base>")
@@ -120,7 +99,7 @@ class ContinualMerger:
         check_models(self.base, [source])
         label = name or source.label
         show = sys.stderr.isatty() if progress is None else progress
-        with locked(self._state_dir) if self._state_dir is not None else _Null():
+        with locked(self._state_dir) if self._state_dir is not None else Null():
             self._check_not_moved()
             content = self._check_inputs(source, show)
             previous = next((m for m in self.added if m["sha256"] == content), None)
@@ -136,10 +115,10 @@ class ContinualMerger:
         """The model's content hash; refuses NaN/Inf in it and checks each state tensor (checksum,
         finite values) on the way -- one streaming read of both, no merge maths."""
         digest = hashlib.sha256()
-        with _bar(show, self._floating_bytes(), "check") as bar:
+        with progress_bar(show, self._floating_bytes(), "check") as bar:
             for tensor_name in self.floating:
                 raw = source.get(tensor_name)
-                _hash_tensor(digest, tensor_name, raw)
+                hash_tensor(digest, tensor_name, raw)
                 if not finite(raw):
                     raise MergelabError("contains NaN or Inf values", file=source.file_of(tensor_name), tensor=tensor_name)
                 source.release(tensor_name)
@@ -151,13 +130,13 @@ class ContinualMerger:
 
     def _merge(self, source: TensorSource, entry: dict[str, str], show: bool) -> None:
         """The merge pass: the new state, written as a generation and committed (or kept in memory)."""
-        stats = self._ties_stats(source) if self.method == "continual_ties" and self.step > 0 else None
+        stats = self._statistics(source) if self.rule.stats is not None and self.step > 0 else None
         new_state: dict[str, torch.Tensor] = {}
         checksums: dict[str, str] = {}
         scalars = dict(self.scalars)
         tau_sq = u_sq = 0.0
         writer = self._open_generation(self.step + 1) if self._state_dir is not None else None
-        with writer if writer is not None else _Null(), _bar(show, self._floating_bytes(), self.method) as bar:
+        with writer if writer is not None else Null(), progress_bar(show, self._floating_bytes(), self.method) as bar:
             for tensor_name in self.floating:
                 base = self.base.get(tensor_name).to(self.device, torch.float32)
                 tau = source.get(tensor_name).to(self.device, torch.float32) - base
@@ -165,8 +144,9 @@ class ContinualMerger:
                     raise MergelabError("differs from the base by more than float32 holds",
                                         file=source.file_of(tensor_name), tensor=tensor_name)
                 state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
-                updated = self._update(tensor_name, state, tau, stats)
-                if self.method != "opcm" or self._rescaled(tensor_name):
+                ctx = RuleCtx(tensor_name, self._is_matrix(tensor_name), self.step, stats=stats)
+                updated = self.rule.update(state, tau, ctx, **self.hparams)
+                if self.rule.counts_in_norm(ctx, self.hparams):
                     tau_sq += float(tau.double().pow(2).sum())
                     u_sq += float(updated.double().pow(2).sum())
                 out = updated.to("cpu", torch.float32).contiguous()
@@ -179,7 +159,7 @@ class ContinualMerger:
                 else:
                     new_state[tensor_name] = out
                 bar.update(self.base.specs[tensor_name].nbytes)
-            patched = self._apply_ties_majority(stats, writer, new_state) if stats is not None else []
+            patched = self._apply_patches(stats, writer, new_state) if stats is not None else []
             scalars["norm_sum"] = scalars.get("norm_sum", 0.0) + math.sqrt(tau_sq)
             scalars["state_norm_sq"] = u_sq
             if writer is not None:
@@ -225,7 +205,7 @@ class ContinualMerger:
             raise MergelabError("no model added yet: nothing to export")
         layout = [(n, self.base.specs[n]) for n in self.base.specs]
         metadata = {"mergelab.version": __version__, "mergelab.method": self.method,
-                    "mergelab.hparams": _json(self.hparams), "mergelab.inputs": _json(self.added)}
+                    "mergelab.hparams": as_json(self.hparams), "mergelab.inputs": as_json(self.added)}
         inputs = input_paths([self.base]) + ([self._state_dir] if self._state_dir is not None else [])
         with CheckpointWriter(out, layout, metadata, overwrite=overwrite, inputs=inputs) as writer:
             for name, tensor in self._iter_merged():
@@ -285,19 +265,17 @@ class ContinualMerger:
         state_dir = Path(state_dir)
         generation = read_current(state_dir)
         manifest = generation.manifest
-        if manifest["method"] not in DEFAULTS:
+        if manifest["method"] not in all_rules():
             raise MergelabError(f"state manifest: unknown continual method {manifest['method']!r}",
                                 file=generation.manifest_file)
+        rule = get_rule(manifest["method"])
         try:  # the stored hyperparameters pass the same checks as given ones
-            resolve_hparams(manifest["method"], DEFAULTS[manifest["method"]], CHOICES.get(manifest["method"], {}),
-                            _check, manifest["hparams"], 1)
+            rule.resolve(manifest["hparams"])
         except MergelabError as err:
             raise MergelabError(f"state manifest: {err.message}", file=generation.manifest_file) from None
-        hparams = dict(manifest["hparams"])
-        if manifest["method"] == "opcm":
-            hparams.setdefault("low_rank", "official")  # saved before the option: continue as it began
+        hparams = {**rule.legacy, **manifest["hparams"]}  # saved before an option existed: continue as it began
         merger = cls(manifest["method"], manifest["base"], device=device, **hparams)
-        if manifest["base_fingerprint"] != _fingerprint(merger.base):
+        if manifest["base_fingerprint"] != fingerprint(merger.base):
             raise MergelabError("the base model changed since this state was created", file=manifest["base"])
         merger.step = manifest["step"]
         merger.added = [{"name": m["name"], "sha256": m["sha256"]} for m in manifest["models"]]
@@ -313,42 +291,8 @@ class ContinualMerger:
         excluded = any(fnmatch.fnmatchcase(name, pattern) for pattern in self.hparams.get("exclude", []))
         return len(self.base.specs[name].shape) == 2 and not excluded
 
-    def _rescaled(self, name: str) -> bool:
-        """OPCM's global norm rescaling covers every tensor, or only matrices in the 'average' variant."""
-        return self.method == "opcm" and (self.hparams["non_matrix"] == "official" or self._is_matrix(name))
-
-    def _update(self, name: str, state: torch.Tensor | None, tau: torch.Tensor, stats: Any) -> torch.Tensor:
-        hp, count = self.hparams, self.step
-        if self.method == "swa":
-            return tau if state is None else rules.swa_update(state, tau, count)
-        if self.method == "continual_ta":
-            return tau if state is None else rules.ta_update(state, tau)
-        if self.method == "continual_ties":
-            if state is None:
-                first: torch.Tensor = hp["scaling"] * tau
-                return first
-            ctx = TensorCtx(name=name, stats=stats)
-            step = ties(torch.stack([state, tau]), tau, ctx, density=hp["density"], scaling=1.0,
-                        merge_func=hp["merge_func"], scope="global", threshold="official")
-            updated: torch.Tensor = state + hp["scaling"] * step
-            return updated
-        # opcm: the state is the un-normalised running sum lambda_t * tau_merged
-        if state is None:
-            return tau
-        if self._is_matrix(name):
-            rank_tol = dropped_below(hp["low_rank"], hp["rank_tol"])
-            return state + project_out(state, tau, hp["alpha"], hp["projection"], rank_tol)
-        if hp["non_matrix"] == "average":
-            return rules.swa_update(state, tau, count)
-        return state + tau
-
     def _iter_merged(self) -> Any:
         assert self._state is not None
-        factor = 1.0
-        if self.method == "opcm":
-            average_norm = self.scalars["norm_sum"] / self.step
-            state_norm = math.sqrt(self.scalars["state_norm_sq"])
-            factor = average_norm / state_norm if state_norm > 0 else 0.0
         floating = set(self.floating)
         for name, spec in self.base.specs.items():
             base = self.base.get(name)
@@ -356,21 +300,16 @@ class ContinualMerger:
                 yield name, base.clone()
                 continue
             state = self._state.get(name).to(torch.float32)
-            if self.method == "continual_ta":
-                delta = self.hparams["scaling"] * state
-            elif self.method == "opcm" and self._rescaled(name):
-                delta = factor * state
-            else:
-                delta = state
+            ctx = RuleCtx(name, self._is_matrix(name), self.step, self.scalars)
+            delta = self.rule.read(state, ctx, **self.hparams)
             yield name, (base.to(torch.float32) + delta).to(spec.dtype)
 
-    def _apply_ties_majority(self, stats: Any, writer: CheckpointWriter | None,
-                             new_state: dict[str, torch.Tensor]) -> list[str]:
-        """Re-merge the few parameters whose TIES sign needed the model-wide majority (see
-        ties._finalize); returns the names of the tensors changed."""
-        assert self._state is not None
-        hp = {"merge_func": self.hparams["merge_func"], "scaling": self.hparams["scaling"]}
-        patches = ties_finalize(hp, stats)
+    def _apply_patches(self, stats: Any, writer: CheckpointWriter | None,
+                       new_state: dict[str, torch.Tensor]) -> list[str]:
+        """The rule's late corrections (``Rule.patches``: e.g. the few parameters whose TIES sign needed
+        the model-wide majority), added to the previous state; returns the names of the tensors changed."""
+        assert self._state is not None and self.rule.patches is not None
+        patches = self.rule.patches(self.hparams, stats)
         for name, (index, delta) in patches.items():
             values = self._state.get(name).reshape(-1)[index].to(torch.float32) + delta
             if writer is not None:
@@ -379,10 +318,10 @@ class ContinualMerger:
                 new_state[name].view(-1)[index] = values
         return list(patches)
 
-    def _ties_stats(self, source: TensorSource) -> Any:
-        """Whole-model TIES statistics over the two rows [current merged task vector, new tau]."""
-        assert self._state is not None
-        collector = TiesGlobalStats({"density": self.hparams["density"], "threshold": "official"}, 2)
+    def _statistics(self, source: TensorSource) -> Any:
+        """The rule's whole-model statistics over the two rows [current merged task vector, new tau]."""
+        assert self._state is not None and self.rule.stats is not None
+        collector = self.rule.stats(self.hparams)
         for index in range(collector.n_passes):
             for name in self.floating:
                 base = self.base.get(name).to(self.device, torch.float32)
@@ -443,48 +382,6 @@ class ContinualMerger:
             "models": self.added,
             "scalars": self.scalars,
             "base": self.base_ref,
-            "base_fingerprint": _fingerprint(self.base),
+            "base_fingerprint": fingerprint(self.base),
             "mergelab_version": __version__,
         }
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-def _bar(show: bool, total: int, desc: str) -> Any:
-    """A tqdm bar over bytes on stderr, as ``merge``'s; a no-op bar when not shown."""
-    if not show:
-        return _NullBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-
-
-class _NullBar(_Null):
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NullBar:  # type: ignore[override]
-        return self
-
-
-def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _fingerprint(source: TensorSource) -> str:
-    """Hash of the base's tensor names, shapes and dtypes (cheap; catches a swapped base)."""
-    text = "|".join(f"{n}:{s.shape}:{s.dtype}" for n, s in sorted(source.specs.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)

@@ -43,9 +43,15 @@ Default ``alpha=0.5``: FusionBench ``config/method/opcm/opcm.yaml`` and the pape
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from mergelab.methods._svd import svd
+from mergelab.continual.rules import RuleCtx, register_rule
+from mergelab.continual.swa import running_mean
+from mergelab.ops.spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
+from mergelab.ops.svd import svd
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float, projection: str) -> int:
@@ -68,7 +74,7 @@ def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projec
         return tau  # nothing merged yet in this matrix: no subspace to avoid
     # exact, in the compute dtype (float32 by default), as the official code: the official
     # projection uses every singular pair, so the Gram path (accurate in the top ones) does not apply;
-    # _svd.svd decomposes wide matrices through their transpose (2-5x faster on CPU) and picks the CUDA driver
+    # ops.svd.svd decomposes wide matrices through their transpose (2-5x faster on CPU) and picks the CUDA driver
     u, s, vh = svd(merged_tv)  # (m,k) (k,) (k,n)
     v = vh.mT
     r = split_rank(s, alpha, projection)
@@ -84,3 +90,49 @@ def project_out(merged_tv: torch.Tensor, tau: torch.Tensor, alpha: float, projec
         removed = removed + (u_tail * diag) @ v_tail.mT
     cleaned: torch.Tensor = tau - removed
     return cleaned
+
+
+def _check(hp: dict[str, Any], n_models: int) -> None:
+    if not 0.0 <= hp["alpha"] <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
+    check_rank_tol(hp)
+
+
+def _rescaled(ctx: RuleCtx, hp: dict[str, Any]) -> bool:
+    """The global norm rescaling covers every tensor, or only matrices in the 'average' variant."""
+    return hp["non_matrix"] == "official" or ctx.matrix
+
+
+def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
+    """Eq. (10): the state rescaled to the average norm of the task vectors seen so far."""
+    if not _rescaled(ctx, hp):
+        return state
+    average_norm = ctx.scalars["norm_sum"] / ctx.count
+    state_norm = math.sqrt(ctx.scalars["state_norm_sq"])
+    factor = average_norm / state_norm if state_norm > 0 else 0.0
+    return factor * state
+
+
+@register_rule(
+    "opcm",
+    defaults={"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": [],
+              "low_rank": "auto", "rank_tol": RANK_TOL},
+    choices={"projection": ("official", "paper"), "non_matrix": ("official", "average"), "low_rank": LOW_RANK},
+    check=_check,
+    read=_read,
+    in_norm=_rescaled,
+    legacy={"low_rank": "official"},  # states saved before the option continue as they began
+    summary="project each new task vector off the merged one's dominant singular subspace, add, rescale",
+    source="Tang et al. arXiv:2501.09522 Eq. (6)-(10); official tanganke/opcm (FusionBench "
+    "method/opcm/opcm.py merge_linear_weights); default alpha 0.5 from FusionBench config/method/opcm/opcm.yaml",
+)
+def opcm(state: torch.Tensor | None, tau: torch.Tensor, ctx: RuleCtx, *, alpha: float, seed: int, projection: str,
+         non_matrix: str, exclude: list[str], low_rank: str, rank_tol: float) -> torch.Tensor:
+    """The state is the un-normalised running sum ``lambda_t * tau_merged``."""
+    if state is None:
+        return tau
+    if ctx.matrix:
+        return state + project_out(state, tau, alpha, projection, dropped_below(low_rank, rank_tol))
+    if non_matrix == "average":
+        return running_mean(state, tau, ctx.count)
+    return state + tau

@@ -1,30 +1,127 @@
-"""Per-tensor update rules of the continual mergers, as pure functions over one tensor.
+"""Continual rules: how a merger's running state starts, takes one more task vector, and is read off --
+registered like merge methods (name, defaults, choices, check, summary, source), validated by the same
+code (:func:`mergelab.methods.registry.resolve_hparams`) and listed by ``mergelab methods``.
 
-Each rule keeps a float32 *state* tensor per model tensor (never the past models) plus a few
-scalars, and defines how the state starts, how a new task vector ``tau`` updates it, and how the
-merged tensor is read off it:
+A rule keeps one float32 *state* tensor per floating tensor of the base (never the past models) and
+declares, one tensor at a time::
 
-* ``swa`` -- running average of the models (Izmailov et al. 2018; OPCM paper App. C, Eq. 33):
-  state = mean of the task vectors so far; merged = base + state.
-* ``continual_ta`` -- continual Task Arithmetic (OPCM paper App. C, Eq. 35; FusionBench
-  ``method/opcm/task_arithmetic.py``): state = sum of task vectors; merged = base + scaling * state.
-  Default scaling 0.3 (FusionBench ``config/method/opcm/task_arithmetic.yaml``).
-* ``continual_ties`` -- continual TIES as FusionBench ``method/opcm/ties_merging.py``: step 1
-  ``state = scaling * tau_1``; then ``state += scaling * TIES([state, tau_t])`` with the global
-  (whole-model) top-k and majority sign of the official TIES code. Defaults ``scaling=0.5,
-  density=0.2 (threshold 20), merge_func="sum"`` (FusionBench ``config/method/opcm/ties_merging.yaml``).
-* ``opcm`` -- see :mod:`mergelab.continual.opcm`.
+    update(state, tau, ctx, **hparams) -> new state      # state is None for the first model
+    read(state, ctx, **hparams) -> delta                 # merged = base + delta
+
+``ctx`` (:class:`RuleCtx`) says which tensor it is, whether it is a matrix, how many models came
+before, the merger's scalars and the rule's statistics. A rule that needs whole-model statistics over
+the rows ``[state, tau]`` before the merge pass declares ``stats(hparams) -> Collector`` (run by the
+merger as streaming passes, as the engine runs a method's) and ``patches(hparams, stats)`` for entries
+corrected after it (``{name: (flat_index, delta)}``, added to the previous state there).
+
+One module per rule in this package registers it (:mod:`.swa`, :mod:`.continual_ta`,
+:mod:`.continual_ties`, :mod:`.opcm`); a new rule is one more module.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
-
-def swa_update(state: torch.Tensor, tau: torch.Tensor, count: int) -> torch.Tensor:
-    """Running mean after ``count`` previous models: ``state + (tau - state) / (count + 1)``."""
-    return state + (tau - state) / (count + 1)
+from mergelab.errors import MergelabError
+from mergelab.methods.registry import Collector, resolve_hparams
 
 
-def ta_update(state: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    return state + tau
+@dataclass(frozen=True)
+class RuleCtx:
+    """What a rule may know about the tensor it updates or reads.
+
+    Attributes:
+        name: the tensor's name in the checkpoint.
+        matrix: a 2-D tensor that the ``exclude`` hyperparameter (if the rule has one) does not exclude.
+        count: models merged before this one (``update``) or in all (``read``).
+        scalars: the merger's running scalars (``norm_sum``, ``state_norm_sq``), for ``read``.
+        stats: the result of the rule's statistics passes for this step, or ``None``.
+    """
+
+    name: str
+    matrix: bool
+    count: int
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    stats: Any = None
+
+
+UpdateFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered continual rule (see the module docstring).
+
+    Attributes:
+        in_norm: ``in_norm(ctx, hparams)``: whether the tensor counts in the norms the merger tracks
+            (``norm_sum``, ``state_norm_sq``); every tensor unless the rule says otherwise.
+        stats: factory of a :class:`~mergelab.methods.registry.Collector` over the rows ``[state, tau]``,
+            run before each merge pass once a state exists; ``None``: no statistics.
+        patches: ``patches(hparams, stats) -> {name: (flat_index, delta)}`` after the merge pass.
+        legacy: defaults of hyperparameters added after states were first saved: a state saved without
+            one continues with this value (how it began), not the current default.
+    """
+
+    name: str
+    update: UpdateFn
+    read: Callable[..., torch.Tensor]
+    defaults: Mapping[str, Any]
+    summary: str
+    source: str
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any], int], None] | None = None
+    in_norm: Callable[[RuleCtx, dict[str, Any]], bool] | None = None
+    stats: Callable[[dict[str, Any]], Collector] | None = None
+    patches: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    legacy: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``hparams``, checked as a merge method's are; raises MergelabError."""
+        return resolve_hparams(self.name, self.defaults, self.choices, self.check, hparams, 1)
+
+    def counts_in_norm(self, ctx: RuleCtx, hparams: dict[str, Any]) -> bool:
+        return self.in_norm is None or self.in_norm(ctx, hparams)
+
+
+_RULES: dict[str, Rule] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+BUILTIN = ("continual_ta", "continual_ties", "opcm", "swa")  # the modules of this package that register one
+
+
+def register_rule(name: str, *, read: Callable[..., torch.Tensor], **spec: Any) -> Callable[[UpdateFn], UpdateFn]:
+    """Decorator on a rule's ``update``: register it as continual rule ``name`` (lower case, unique; a
+    merge method's name is taken too)."""
+
+    def decorate(update: UpdateFn) -> UpdateFn:
+        if not _NAME.match(name):
+            raise ValueError(f"continual rule name {name!r} must be lower case letters, digits and '_'")
+        if name in _RULES:
+            raise ValueError(f"continual rule {name!r} is already registered")
+        _RULES[name] = Rule(name=name, update=update, read=read, **spec)
+        return update
+
+    return decorate
+
+
+def get_rule(name: str) -> Rule:
+    rules = all_rules()
+    if name not in rules:
+        raise MergelabError(f"unknown continual method {name!r}; available: {', '.join(sorted(rules))}")
+    return rules[name]
+
+
+def all_rules() -> dict[str, Rule]:
+    for module in BUILTIN:
+        importlib.import_module(f"mergelab.continual.{module}")
+    return dict(sorted(_RULES.items()))
+
+
+def state_itself(state: torch.Tensor, ctx: RuleCtx, **hparams: Any) -> torch.Tensor:
+    """The read-out of rules whose state is the merged task vector: ``merged = base + state``."""
+    return state

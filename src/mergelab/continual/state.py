@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergelab.engine.stream import all_finite
 from mergelab.errors import MergelabError
 from mergelab.io.leftovers import write_text
 from mergelab.io.safetensors_header import DTYPE_NAMES, DTYPES, TensorSpec, read_header
 from mergelab.io.sources import SafetensorsSource, TensorSource, open_source
+from mergelab.ops.finite import all_finite
 
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"

@@ -16,20 +16,21 @@ from typing import Any
 
 import torch
 
-from mergelab.engine import native
 from mergelab.errors import MergelabError
-from mergelab.io.safetensors_header import TensorSpec
-from mergelab.io.sources import ADAPTER_MESSAGE, TensorSource, open_source
-from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, check_apart, check_output, input_paths, plan_shards
+from mergelab.io.checks import check_models
+from mergelab.io.placing import check_apart, check_output, input_paths
+from mergelab.io.sources import TensorSource, open_source
+from mergelab.io.writer import DEFAULT_SHARD_BYTES, Shard, plan_shards
 from mergelab.methods.registry import Method, get_method
+from mergelab.ops import native
+from mergelab.ops.device import resolve_device
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROCESS_BASELINE_BYTES = 400 * 2**20  # Python + torch, measured RSS after import (~0.35-0.4 GB)
-MALLOC_TRIM_BYTES = 64 * 2**20  # stream.tune_malloc's trim threshold: freed memory an allocator arena may keep
+MALLOC_TRIM_BYTES = 64 * 2**20  # runtime.tune_malloc's trim threshold: freed memory an allocator arena may keep
 MALLOC_KEPT_BYTES = 3 * MALLOC_TRIM_BYTES  # x 3 threads (main, reader, writer)
-CHUNK_ELEMENTS_CPU = 1 << 18  # stream.CHUNK_ELEMENTS["cpu"]
+CHUNK_ELEMENTS_CPU = 1 << 18  # chunks.CHUNK_ELEMENTS["cpu"]
 LOOKAHEAD_PER_WORKER = 4  # tensor-parallel merges: tensors started ahead of the one awaited (stream._merged_at_once)
-EXAMPLES = 3  # tensor names quoted in a message about many
 
 log = logging.getLogger(__name__)
 _last_logged: list[str] = []  # the warnings of the previous plan built
@@ -320,66 +321,3 @@ def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype in COMPUTE_DTYPES:
         return COMPUTE_DTYPES[dtype]
     raise MergelabError(f"compute dtype must be float32 or float64, got {dtype!r}")
-
-
-def resolve_device(device: str | torch.device, require: bool) -> torch.device:
-    """``cpu`` or ``cuda[:n]``; with ``require``, CUDA must be available. Raises MergelabError."""
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MergelabError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from None
-    if target.type not in ("cpu", "cuda"):
-        raise MergelabError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
-    if target.type == "cuda" and require:
-        if not torch.cuda.is_available():
-            raise MergelabError(f"device {str(target)!r} requested but no CUDA GPU is available")
-        count = torch.cuda.device_count()
-        if target.index is not None and target.index >= count:
-            raise MergelabError(f"device {str(target)!r} requested but this machine has {count} CUDA GPU(s) "
-                                f"(cuda:0 to cuda:{count - 1})")
-    return target
-
-
-def check_models(base: TensorSource, models: list[TensorSource]) -> tuple[set[str], set[str]]:
-    """Keys, shapes and dtypes of every model against the base; returns (merged, copied) names."""
-    merged = {n for n, s in base.specs.items() if s.dtype.is_floating_point}
-    copied = set(base.specs) - merged
-    for model in models:
-        missing = sorted(set(base.specs) - set(model.specs))
-        extra = sorted(set(model.specs) - set(base.specs))
-        if (missing or extra) and any(_is_lora(n) for n in model.specs) and not any(_is_lora(n) for n in base.specs):
-            raise MergelabError(f"{ADAPTER_MESSAGE} (it holds LoRA tensors such as '{next(n for n in model.specs if _is_lora(n))}')",
-                                file=model.label)
-        also = f"; and {_count(len(extra), 'tensor')} not in the base: {_examples(extra)}" if extra else ""
-        if missing:
-            more = f" (and {len(missing) - 1} more: {_examples(missing[1:])})" if len(missing) > 1 else ""
-            raise MergelabError(f"tensor missing, present in the base{more}{also}", file=model.label, tensor=missing[0])
-        if extra:
-            more = f" (and {len(extra) - 1} more: {_examples(extra[1:])})" if len(extra) > 1 else ""
-            raise MergelabError(f"tensor not in the base{more}", file=model.file_of(extra[0]), tensor=extra[0])
-        for name in sorted(base.specs):
-            _check_pair(name, base.specs[name], model.specs[name], model.file_of(name), name in merged)
-    return merged, copied
-
-
-def _is_lora(name: str) -> bool:
-    return any(part in name for part in (".lora_A", ".lora_B", "lora_down", "lora_up", ".lora_embedding_"))
-
-
-def _examples(names: list[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:EXAMPLES])
-    return shown + (", ..." if len(names) > EXAMPLES else "")
-
-
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'s' if n != 1 else ''}"
-
-
-def _check_pair(name: str, base: TensorSpec, other: TensorSpec, file: str, floating: bool) -> None:
-    if other.shape != base.shape:
-        hint = ""
-        if len(base.shape) == len(other.shape) == 2 and base.shape[1] == other.shape[1] and ("embed" in name or "lm_head" in name):
-            hint = f" (vocabulary size {other.shape[0]} vs the base's {base.shape[0]}: resize the embeddings first)"
-        raise MergelabError(f"shape {other.shape} differs from the base's {base.shape}{hint}", file=file, tensor=name)
-    if floating and not other.dtype.is_floating_point:
-        raise MergelabError(f"non-floating dtype {other.dtype} where the base has {base.dtype}", file=file, tensor=name)

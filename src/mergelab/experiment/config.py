@@ -286,12 +286,9 @@ def _resolve(method: str, params: dict[str, Any], n_models: int, kind: str, key:
     """
     try:
         if kind == "continual":
-            from mergelab.continual.merger import CHOICES, DEFAULTS
-            from mergelab.methods.registry import resolve_hparams
+            from mergelab.continual.rules import get_rule
 
-            if method not in DEFAULTS:
-                raise MergelabError(f"unknown continual method {method!r}; available: {', '.join(sorted(DEFAULTS))}")
-            return resolve_hparams(method, DEFAULTS[method], CHOICES.get(method, {}), None, params, n_models)
+            return get_rule(method).resolve(params)
         from mergelab.methods.registry import get_method
 
         return get_method(method).resolve(params, n_models, presets=presets)

@@ -13,7 +13,7 @@ from typing import Any
 
 def versions() -> dict[str, str | None]:
     """Versions of mergelab, Python and the libraries that change numbers (None when not installed)."""
-    from mergelab import __version__
+    from mergelab.version import __version__
 
     out: dict[str, str | None] = {"mergelab": __version__, "python": platform.python_version()}
     for package in ("torch", "transformers", "tokenizers", "safetensors"):

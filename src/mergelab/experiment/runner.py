@@ -171,7 +171,7 @@ def _run_one(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, ba
         if missing:
             raise MergelabError(f"zoo {zoo.suite!r} has no expert for task(s) {missing}")
         if spec.kind == "similarity":
-            from mergelab.report.similarity import cosine_matrix
+            from mergelab.experiment.similarity import cosine_matrix
 
             start = time.perf_counter()
             result = {"tasks": spec.tasks, "cosine": cosine_matrix(zoo.base, [zoo.experts[t] for t in spec.tasks])}

@@ -17,7 +17,7 @@ Each source still checks the file's size before each tensor (a clean :class:`Mer
 the usual clean-up, when the file shrank before the read); the handler covers the window between
 that check and the read. The cost is one registration per input file opened: nothing per tensor.
 
-The source is compiled like the engine's kernels (:mod:`mergelab.engine.native`: the system's C++
+The source is compiled like the engine's kernels (:mod:`mergelab.ops.native`: the system's C++
 compiler, into ``$MERGELAB_CACHE/native``, reused when owned by this user and not writable by
 others). Without a compiler, or with ``MERGELAB_NATIVE=0``, nothing is installed: a truncation in
 that window ends the process with SIGBUS as before, and the output's temporary folder stays until
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergelab._compile import build_library
+from mergelab.native_build import build_library
 
 SOURCE = Path(__file__).with_name("sigbus.cpp")
 _FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared")

@@ -12,39 +12,29 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import itertools
 import json
 import logging
 import os
-import shutil
-import signal
 import struct
 import sys
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from mergelab import __version__
 from mergelab.errors import MergelabError
 from mergelab.io import leftovers
+from mergelab.io.extras import CARD, copy_extras, model_card
+from mergelab.io.placing import check_apart, check_output, io_errors, place, sync_tree
 from mergelab.io.safetensors_header import DTYPE_NAMES, TensorSpec
-from mergelab.io.sources import BIN_INDEX, SAFE_INDEX, SafetensorsSource, TensorSource, TorchSource
+from mergelab.io.sources import SAFE_INDEX
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-INDEX_FILES = (SAFE_INDEX, BIN_INDEX)
-CARD = "README.md"  # a model card: the base's is kept only inside the merged model's own card
-MODULES = "modules.json"  # sentence-transformers: the module folders the model needs
-
-
 @dataclass(frozen=True)
 class Shard:
     filename: str
@@ -152,7 +142,7 @@ class CheckpointWriter:
             self._open_shard(shard_index)
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        with _io_errors(self.shown(self.shards[shard_index].filename)):
+        with io_errors(self.shown(self.shards[shard_index].filename)):
             self._handle.write(data.numpy().data)
         self._next += 1
 
@@ -165,7 +155,7 @@ class CheckpointWriter:
         shard_index, offset = self._where[name]
         spec = self.specs[name]
         filename = self.shards[shard_index].filename
-        with _io_errors(self.shown(filename)), open(self.tmp / filename, "r+b") as handle:
+        with io_errors(self.shown(filename)), open(self.tmp / filename, "r+b") as handle:
             handle.seek(offset)
             data = bytearray(handle.read(spec.nbytes))
             tensor = torch.frombuffer(data, dtype=torch.uint8).view(spec.dtype).reshape(-1)
@@ -191,7 +181,7 @@ class CheckpointWriter:
         self._close_handle()
         self._wait_syncs()
         for shard in self.shards:
-            with _io_errors(self.shown(shard.filename)), open(self.tmp / shard.filename, "r+b") as handle:
+            with io_errors(self.shown(shard.filename)), open(self.tmp / shard.filename, "r+b") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 at = handle.read(size).find(blank)
                 if at < 0:
@@ -205,7 +195,7 @@ class CheckpointWriter:
         self._close_handle()
         shard = self.shards[index]
         header = shard_header([(n, self.specs[n]) for n in shard.names], self.metadata)
-        with _io_errors(self.shown(shard.filename)):
+        with io_errors(self.shown(shard.filename)):
             self._handle = open(self.tmp / shard.filename, "wb")
             _reserve(self._handle, len(header) + shard.nbytes, self.out)
             self._handle.write(header)
@@ -214,7 +204,7 @@ class CheckpointWriter:
     def _close_handle(self) -> None:
         if self._handle is not None:
             filename = self.shards[self._shard_index].filename
-            with _io_errors(self.shown(filename)):
+            with io_errors(self.shown(filename)):
                 self._handle.flush()
             self._syncs.append(self._syncer.submit(_sync_and_close, self._handle, self.shown(filename)))
             self._handle = None
@@ -246,17 +236,17 @@ class CheckpointWriter:
                     "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
                     "weight_map": {n: s.filename for s in self.shards for n in s.names},
                 }
-                with _io_errors(self.out / SAFE_INDEX):
+                with io_errors(self.out / SAFE_INDEX):
                     (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             if extras_from is not None:
                 copy_extras(extras_from, self.tmp, self.out)
                 base_card = extras_from / CARD
                 if base_card.is_file():
-                    with _io_errors(self.out / CARD):
+                    with io_errors(self.out / CARD):
                         card = model_card(self.metadata, str(extras_from), base_card.read_text(errors="replace"))
                         (self.tmp / CARD).write_text(card)
-        with _io_errors(self.out):
-            _sync_tree(self.tmp, {s.filename for s in self.shards})
+        with io_errors(self.out):
+            sync_tree(self.tmp, {s.filename for s in self.shards})
         place(self.tmp, self.out, self.tag, overwrite=self.overwrite, single=self.single)
         return self.out
 
@@ -314,257 +304,9 @@ def _libc_fallocate() -> Any:
 
 def _sync_and_close(handle: BinaryIO, shown: Path) -> None:
     try:
-        with _io_errors(shown):
+        with io_errors(shown):
             os.fsync(handle.fileno())
     finally:
         handle.close()
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """An existing output is an error unless ``overwrite``; raises MergelabError. An output that a
-    killed run's leftovers would put back (:func:`mergelab.io.leftovers.restorable`) counts as existing."""
-    back = leftovers.restorable(out)
-    exists = out.exists() or back is not None
-    if exists and not overwrite:
-        left = f"; an interrupted run left it as {back.name}, which the next merge puts back" if back else ""
-        raise MergelabError(f"output already exists (pass --overwrite / overwrite=True to replace it){left}", file=str(out))
-    if out.exists() and (out.suffix == ".safetensors") != out.is_file():
-        raise MergelabError("output exists and is of the other kind (file vs folder)", file=str(out))
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MergelabError(f"cannot create the output: {parent} is not a folder", file=str(out))
-
-
-def input_paths(sources: Iterable[TensorSource]) -> list[Path]:
-    """The files and folders that ``sources`` read (none for in-memory inputs)."""
-    paths: set[str] = set()
-    for source in sources:
-        if isinstance(source, (SafetensorsSource, TorchSource)):
-            paths.update([source.label, *(source.file_of(name) for name in source.specs)])
-            if source.folder is not None:
-                paths.add(str(source.folder))
-    return sorted(Path(p) for p in paths)
-
-
-def check_apart(out: Path, inputs: Iterable[Path]) -> None:
-    """``out`` is not one of ``inputs``, not inside an input folder, and holds no input (which an
-    overwrite would delete), however either is spelled (symlinks, ``..``, another name of the same
-    folder). Raises MergelabError."""
-    pairs = [(path, target, real) for path in inputs for target, real in itertools.product(_spellings(out), _spellings(path))]
-    for path, target, real in pairs:
-        if _same(target, real):
-            raise MergelabError(f"the output is an input of this job ({path}): it would be replaced", file=str(out))
-    for path, target, real in pairs:
-        if any(_same(folder, real) for folder in target.parents):
-            raise MergelabError(f"the output is inside an input folder ({path})", file=str(out))
-        if any(_same(folder, target) for folder in real.parents):
-            raise MergelabError(f"an input of this job ({path}) is inside the output", file=str(out))
-
-
-def check_new_folder(folder: Path, inputs: Iterable[Path] = ()) -> None:
-    """``folder`` is absent or an empty folder, and apart from ``inputs``: somewhere to create
-    files without mixing them into someone else's. Raises MergelabError."""
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise MergelabError("exists and is not a folder", file=str(folder))
-    if folder.is_dir() and any(folder.iterdir()):
-        raise MergelabError("folder exists and is not empty (give a new or empty folder)", file=str(folder))
-    check_apart(folder, inputs)
-
-
-def _spellings(path: Path) -> set[Path]:
-    """``path`` absolute as written (``..`` folded) and with every symlink resolved."""
-    return {Path(os.path.abspath(path)), path.resolve()}
-
-
-def _same(a: Path, b: Path) -> bool:
-    """The same file or folder: by identity where both exist (bind mounts, case-insensitive names), else by path."""
-    if a == b:
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def copy_extras(folder: Path, target: Path, shown: Path | None = None) -> list[str]:
-    """Copy the non-weight files of a model folder into ``target``: its top-level files and the
-    module folders of a sentence-transformers model (those ``modules.json`` names), never weights,
-    indexes, hidden files, other subfolders or the model card (see :func:`model_card`). Returns the
-    relative paths copied. Errors name the file as ``shown`` (default ``target``) will hold it."""
-    copied = []
-    for path in _extras(folder):
-        relative = path.relative_to(folder)
-        where = (shown or target) / relative
-        try:
-            if path.is_dir():
-                (target / relative).mkdir(0o777, exist_ok=True)
-            else:
-                shutil.copyfile(path, target / relative)  # new file, default mode (copy2 would keep the source's)
-        except OSError as err:
-            raise MergelabError(f"cannot copy {path} into the output ({err.strerror or err})", file=str(where)) from None
-        copied.append(relative.as_posix())
-    return copied
-
-
-def _extras(folder: Path) -> list[Path]:
-    """What :func:`copy_extras` copies, folders before their contents."""
-    found = [p for p in sorted(folder.iterdir()) if p.is_file() and _is_extra(p.name) and p.name != CARD]
-    for module in _module_folders(folder):
-        found.append(module)
-        for path in sorted(module.rglob("*")):
-            if any(part.startswith(".") for part in path.relative_to(module).parts):
-                continue
-            if path.is_dir() or (path.is_file() and _is_extra(path.name)):
-                found.append(path)
-            elif path.is_file():
-                log.warning("%s: weights of a sentence-transformers module are not merged and not copied; the output "
-                            "lacks them", path)
-    return found
-
-
-def _is_extra(name: str) -> bool:
-    return not (name.endswith(WEIGHT_SUFFIXES) or name in INDEX_FILES or name.startswith("."))
-
-
-def _module_folders(folder: Path) -> list[Path]:
-    """The subfolders a sentence-transformers ``modules.json`` names (plain names inside ``folder``)."""
-    try:
-        modules = json.loads((folder / MODULES).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return []
-    names = {m.get("path") for m in modules if isinstance(m, dict)} if isinstance(modules, list) else set()
-    return [folder / name for name in sorted(n for n in names if isinstance(n, str) and n)
-            if Path(name).name == name and not name.startswith(".") and (folder / name).is_dir()
-            and not (folder / name).is_symlink()]
-
-
-def model_card(metadata: dict[str, str], base: str, base_card: str) -> str:
-    """The merged model's README.md: how it was made, then the base's card marked as the base's."""
-    inputs = json.loads(metadata.get("mergelab.inputs", "[]"))
-    models = [str(i.get("name")) for i in inputs if isinstance(i, dict) and i.get("role") != "base"]
-    lines = [
-        "---", "tags:", "- merge", "- mergelab", "---", "",
-        "# Merged model", "",
-        f"Merged by mergelab {__version__} with the method `{metadata.get('mergelab.method', '?')}`, hyperparameters "
-        f"`{metadata.get('mergelab.hparams', '{}')}`.", "",
-        f"- base: `{base}`",
-        *[f"- merged model {i}: `{name}`" for i, name in enumerate(models, 1)], "",
-        "Its weights are not the base model's. The card below is the base model's, copied unchanged for "
-        "reference: it describes the base, not this merged model.", "",
-        "---", "",
-        f"## Base model card ({base})", "",
-    ]
-    return "\n".join(lines) + "\n" + base_card
-
-
-@contextmanager
-def _io_errors(shown: Path) -> Iterator[None]:
-    """An OSError (disk full, permissions, ...) as a one-line MergelabError naming ``shown``."""
-    try:
-        yield
-    except OSError as err:
-        raise MergelabError(f"cannot write the output ({err.strerror or err})", file=str(shown)) from None
-
-
-def place(staged: Path, out: Path, tag: str, *, overwrite: bool, single: bool = False) -> None:
-    """Move the complete, synced output ``staged`` to ``out``, SIGINT/SIGTERM held until the renames are
-    done. A ``single`` file (``staged/out.name``) replaces an old one with one atomic rename. A folder is
-    renamed ``.NAME.mergelab-new-TAG`` (complete) before anything is replaced, the old ``out`` moved aside
-    as ``.NAME.mergelab-old-TAG``, the new one renamed into place and the old one removed: a kill at any
-    point leaves the old or the new output at ``out``, or both beside it for the next run's
-    :func:`mergelab.io.leftovers.sweep`. On an error the new folder is removed and the previous output put
-    back (or named, for the next run to put back). Raises MergelabError."""
-    placed, held = False, list[int]()
-    try:
-        with _signals_held(held):
-            if out.exists() and not overwrite:
-                raise MergelabError("output appeared while merging (another run?); nothing was replaced", file=str(out))
-            if single:
-                with _io_errors(out):
-                    os.replace(staged / out.name, out)
-                _remove(staged)
-            else:
-                _replace_folder(staged, out, tag)
-            placed = True
-    finally:
-        _deliver(held, out if placed else None)
-
-
-def _replace_folder(staged: Path, out: Path, tag: str) -> None:
-    new = leftovers.sibling(out, "new", tag)
-    with _io_errors(out):
-        os.replace(staged, new)  # marks it complete: from here on a later run may move it into place
-    try:
-        old = None
-        if os.path.lexists(out):  # a folder cannot be renamed over: the old one is moved aside first
-            old = leftovers.sibling(out, "old", tag)
-            with _io_errors(out):
-                os.replace(out, old)
-        try:
-            os.replace(new, out)
-        except OSError as err:
-            if old is not None:
-                try:
-                    os.replace(old, out)  # put the previous output back
-                except OSError:
-                    raise MergelabError(f"cannot move the output into place ({err.strerror or err}); the previous "
-                                        f"output is at {old.name}, and the next run puts it back", file=str(out)) from None
-            raise MergelabError(f"cannot move the output into place ({err.strerror or err})", file=str(out)) from None
-    except BaseException:
-        leftovers.discard(new)
-        raise
-    leftovers.sync_dir(out.parent)
-    if old is not None:
-        leftovers.discard(old)
-
-
-@contextmanager
-def _signals_held(held: list[int]) -> Iterator[None]:
-    """SIGINT and SIGTERM arriving in the block are held (listed in ``held``) until it is done: the
-    renames that put an output in place run to their end. Main thread only (Python runs handlers
-    nowhere else)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: set outside Python
-    for sig in previous:
-        signal.signal(sig, lambda number, _frame: held.append(number))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _deliver(held: list[int], written: Path | None) -> None:
-    """Act on a signal held during the renames; if they put ``written`` in place, the interruption says so."""
-    if not held:
-        return
-    try:
-        signal.raise_signal(held[0])
-    except KeyboardInterrupt as err:
-        if written is not None:
-            err.args = (f"interrupted after {written} was written",)
-        raise
-
-
-def _sync_tree(folder: Path, synced: set[str]) -> None:
-    """fsync the files under ``folder`` not yet synced, then the folders (so that the completed
-    folder is on disk before it is marked complete)."""
-    for path in sorted(folder.rglob("*"), reverse=True):
-        if path.is_file() and path.name not in synced:
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        elif path.is_dir():
-            leftovers.sync_dir(path)
-    leftovers.sync_dir(folder)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

@@ -1,6 +1,7 @@
 """Built-in merging methods: importing this package registers every public module in it.
 
-One module per method; modules whose name starts with ``_`` hold shared helpers only.
+One module per method; modules whose name starts with ``_`` hold helpers of this package only (the
+numeric building blocks that the engine and others share are in :mod:`mergelab.ops`).
 """
 
 import importlib

@@ -11,7 +11,7 @@ folder) or its content as a mapping; its recorded ``granularity`` is used. Witho
 
 Defaults: ``init=0.3`` (official ``prior = 0.3`` in ``src/main_{task,layer}_wise_adamerging.py``,
 FusionBench ``config/method/adamerging/clip.yaml`` ``init_values: 0.3``); ``granularity="layer"``: one
-coefficient per parameter tensor as the official code (see :mod:`mergelab.adapt.coefficients`). The
+coefficient per parameter tensor as the official code (see :mod:`mergelab.ops.coefficients`). The
 optimisation's defaults are documented in :mod:`mergelab.adapt.optimise`.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt.components import combine, task_vectors
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops import coefficients as coef
+from mergelab.ops.adaptive import combine, task_vectors
 
 LEARNED = ("granularity",)
 

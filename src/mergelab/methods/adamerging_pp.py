@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt.components import combine, majority_sign, sign_sum, ties_selected
 from mergelab.methods.registry import TensorCtx, register
 from mergelab.methods.ties import TiesGlobalStats
+from mergelab.ops import coefficients as coef
+from mergelab.ops.adaptive import combine, majority_sign, sign_sum, ties_selected
 
 LEARNED = ("granularity", "density", "threshold")
 

@@ -30,7 +30,7 @@ over {0.05, 0.1, 0.2, ..., 1.0}. The official repo ships only the three ViT-B/32
 its README reports 84.7 / 79.5 / 76.3 for 8 / 14 / 20 tasks. Which 2-D tensors
 are matrices: the official code decomposes only names containing ``attn`` or ``mlp`` and neither
 ``ln`` nor ``bias``, and averages e.g. the positional embedding and the visual projection;
-``exclude=OFFICIAL_EXCLUDE["cart"]`` (see ``_spectral``) reproduces that. Task order does not matter.
+``exclude=OFFICIAL_EXCLUDE["cart"]`` (see ``ops.spectral``) reproduces that. Task order does not matter.
 ``svd_dtype="float64"`` is ours, for uniformity with the other spectral methods (the official code
 runs in float32; CART keeps true singular values, so the two differed by < 1e-5 in our tests).
 
@@ -50,9 +50,9 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams, is_matrix, low_rank
-from mergelab.methods._svd import tolerance
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.spectral import SVD_DTYPES, check_hparams, is_matrix, kept_rank, low_rank
+from mergelab.ops.svd import tolerance
 
 PRESETS: dict[str, dict[str, float]] = {
     "paper": {"rank_ratio": 0.08, "scaling": 1.0},
@@ -60,15 +60,6 @@ PRESETS: dict[str, dict[str, float]] = {
     "official_14": {"rank_ratio": 0.16, "scaling": 1.5},
     "official_20": {"rank_ratio": 0.32, "scaling": 1.9},
 }
-
-
-def kept_rank(r: int, rank_ratio: float) -> int:
-    """Official ``parsed_dim``: 0 for ratio 0, r for ratio 1, else ``max(1, int(ratio * r))``."""
-    if rank_ratio == 0.0:
-        return 0
-    if rank_ratio == 1.0:
-        return r
-    return max(1, int(rank_ratio * r))
 
 
 def cart_matrix(
@@ -80,7 +71,7 @@ def cart_matrix(
     center: bool = True,
 ) -> torch.Tensor:
     """CART delta of stacked task matrices ``(T, m, n)``: mean + scaling * sum of rank-k centred
-    vectors (``center=False``: scaling * sum of rank-k task vectors); the SVDs (``_svd.fast_svd``
+    vectors (``center=False``: scaling * sum of rank-k task vectors); the SVDs (``ops.svd.fast_svd``
     with error tolerance ``tol``, 0: exact) and their sum in ``dtype``."""
     origin = taus.mean(dim=0) if center else torch.zeros_like(taus[0])
     k = kept_rank(min(taus.shape[1:]), rank_ratio)

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt import coefficients as coef
-from mergelab.adapt.components import cart_components, combine
-from mergelab.methods._spectral import SVD_DTYPES, check_hparams
 from mergelab.methods.cart import PRESETS
 from mergelab.methods.cart import resolve as cart_resolve
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops import coefficients as coef
+from mergelab.ops.adaptive import cart_components, combine
+from mergelab.ops.spectral import SVD_DTYPES, check_hparams
 
 LEARNED = ("granularity", "rank_ratio", "exclude", "svd_dtype")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from mergelab.engine.rng import bernoulli_mask
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.rng import bernoulli_mask
 
 
 def drop_and_rescale(taus: torch.Tensor, ctx: TensorCtx, density: float, rescale: bool, mode: str) -> torch.Tensor:

@@ -31,17 +31,35 @@ def _ties_hparams(hp: dict[str, Any]) -> dict[str, Any]:
             "scope": hp["scope"], "threshold": "official"}
 
 
-class DareTiesStats(ties_module.TiesGlobalStats):
-    """TIES' global thresholds, observed on the DARE-dropped task vectors."""
+class DareTiesStats:
+    """TIES' global thresholds, observed on the DARE-dropped task vectors only.
+
+    Composed, not inherited: it offers no ``observe_raw`` (the compiled observation of the *stored*
+    values, which cannot apply the drop), so every observation goes through :meth:`observe` and the drop."""
 
     def __init__(self, hp: dict[str, Any], n_models: int):
-        super().__init__(_ties_hparams(hp), n_models)
+        self.thresholds = ties_module.TiesGlobalStats(_ties_hparams(hp), n_models)
         self.hp = hp
+
+    thread_safe = ties_module.TiesGlobalStats.thread_safe
+
+    @property
+    def n_passes(self) -> int:  # the thresholds', as it changes pass by pass
+        return self.thresholds.n_passes
+
+    def passes_for(self, dtype: torch.dtype) -> int:
+        return self.thresholds.passes_for(dtype)
 
     def observe(self, index: int, name: str, taus: torch.Tensor, base: torch.Tensor) -> None:
         dropped = drop_and_rescale(taus, TensorCtx(name, seed=self.hp["seed"]), self.hp["density"],
                                    self.hp["rescale"], "inverse")
-        super().observe(index, name, dropped, base)
+        self.thresholds.observe(index, name, dropped, base)
+
+    def end_pass(self, index: int) -> None:
+        self.thresholds.end_pass(index)
+
+    def result(self) -> ties_module.TiesStats:
+        return self.thresholds.result()
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -55,7 +73,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> DareTiesStats | None:
 
 
 def _finalize(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return ties_module._finalize(_ties_hparams(hp), stats)
+    return ties_module.majority_patches(_ties_hparams(hp), stats)
 
 
 @register(

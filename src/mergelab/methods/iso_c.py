@@ -14,7 +14,7 @@ runs over all ``min(m, n)`` singular values, as there. Departure: when the sum i
 rank-deficient (rank rho < min(m, n), e.g. duplicated low-rank task vectors), the official
 ``U V^T`` also spans the sum's null directions, an arbitrary basis picked by the SVD routine, each
 given the mean singular value; we keep only the rho directions with non-zero singular values
-(``_spectral.significant``), so the output has rank rho, all its non-zero singular values equal
+(``ops.spectral.significant``), so the output has rank rho, all its non-zero singular values equal
 ``mean(s)``. On full-rank sums (generic inputs) the two agree.
 
 Departure on numerically rank-deficient sums, ``low_rank="auto"`` (default; ours): directions with
@@ -25,7 +25,7 @@ rank-deficient (rank <= sum of the LoRA ranks, the rest rounding noise), and the
 definition gives each noise direction the mean singular value: with 4 rank-2 tasks a 1e-7
 perturbation moved its output by 63 % of the task vectors' largest entry, float32 vs float64 SVDs
 by 98 %; ours by ~3e-7. Where nothing lies below the threshold (full-rank sums) the result is
-bit-identical to ``low_rank="official"``. See ``_spectral``, "Low-rank inputs".
+bit-identical to ``low_rank="official"``. See ``ops.spectral``, "Low-rank inputs".
 
 Defaults: ``scaling=1.0``, FusionBench ``config/method/isotropic_merging/iso_c.yaml``
 (``scaling_factor: 1.0``). The official repo fixes no value: it picks alpha on validation data from
@@ -33,11 +33,11 @@ Defaults: ``scaling=1.0``, FusionBench ``config/method/isotropic_merging/iso_c.y
 ``iso_c/iso_cts/TSVM``). FusionBench's docs (docs/algorithms/isotropic_merging.md) and its
 singular-value-calibration configs run Iso-C with ``scaling_factor=1.5`` for CLIP ViT-B/32 and
 ViT-L/14 on 8 tasks; pass ``scaling=1.5`` to reproduce those runs. ``exclude=[]``;
-``OFFICIAL_EXCLUDE["iso_c"]`` (``["*text_projection*"]``, see ``_spectral``) reproduces the official
+``OFFICIAL_EXCLUDE["iso_c"]`` (``["*text_projection*"]``, see ``ops.spectral``) reproduces the official
 repo; FusionBench excludes nothing by default. Task order does not matter (only the sum enters).
 ``svd_dtype="float64"`` is ours (the official code runs in float32): a flat spectrum gives the
 sum's smallest singular directions full weight, and float32 gets those least accurately (see
-``_spectral``); ``svd_dtype="float32"`` gives the official numerics.
+``ops.spectral``); ``svd_dtype="float32"`` gives the official numerics.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import (
+from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
     SVD_DTYPES,
@@ -57,8 +58,7 @@ from mergelab.methods._spectral import (
     note_rank,
     polar_and_spectrum,
 )
-from mergelab.methods._svd import tolerance
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.svd import tolerance
 
 
 def iso_c_matrix(
@@ -70,10 +70,10 @@ def iso_c_matrix(
     detect: float = RANK_TOL,
 ) -> torch.Tensor:
     """Iso-C merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``: ``mean(s) U V^T``
-    is the mean singular value times the sum's polar factor (``_spectral.polar_and_spectrum``, error
+    is the mean singular value times the sum's polar factor (``ops.spectral.polar_and_spectrum``, error
     tolerance ``tol``, 0: exact SVD), over its numerically non-zero directions ``s > rank_tol * s_1``
     (those of zero singular values are arbitrary: dropped; ``rank_tol=0``: exact zeros only). How
-    many are at most ``detect * s_1`` goes into ``notes`` (``_spectral.note_rank``)."""
+    many are at most ``detect * s_1`` goes into ``notes`` (``ops.spectral.note_rank``)."""
     factor, s = polar_and_spectrum(taus.sum(dim=0).to(dtype), tol, rank_tol)
     note_rank(notes, noise_count(s, detect), s.numel())
     return (factor * s.mean()).to(taus.dtype)

@@ -21,7 +21,7 @@ official code slices with a negative ``c`` and breaks; we round down instead (on
 Departure on exactly rank-deficient input, as in ``tsv``: triplets with numerically zero singular
 values (their vectors are the SVD routine's arbitrary choice) are dropped, from the common block
 used for the projection as well as before orthogonalising, and linearly dependent blocks (duplicated models) get the partial-isometry polar factor
-(``_spectral.significant``, ``polar``); the mean still runs over all ``r`` slots. Generic inputs
+(``ops.spectral.significant``, ``polar``); the mean still runs over all ``r`` slots. Generic inputs
 are unaffected. With ``low_rank="auto"`` (default; ours, not in the official code) "zero" means
 numerically zero, ``s <= rank_tol * s_1`` (``rank_tol=1e-5``, ``s_1`` the largest of all ``r`` slots),
 and near-dependent directions of the stacked bases (``<= rank_tol`` times the largest) are dropped
@@ -29,7 +29,7 @@ too: with LoRA-derived task vectors the sum's and the task residuals' other sing
 rounding noise, which the official definition orthogonalises and gives the mean singular value
 (4 rank-2 tasks: a 1e-7 perturbation moved its output by 61 % of the task vectors' largest entry,
 float32 vs float64 SVDs by 111 %; ours ~3e-7). Full-rank inputs: bit-identical to
-``low_rank="official"``. See ``_spectral``, "Low-rank inputs".
+``low_rank="official"``. See ``ops.spectral``, "Low-rank inputs".
 With ``common_space_fraction=1`` Iso-CTS is Iso-C. Task order does not matter: permuting tasks
 permutes the blocks of ``U_all`` and ``V_all`` alike, and the flat spectrum commutes with that.
 
@@ -38,9 +38,9 @@ FusionBench config/method/isotropic_merging/iso_cts.yaml). ``scaling=1.0`` (Fusi
 iso_cts.yaml, ``scaling_factor: 1.0``); the official repo picks alpha on validation data from
 ``linspace(0, 3, 31)[1:]`` (src/eval/eval.py), and FusionBench's docs run Iso-CTS on CLIP ViT-B/32
 (8 tasks) with ``scaling_factor=1.5``. ``exclude=[]``; ``OFFICIAL_EXCLUDE["iso_cts"]``
-(``["*text_projection*"]``, see ``_spectral``) reproduces the official repo. ``svd_dtype="float64"``
+(``["*text_projection*"]``, see ``ops.spectral``) reproduces the official repo. ``svd_dtype="float64"``
 is ours (the official code runs in float32; float32 changed the output by 8 % on a fast-decaying
-synthetic spectrum, see ``_spectral``); ``svd_dtype="float32"`` gives the official numerics.
+synthetic spectrum, see ``ops.spectral``); ``svd_dtype="float32"`` gives the official numerics.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import (
+from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
     SVD_DTYPES,
@@ -62,8 +63,7 @@ from mergelab.methods._spectral import (
     numerical,
     polar_and_spectrum,
 )
-from mergelab.methods._svd import fast_svd, matmul, tolerance
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.svd import fast_svd, matmul, tolerance
 
 
 def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
@@ -85,10 +85,10 @@ def iso_cts_matrix(
     detect: float = RANK_TOL,
 ) -> torch.Tensor:
     """Iso-CTS merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
-    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Directions with
+    SVD by ``ops.svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Directions with
     ``s <= rank_tol * s_1`` (``s_1``: the largest of the sum's and the task blocks' singular values)
     are left out -- of the common block used for the projection, and of the slots before
-    orthogonalising -- as are near-dependent directions of the stacked bases (``_spectral.numerical``;
+    orthogonalising -- as are near-dependent directions of the stacked bases (``ops.spectral.numerical``;
     ``rank_tol=0``: exact zeros only). How many are at most ``detect * s_1`` goes into ``notes``."""
     T, m, n = taus.shape
     common, per_task = subspace_sizes(min(m, n), T, common_space_fraction)

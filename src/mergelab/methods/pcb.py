@@ -29,7 +29,7 @@ times a sum, which for the small entries of typical task vectors is nearly linea
 units of ``tau``. All four share the intra term and the drop-and-rescale step.
 
 ``scope="global"`` (default, official) needs model-wide quantiles: the collector selects them
-exactly (equal to sorting the flattened vectors) with ``engine.select.StreamingKth``: passes 0-1
+exactly (equal to sorting the flattened vectors) with ``ops.select.StreamingKth``: passes 0-1
 give ``lo, hi`` of ``|tau|``, passes 2-3 give ``Q`` and ``max`` of the scores, which depend on
 ``lo, hi``; 4 statistics passes, then the merge pass. ``scope="tensor"`` runs the same algorithm
 on each tensor alone.
@@ -54,8 +54,8 @@ from typing import Any
 
 import torch
 
-from mergelab.engine.select import StreamingKth
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.select import StreamingKth
 
 VARIANTS = ("vision_es", "vision", "nlp", "root")
 CLIP_QUANTILE = {"vision_es": 0.01, "vision": 0.01, "nlp": 0.01, "root": 0.0001}

@@ -37,7 +37,7 @@ class TensorCtx:
         offset: for ``elementwise`` methods, which get the tensor flattened and in column chunks,
             the flat index of the chunk's first element within the tensor.
         notes: what the method found out about this tensor, for the engine to report once per merge
-            (the spectral methods' numerical rank: ``_spectral.note_rank``, ``_spectral.rank_report``).
+            (the spectral methods' numerical rank: ``ops.spectral.note_rank``, ``ops.spectral.rank_report``).
     """
 
     name: str
@@ -48,7 +48,7 @@ class TensorCtx:
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by ``(seed, crc32(name + salt))``: same draws on CPU and GPU, any order."""
-        from mergelab.engine.rng import tensor_generator
+        from mergelab.ops.rng import tensor_generator
 
         return tensor_generator(self.seed, self.name + salt)
 
@@ -99,7 +99,7 @@ class Method:
             hyperparameters left ``None`` (CART's ``rank_ratio`` / ``scaling``), so that the plan, the
             output's metadata and the experiment store show the values a merge really uses.
         fused: ``fused(base, models, out, ctx, **hparams) -> bool``: an optional compiled fast path on CPU
-            in float32 (:mod:`mergelab.engine.native`). It gets one column chunk's (``elementwise``) or
+            in float32 (:mod:`mergelab.ops.native`). It gets one column chunk's (``elementwise``) or
             the whole tensor's *stored* values (flat, storage dtype) and writes ``base + delta`` into
             ``out`` (the output chunk, in the base's dtype), returning True; False leaves it to ``fn``. It
             must give the same result as ``fn`` (up to float summation order). A collector may likewise offer

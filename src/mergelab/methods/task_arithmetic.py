@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from mergelab.engine import native
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops import native
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:

@@ -10,7 +10,7 @@ Follows the official code (prateeky2806/ties-merging, src/utils/merge_utils.py: 
 * ``scope="global"`` (default, official/FusionBench): the top-k is taken over the *whole flattened*
   task vector of each model, and parameters whose elected sign is 0 get the model-wide majority
   sign. Both are exact without holding the flattened vectors: the thresholds by a two-pass
-  streaming radix selection (``engine.select``; with the compiled kernels, a 1/32 sample pass and
+  streaming radix selection (``ops.select``; with the compiled kernels, a 1/32 sample pass and
   one window-count pass, see :class:`TiesGlobalStats`), the majority sign summed during the merge
   pass with the (rare) parameters that depend on it patched afterwards -- 3 reads of the inputs in
   all (2 and a sample with the kernels). ``scope="tensor"`` applies the same algorithm per tensor (mergekit's choice).
@@ -33,11 +33,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergelab.engine import native
-from mergelab.engine.pool import BlockPool
-from mergelab.engine.select import StreamingKth, WindowCount
-from mergelab.methods._common import disjoint_merge, elect_sign, keep_mask_, keep_rank, kth_threshold
 from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops import native
+from mergelab.ops.pool import BlockPool
+from mergelab.ops.select import StreamingKth, WindowCount
+from mergelab.ops.sparsify import disjoint_merge, elect_sign, keep_mask_, keep_rank, kth_threshold
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TiesStats:
     """Model-wide TIES quantities. ``thresholds`` come from the statistics passes; the majority
     sign is summed up *during* the merge pass (``sign_total``), and the rare parameters whose
     elected sign is 0 while some trimmed entry is not (exact cancellation) are merged with a
-    provisional +1 and kept in ``pending`` until :func:`_finalize` knows the real majority."""
+    provisional +1 and kept in ``pending`` until :func:`majority_patches` knows the real majority."""
 
     thresholds: torch.Tensor  # (T,) smallest kept magnitude per task vector
 
@@ -231,7 +231,7 @@ def _majority_merged(trimmed: torch.Tensor, sign_total: float, merge_func: str, 
     return disjoint_merge(trimmed, sign, merge_func) * scaling
 
 
-def _finalize(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def majority_patches(hp: dict[str, Any], stats: TiesStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Re-merge the pending parameters with the model-wide majority sign, if it is not +1."""
     if stats is None:
         return {}
@@ -248,7 +248,7 @@ def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ct
            density: float, scaling: float, merge_func: str, scope: str, threshold: str) -> bool:
     """TIES in compiled loops (``native.Kernels``): a column chunk (global scope) or a whole tensor
     (per-tensor scope, thresholds selected here first), the same arithmetic as :func:`ties` below
-    (``engine/native.py``: up to summation order). False (the plain :func:`ties`) for inputs the
+    (``ops/native.py``: up to summation order). False (the plain :func:`ties`) for inputs the
     kernels do not take or an Inf/NaN to report."""
     kernels = native.kernels()
     if kernels is None or len(models) > native.MAX_MERGE_MODELS or not native.takes(base, models):
@@ -313,7 +313,7 @@ def _stats(hp: dict[str, Any], n_models: int) -> TiesGlobalStats | None:
     "defaults density 0.2, scaling 1.0, mean (paper, no-validation setting)",
     check=_check,
     stats=_stats,
-    finalize=_finalize,
+    finalize=majority_patches,
     linear_in_scaling=True,
     elementwise=lambda hp: hp["scope"] == "global",
     # scope="tensor" (global is elementwise, so this count is not used for it): two more (T, n) arrays than

@@ -21,7 +21,7 @@ ports unchanged (``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py`
 * The official code orthogonalises U padded with ``r - Tk`` zero columns (and V with zero rows).
   We take the polar factor of the ``Tk`` kept columns only, dropping triplets whose singular value
   is numerically zero, and use the partial isometry where the columns are linearly dependent
-  (``_spectral.significant``, ``polar``). On generic inputs this is the official product; on
+  (``ops.spectral.significant``, ``polar``). On generic inputs this is the official product; on
   exactly rank-deficient ones (a task vector that is zero on this tensor, duplicated models) the
   official output depends on the SVD routine's arbitrary basis for zero singular values, ours
   does not: e.g. T copies of one task give ``SVD_k(tau)``, and a zero task vector is ignored.
@@ -33,7 +33,7 @@ ports unchanged (``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py`
   ill-posed (4 rank-2 tasks: a 1e-7 perturbation moved its output by 116 % of the task vectors'
   largest entry, float32 vs float64 SVDs likewise), ours moves by ~3e-7. Where nothing lies below
   the threshold (full-rank inputs) the result is bit-identical to ``low_rank="official"``, the
-  definition above. See ``_spectral``, "Low-rank inputs"; the merge reports the matrices concerned.
+  definition above. See ``ops.spectral``, "Low-rank inputs"; the merge reports the matrices concerned.
 * The official eigendecomposition variant (``TSVM_2``, ``U (U^T U)^(-1/2)``) is not offered: it
   forms ``U^T U``, which squares the condition number.
 * Non-matrices: the running mean of the official code; ``scaling`` multiplies them too, as the
@@ -43,9 +43,9 @@ Defaults: ``scaling=1.0``, FusionBench ``config/method/task_singular_vector/Task
 (``alpha: 1``). The official repo instead picks alpha on validation data from
 ``linspace(0, 3, 31)[1:]`` (src/eval/eval.py, ``evaluate_task_vector``); set ``scaling`` if you
 have validation data. ``exclude=[]``; ``OFFICIAL_EXCLUDE["tsv"]`` (``["*text_projection*"]``,
-see ``_spectral``) reproduces the official repo's rule; FusionBench excludes nothing by default.
+see ``ops.spectral``) reproduces the official repo's rule; FusionBench excludes nothing by default.
 Task order does not matter: permuting tasks permutes the blocks of U, S and V alike.
-``svd_dtype="float64"`` is ours (the official code runs in float32): see ``_spectral`` for why and
+``svd_dtype="float64"`` is ours (the official code runs in float32): see ``ops.spectral`` for why and
 the measured differences; ``svd_dtype="float32"`` gives the official numerics.
 """
 
@@ -55,7 +55,8 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._spectral import (
+from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
     SVD_DTYPES,
@@ -67,8 +68,7 @@ from mergelab.methods._spectral import (
     numerical,
     polar_and_spectrum,
 )
-from mergelab.methods._svd import fast_svd, matmul, tolerance
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.ops.svd import fast_svd, matmul, tolerance
 
 
 def tsv_matrix(
@@ -80,11 +80,11 @@ def tsv_matrix(
     detect: float = RANK_TOL,
 ) -> torch.Tensor:
     """TSV-M merge of stacked task matrices ``(T, m, n)``, unscaled, computed in ``dtype``; every
-    SVD by ``_svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Triplets with
+    SVD by ``ops.svd.fast_svd`` with error tolerance ``tol`` (0: all exact). Triplets with
     ``s <= rank_tol * max(s)`` (over every task's kept ones) and directions of ``U`` (``V``) with
     singular values ``<= rank_tol`` times its largest (near-duplicate tasks) are left out
-    (``_spectral.numerical``; 0: exact zeros only). Their count goes into ``notes``
-    (``_spectral.note_rank``), counted at ``s <= detect * max(s)`` whatever ``rank_tol``."""
+    (``ops.spectral.numerical``; 0: exact zeros only). Their count goes into ``notes``
+    (``ops.spectral.note_rank``), counted at ``s <= detect * max(s)`` whatever ``rank_tol``."""
     T, m, n = taus.shape
     k = min(m, n) // T
     if k == 0:

@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from mergelab.engine.pool import BlockPool
 from mergelab.errors import MergelabError
 from mergelab.methods.magmax import max_magnitude
 from mergelab.methods.registry import Collector, Method, TensorCtx, get_method, register, resolve_hparams
+from mergelab.ops.pool import BlockPool
 
 POOLINGS = ("average", "random", "magmax")
 PATHS = ("auto", "general")

@@ -88,7 +88,7 @@ def _section(name: str, rows: list[Row], assets: Path, root: Path) -> list[str]:
         in_suite = [r for r in rows if r.suite == suite]
         lines += [f"### {suite}", ""]
         if kind.startswith("search"):  # a `mergelab search` stored here: trials and the chosen candidate
-            from mergelab.search.report import search_lines
+            from mergelab.report.searches import search_lines
 
             lines += search_lines(in_suite)
             continue

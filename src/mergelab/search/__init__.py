@@ -8,7 +8,8 @@ Modules: :mod:`~mergelab.search.space` (search spaces), :mod:`~mergelab.search.s
 (the validation split and scorer), :mod:`~mergelab.search.runner` (the loop).
 """
 
-from mergelab.search.runner import SearchResult, SearchSpec, Trial, best_trial, search
+from mergelab.search.runner import search
 from mergelab.search.space import Dim, parse_dim, parse_space
+from mergelab.search.trials import SearchResult, SearchSpec, Trial, best_trial
 
 __all__ = ["Dim", "SearchResult", "SearchSpec", "Trial", "best_trial", "parse_dim", "parse_space", "search"]

@@ -78,10 +78,10 @@ class CandidateMerger:
         return combine(base, g, total, sum(resolved["lambdas"]) / n_all, 1.0 / n_all)
 
     def _merge(self, method: str, params: dict[str, Any]) -> State:
-        import mergelab
+        from mergelab import api
 
         self.merges += 1
-        merged = mergelab.merge(method, self.base, self.models, device=self.device, progress=False, **params)
+        merged = api.merge(method, self.base, self.models, device=self.device, progress=False, **params)
         assert isinstance(merged, dict)
         return merged
 

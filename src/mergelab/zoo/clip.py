@@ -21,6 +21,7 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.zoo.backbones import offline
+from mergelab.zoo.scores import EvalResult
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _PHOTO = ["a photo of a {}.", "a photo of the {}."]
@@ -159,8 +160,6 @@ def evaluate_clip(vision: Any, clip_folder: str | Path, tasks: dict[str, tuple[A
             default to the folder names) or a sequence of ``{"image": PIL image, "label": int}`` records
             (a Hugging Face ``datasets`` split); templates are ``TEMPLATES[task]`` or CLIP's "a photo of a {}.".
     """
-    from mergelab.eval import EvalResult
-
     start = time.perf_counter()
     model, tokenizer, processor = load_clip(clip_folder, device)
     if vision is not None:

@@ -63,7 +63,7 @@ def load_task(spec: TaskSpec, cache_dir: str | Path | None = None) -> TaskData:
 
 
 def _make_rows(spec: TaskSpec) -> dict[str, list[tuple[str, int]]]:
-    examples = _read_source(spec)
+    examples = read_source(spec)
     scored = spec.eval_classes or spec.classes
     if spec.per_class:
         train_all, test_all = split(examples, None, None)
@@ -79,7 +79,7 @@ def _make_rows(spec: TaskSpec) -> dict[str, list[tuple[str, int]]]:
     return {"train": [(t, train_index[c]) for t, c in train], "test": [(t, test_index[c]) for t, c in test]}
 
 
-def _read_source(spec: TaskSpec) -> list[tuple[str, str]]:
+def read_source(spec: TaskSpec) -> list[tuple[str, str]]:
     if spec.source.startswith("file:"):
         from mergelab.zoo.user import read_rows
 

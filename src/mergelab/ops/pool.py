@@ -5,7 +5,7 @@ Why: each small tensor allocated during the merge pass lands at the top of the a
 a live allocation there pins every chunk temporary freed below it. A global-TIES merge of a 271 M
 parameter model grew by ~1.1 GB over the merge pass this way (2.0-2.3 GB peak RSS, 0.9 GB without the
 kept tensors; measured with ``benchmarks/bench_engine.py``'s default set). Blocks above glibc's mmap
-threshold (32 MiB after :func:`mergelab.engine.stream.tune_malloc`) are mapped outside the heap, and
+threshold (32 MiB after :func:`mergelab.engine.runtime.tune_malloc`) are mapped outside the heap, and
 untouched pages of a block cost no memory.
 """
 

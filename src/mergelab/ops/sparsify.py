@@ -1,10 +1,10 @@
-"""Pure tensor helpers shared by several methods (TIES, DARE-TIES, PCB): stacked task vectors in, tensors out."""
+"""Magnitude trimming, sign election and disjoint merging (TIES, DARE-TIES, PCB, AdaMerging++): stacked task vectors in, tensors out."""
 
 from __future__ import annotations
 
 import torch
 
-from mergelab.engine.select import StreamingKth
+from mergelab.ops.select import StreamingKth
 
 
 def keep_rank(d: int, density: float, rule: str) -> int:
@@ -26,7 +26,7 @@ def kth_threshold(magnitudes: torch.Tensor, rank: int) -> torch.Tensor:
     """Per-row threshold: the ``rank``-th smallest of each row of ``(T, d)``; 0 keeps all, d + 1 none.
 
     Equal to ``kthvalue(rank, dim=1)``. Float32 magnitudes on the CPU take the radix selection of
-    :class:`~mergelab.engine.select.StreamingKth` (two histogram passes), measured 2-3x faster than
+    :class:`~mergelab.ops.select.StreamingKth` (two histogram passes), measured 2-3x faster than
     ``kthvalue``'s copy and partition on whole weight matrices.
     """
     rows, d = magnitudes.shape

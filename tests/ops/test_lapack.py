@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.linalg import eigh
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mergelab.methods._lapack import _routine, eigh_top, single_threaded_blas, svd
+from mergelab.ops.lapack import _routine, eigh_top, single_threaded_blas, svd
 
 
 def symmetric(n: int, seed: int) -> np.ndarray:
@@ -63,7 +63,7 @@ def test_single_threaded_blas_nested_across_threads():
     """The engine's thread enters first; a worker enters and leaves inside: still one thread until the
     engine's thread leaves, then the setting before is back. (OpenBLAS applies a thread count set
     from another thread than the main one inconsistently; the engine sets it from its own thread,
-    engine.stream._quiet_runtime, before any worker starts.)"""
+    engine.runtime.quiet_runtime, before any worker starts.)"""
 
     def worker() -> None:
         with single_threaded_blas():

@@ -21,7 +21,7 @@ cart_pp        ``mean_t tau_t`` (so base + anchor    ``SVD_k(tau_t - mean)`` for
 So with every coefficient equal to ``c``: ``adamerging`` is ``task_arithmetic(scaling=c)``, ``adamerging_pp`` is
 ``ties(merge_func="sum", scaling=c)`` and ``cart_pp`` is ``cart(scaling=c)`` (the centred non-matrix vectors
 sum to zero, leaving the average), up to float rounding. The maths is that of ``methods/ties.py`` (through
-``methods/_common.py``) and ``methods/cart.py``, reused, not copied.
+``ops/sparsify.py``) and ``methods/cart.py``, reused, not copied.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mergelab.methods._common import elect_sign, keep_mask_, keep_rank, kth_threshold
-from mergelab.methods._spectral import SVD_DTYPES, is_matrix, low_rank
-from mergelab.methods._svd import tolerance
-from mergelab.methods.cart import kept_rank
+from mergelab.ops.sparsify import elect_sign, keep_mask_, keep_rank, kth_threshold
+from mergelab.ops.spectral import SVD_DTYPES, is_matrix, kept_rank, low_rank
+from mergelab.ops.svd import tolerance
 
 
 def task_vectors(taus: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -79,7 +78,7 @@ def cart_components(
     name: str, taus: torch.Tensor, rank_ratio: float, exclude: Sequence[str], svd_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CART++: anchor ``mean_t tau_t`` (theta_avg - base) and the centred task vectors, rank-``k`` for matrices
-    (``k`` as ``cart.kept_rank``; SVDs in ``svd_dtype`` as ``cart``), whole for other tensors as the official
+    (``k`` as ``ops.spectral.kept_rank``; SVDs in ``svd_dtype`` as ``cart``), whole for other tensors as the official
     ``_get_truncated_task_vectors`` keeps them, all zero at ``rank_ratio=0`` as there."""
     origin = taus.mean(dim=0)
     if not is_matrix(name, taus.shape[1:], exclude):

@@ -34,7 +34,7 @@ def cosine_from_gram(gram: torch.Tensor) -> list[list[float]]:
 
 def cosine_matrix(base: Any, models: list[Any]) -> list[list[float]]:
     """Pairwise cosine similarity of the task vectors of ``models`` w.r.t. ``base`` (any model-like inputs)."""
-    from mergelab.engine.plan import check_models
+    from mergelab.io.checks import check_models
     from mergelab.io.sources import open_source
 
     base_src = open_source(base, "<base>")

@@ -17,7 +17,7 @@ about ``eps64 * lam_1 / lam_i``. :func:`error_estimate` computes that figure for
 singular value a method uses (and, with ``gap=True``, for the gap below its last kept direction,
 for methods that use a kept subspace unweighted); the fast result is used only if the estimate is
 at most ``tol``. Exactly or nearly rank-deficient inputs (a zero task vector, duplicated models)
-make the estimate huge and take the exact path, so ``_spectral.significant`` sees LAPACK's
+make the estimate huge and take the exact path, so ``ops.spectral.significant`` sees LAPACK's
 singular values there. Measured errors were 3 to 100 times below the estimate (tests check it on
 random structured matrices).
 
@@ -42,8 +42,8 @@ from contextlib import nullcontext
 
 import torch
 
-from mergelab.methods._lapack import eigh_top, single_threaded_blas
-from mergelab.methods._lapack import svd as lapack_svd
+from mergelab.ops.lapack import eigh_top, single_threaded_blas
+from mergelab.ops.lapack import svd as lapack_svd
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -64,7 +64,7 @@ def svd_driver(device: torch.device) -> str | None:
 def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact reduced SVD of ``(..., m, n)`` in ``x``'s dtype: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)``.
 
-    A float64 matrix on CPU goes to SciPy's LAPACK ``gesdd`` without the GIL (:func:`._lapack.svd`:
+    A float64 matrix on CPU goes to SciPy's LAPACK ``gesdd`` without the GIL (:func:`mergelab.ops.lapack.svd`:
     10-30 % faster than torch's MKL here; float64 results of the two agree to ~1e-14). Everything
     else goes to ``torch.linalg.svd``, a wide matrix as its transpose (MKL's ``gesdd`` took 3-5x
     longer on 768 x 3072 than on 3072 x 768, float32 and float64, this project's CPU) -- float32
@@ -114,8 +114,8 @@ def gram_eigh(
     Float64 on CPU: NumPy's ``a.T @ a`` (a ``syrk``: half the products of a general GEMM) and
     LAPACK's ``syevr`` for the ``top`` largest pairs only (MRRR: the vectors not asked for are never
     computed), ``syevd`` for all of them -- SciPy's LAPACK called without the GIL
-    (:func:`._lapack.eigh_top`), so that tensors merged at once run in parallel; SciPy's BLAS on one
-    thread (:func:`._lapack.single_threaded_blas`). Measured on this project's 2-core AMD EPYC, one
+    (:func:`mergelab.ops.lapack.eigh_top`), so that tensors merged at once run in parallel; SciPy's BLAS on one
+    thread (:func:`mergelab.ops.lapack.single_threaded_blas`). Measured on this project's 2-core AMD EPYC, one
     thread, a 3072 x 768 task matrix: Gram 39 ms vs 70 (torch, MKL), top-97 of 768 eigenpairs 52 ms
     vs 98 (torch ``eigh``, all pairs); all 768 pairs 80 ms. Elsewhere (float32, CUDA): torch's
     product and ``eigh``; both give the same pairs."""

@@ -1,5 +1,5 @@
 """Compile a bundled C++ source into a shared library in mergelab's cache, once, and refuse to load
-compiled code that another user could have written. Used by the compiled kernels (``engine.native``)
+compiled code that another user could have written. Used by the compiled kernels (``ops.native``)
 and the SIGBUS handler (``io.sigbus``)."""
 
 from __future__ import annotations

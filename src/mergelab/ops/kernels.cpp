@@ -1,5 +1,5 @@
 // Compiled kernels for the streaming passes of global TIES and for task arithmetic
-// (mergelab.engine.native builds and loads them).
+// (mergelab.ops.native builds and loads them).
 //
 // The plain torch path builds each chunk's float32 task vectors and runs ~14 eager operations over
 // (T, chunk) arrays per pass. Here every per-element step runs in one loop, in registers. The
@@ -8,7 +8,7 @@
 // order of torch's vectorised sum over the task dimension -- except in the last (chunk mod 32)
 // positions of a chunk (AVX2), which torch sums in four interleaved accumulators. So the selection
 // is exact and identical, and merged values are the plain path's bits everywhere but there, where
-// they may differ by float rounding; tests/engine/test_native.py checks both.
+// they may differ by float rounding; tests/ops/test_native.py checks both.
 //
 // Storage: bfloat16 (as uint16 bits) or float32 for the base, the models and the output alike.
 // In the merge, the number of task vectors T (1..8) is a template constant: the loops over tasks

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from mergelab.report.similarity import cosine_from_gram, cosine_matrix
+from mergelab.experiment.similarity import cosine_from_gram, cosine_matrix
 
 
 def close(actual: list[list[float]], expected: list[list[float]]) -> None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from mergelab.engine.pool import BlockPool
+from mergelab.ops.pool import BlockPool
 
 
 def test_keep_copies_values_and_shape():

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mergelab.engine import native
+from mergelab.ops import native
 
 _BINS = 1 << 16
 _CHUNK = 1 << 20  # elements per step: keeps temporaries in cache (measured 10x faster than whole tensors)
@@ -151,7 +151,7 @@ class StreamingKth:
 
     def observe_abs_diff(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
         """What ``observe(|models[t] - base|)`` does (row t: ``models[t]``), from the stored 1-D
-        chunks, in compiled kernels (:mod:`mergelab.engine.native`); the differences are taken in
+        chunks, in compiled kernels (:mod:`mergelab.ops.native`); the differences are taken in
         float32, as the plain path does. Each thread counts into its own rows, added up at the end of
         the pass. Returns False where the kernels do not apply (not built, float64 keys, a storage
         dtype they do not take, several ranks in a row): then call :meth:`observe`. A difference

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 import mergelab
 from conftest import save_states
-from mergelab.engine import native, stream
-from mergelab.engine.select import StreamingKth, WindowCount
+from mergelab.engine import chunks
 from mergelab.errors import MergelabError
+from mergelab.ops import native
+from mergelab.ops.select import StreamingKth, WindowCount
 
 needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                    reason="no C++ compiler to build the kernels")
@@ -60,7 +61,7 @@ def states(n_models: int, dtype: torch.dtype, seed: int = 0, quantised: bool = T
 TAIL = 64  # positions at the end of a chunk where torch's sum order may differ from t = 0..T-1
 
 
-def assert_same(fast: dict, slow: dict, chunk: int = stream.CHUNK_ELEMENTS["cpu"]) -> None:
+def assert_same(fast: dict, slow: dict, chunk: int = chunks.CHUNK_ELEMENTS["cpu"]) -> None:
     """Equal bits, except possibly in the last TAIL positions of a column chunk (then close)."""
     for name, expected in slow.items():
         got, expected = fast[name].reshape(-1), expected.reshape(-1)
@@ -95,7 +96,7 @@ def merged_both_ways(plain, base, models, **hparams) -> tuple[dict, dict]:
 @pytest.mark.parametrize("n_models", [1, 2, 3, 8, 9])  # 9: the merge kernel declines (T <= 8), selection still native
 @pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
 def test_kernels_give_the_plain_paths_bits(monkeypatch, plain, dtype, n_models, merge_func):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 1000)  # several chunks per tensor, on both threads
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 1000)  # several chunks per tensor, on both threads
     base, models = states(n_models, dtype)
     fast, slow = merged_both_ways(plain, base, models, merge_func=merge_func, scaling=0.7)
     assert_same(fast, slow, chunk=1000)
@@ -105,7 +106,7 @@ def test_kernels_give_the_plain_paths_bits(monkeypatch, plain, dtype, n_models, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_models", [1, 3, 8, 9])  # 9: declined, the plain path
 def test_task_arithmetic_kernel_gives_the_plain_paths_bits(monkeypatch, plain, dtype, n_models):
-    monkeypatch.setitem(stream.CHUNK_ELEMENTS, "cpu", 1000)
+    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 1000)
     base, models = states(n_models, dtype, quantised=False)
     calls = count_kernel_calls(monkeypatch, "task_arithmetic")
     fast = mergelab.merge("task_arithmetic", base, models, scaling=0.37)

@@ -55,14 +55,14 @@ raised to that level by hand. ``low_rank="official"`` keeps them (only exact zer
 (:func:`note_rank`, :func:`rank_report`): one :class:`LowRankWarning` per merge and the output's
 ``mergelab.numerical_rank`` metadata. ``mergelab plan`` cannot know it: headers carry no spectra.
 
-Speed (``_svd``): with ``svd_dtype="float64"`` and a float32 result, each SVD is first tried as
+Speed (``ops.svd``): with ``svd_dtype="float64"`` and a float32 result, each SVD is first tried as
 an eigendecomposition of the float64 Gram matrix (top-k triplets only where a method needs only
 those), checked against an error estimate below float32 rounding, with the exact SVD as fallback;
 the result is that of the exact float64 SVDs up to last-bit flips (tests check it), several times
 faster on CPU than the exact path (a Cholesky factorisation first rules out Gram matrices too
 ill-conditioned for the estimate, so those go straight to the exact SVD). A float64 compute dtype
 always gets the exact SVDs. On CPU every float64 decomposition and product releases the GIL (SciPy's
-LAPACK through ``_lapack``, NumPy's BLAS on one thread), and the engine merges several tensors at
+LAPACK through ``ops.lapack``, NumPy's BLAS on one thread), and the engine merges several tensors at
 once, one per core (``tensor_parallel`` in the registry, ``engine.stream``).
 
 Which 2-D tensors are "matrices" is decided by :func:`is_matrix` from the tensor's shape and the
@@ -96,9 +96,9 @@ from typing import Any
 
 import torch
 
-from mergelab.methods._svd import EPS64, error_estimate, fast_svd, gram_eigh, matmul, solver
-from mergelab.methods._svd import svd as svd  # re-exported: the exact SVD and its CUDA driver live in _svd
-from mergelab.methods._svd import svd_driver as svd_driver
+from mergelab.ops.svd import EPS64, error_estimate, fast_svd, gram_eigh, matmul, solver
+from mergelab.ops.svd import svd as svd  # re-exported: the exact SVD and its CUDA driver live in ops.svd
+from mergelab.ops.svd import svd_driver as svd_driver
 
 SVD_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 
@@ -195,13 +195,13 @@ def polar(x: torch.Tensor, tol: float = 0.0, rank_tol: float = 0.0) -> torch.Ten
     """Orthogonal polar factor ``P Q^T`` of ``x = P Sigma Q^T``: the matrix with orthonormal
     columns (rows, if wide) nearest to ``x`` in Frobenius norm (orthogonal Procrustes). If ``x`` is
     rank-deficient, the partial isometry over its :func:`numerical` singular values (unique).
-    ``tol``: see ``_svd.fast_svd`` (0: exact SVD); ``rank_tol``: see :func:`numerical`."""
+    ``tol``: see ``ops.svd.fast_svd`` (0: exact SVD); ``rank_tol``: see :func:`numerical`."""
     return polar_and_spectrum(x, tol, rank_tol)[0]
 
 
 def polar_and_spectrum(x: torch.Tensor, tol: float = 0.0, rank_tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`polar` of the 2-D ``x`` and all ``min(m, n)`` singular values (descending). On the Gram
-    path (``tol > 0``, estimate within ``tol``, see ``_svd``) without forming ``P`` and ``Q``:
+    path (``tol > 0``, estimate within ``tol``, see ``ops.svd``) without forming ``P`` and ``Q``:
     ``P Q^T = x (x^T x)^(-1/2) = x H`` with ``H = (W / s) W^T`` (wide: ``H x``), two GEMMs of which
     one is ``r x r`` -- a tall 3072 x 768 matrix's factor in 67 ms instead of 100. The Gram path is
     taken only where no direction is to be dropped (its estimate needs ``s_min > 1.2e-4 s_1`` anyway)."""
@@ -224,6 +224,15 @@ def polar_and_spectrum(x: torch.Tensor, tol: float = 0.0, rank_tol: float = 0.0)
 def flat_spectrum(s: torch.Tensor) -> torch.Tensor:
     """Replace every singular value by their mean (isotropic spectrum)."""
     return torch.ones_like(s) * s.mean()  # stays on the device: no host sync
+
+
+def kept_rank(r: int, rank_ratio: float) -> int:
+    """CART's rank rule, the official ``parsed_dim``: 0 for ratio 0, r for ratio 1, else ``max(1, int(ratio * r))``."""
+    if rank_ratio == 0.0:
+        return 0
+    if rank_ratio == 1.0:
+        return r
+    return max(1, int(rank_ratio * r))
 
 
 def check_hparams(hp: dict[str, object]) -> None:

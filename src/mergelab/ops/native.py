@@ -7,7 +7,7 @@ one loop (the TIES merge: 1.1 ns per position for T = 3 against ~18 ns for the t
 thread). They are a pure speed-up: the same IEEE operations, so the same thresholds (exact
 selection) and the same merged bits, except that sums over the task vectors always run t = 0..T-1
 where torch's vectorised sum groups the last (chunk mod 32) positions of a chunk differently (float
-rounding there; ``tests/engine/test_native.py`` checks both). Every input they do not take --
+rounding there; ``tests/ops/test_native.py`` checks both). Every input they do not take --
 float16 or float64 storage, mixed storage dtypes, float64 compute, a GPU, more than 8 models for a
 merge pass -- goes through the plain torch path.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab._compile import build_library
+from mergelab.native_build import build_library
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 _FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")

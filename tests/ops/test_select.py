@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergelab.engine import select
-from mergelab.engine.select import StreamingKth
-from mergelab.engine.stream import run_chunks
+from mergelab.engine.chunks import run_chunks
+from mergelab.ops import select
+from mergelab.ops.select import StreamingKth
 
 TINY = 1.4e-45  # the smallest positive float32 denormal
 
