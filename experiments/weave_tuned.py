@@ -134,7 +134,10 @@ def run(plan: list[dict[str, Any]], db: Path, device: str) -> None:
         results.append(entry)
         print(json.dumps(entry))
     out = db.parent / "weave_tuned.json"
-    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    key = lambda e: (e["setting"], e["method"], e["held_out"])  # noqa: E731
+    done = {key(e) for e in results}  # the other settings' entries of earlier runs are kept
+    kept = [e for e in json.loads(out.read_text(encoding="utf-8")) if key(e) not in done] if out.exists() else []
+    out.write_text(json.dumps(kept + results, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
 
