@@ -38,6 +38,8 @@ class TensorCtx:
             the flat index of the chunk's first element within the tensor.
         notes: what the method found out about this tensor, for the engine to report once per merge
             (the spectral methods' numerical rank: ``ops.spectral.note_rank``, ``ops.spectral.rank_report``).
+        late: set by a method with late patches (``Method.late``): what this call leaves for them (TIES: its
+            :class:`~mergelab.ops.majority.Vote`); the engine hands it to the merge's :class:`Late`.
     """
 
     name: str
@@ -45,6 +47,7 @@ class TensorCtx:
     seed: int = 0
     offset: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    late: Any = None
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by ``(seed, crc32(name + salt))``: same draws on CPU and GPU, any order."""
@@ -63,6 +66,15 @@ class Collector(Protocol):
     def end_pass(self, pass_index: int) -> None: ...
 
     def result(self) -> Any: ...
+
+
+class Late(Protocol):
+    """A method's late patches: what each merged chunk left in ``ctx.late``, absorbed (from any thread) during
+    the merge pass; after it, ``{name: (flat_indices, delta_values)}`` to write over those entries."""
+
+    def absorb(self, name: str, record: Any) -> None: ...
+
+    def patches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 MethodFn = Callable[..., torch.Tensor]
@@ -87,11 +99,9 @@ class Method:
             (and ``ctx.stats``); the engine then streams flattened column chunks ``(T, c)`` through
             ``fn`` and the collector, so temporaries stay small and cache-resident.
         choices: allowed values of string hyperparameters.
-        finalize: ``finalize(hparams, stats) -> {name: (flat_indices, delta_values)}``, called after
-            the merge pass for methods that learn a model-wide quantity while merging (TIES' majority
-            sign); the engine patches those few entries of the output. Such a method lists the entries
-            it may patch as ``(name, flat_indices, ...)`` tuples in ``stats.pending`` while merging
-            (Weight Weaving re-pools exactly those).
+        late: ``late(hparams, stats) -> Late | None``, for methods that learn a model-wide quantity while
+            merging (TIES' majority sign): a fresh :class:`Late` per merge pass absorbs what each call left
+            in ``ctx.late``; after the pass the engine writes its patches over those few entries of the output.
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
         presets: named settings the ``preset`` hyperparameter selects, as shown by ``mergelab methods``.
@@ -108,7 +118,7 @@ class Method:
             torch thread (the engine picks how many: torch's thread count, capped by memory), for
             methods whose per-tensor work is long and releases the GIL (the SVD methods: one LAPACK
             call per core scales better than one call on every core). Only where ``fn`` is pure and
-            the method has no statistics passes and no ``finalize``; a bool or ``f(hparams) -> bool``.
+            the method has no statistics passes and no ``late``; a bool or ``f(hparams) -> bool``.
         temporaries: ``temporaries(hparams, n_models)``: how many arrays of the largest tensor's size (in
             the compute dtype) the method holds at its peak when it works on whole tensors, for the
             plan's peak-RAM estimate; ``None``: ``n_models + 4`` (the task vectors, the base, ~3 more).
@@ -125,7 +135,7 @@ class Method:
     randomized: bool = False
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    finalize: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    late: Callable[[dict[str, Any], Any], Late | None] | None = None
     resolver: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
     presets: Mapping[str, Any] = field(default_factory=dict)
     fill_presets: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -155,6 +165,10 @@ class Method:
 
     def collector(self, hparams: dict[str, Any], n_models: int) -> Collector | None:
         return self.stats(hparams, n_models) if self.stats is not None else None
+
+    def gatherer(self, hparams: dict[str, Any], stats: Any) -> Late | None:
+        """A fresh :class:`Late` for one merge pass, or ``None`` (no late patches)."""
+        return self.late(hparams, stats) if self.late is not None else None
 
 
 def resolve_hparams(
