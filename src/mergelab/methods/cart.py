@@ -51,8 +51,7 @@ from typing import Any
 import torch
 
 from mergelab.methods.registry import TensorCtx, register
-from mergelab.ops.spectral import SVD_DTYPES, check_hparams, is_matrix, kept_rank, low_rank
-from mergelab.ops.svd import tolerance
+from mergelab.ops.spectral import SVD_DTYPES, check_hparams, kept_rank, low_rank, matrix_numerics
 
 PRESETS: dict[str, dict[str, float]] = {
     "paper": {"rank_ratio": 0.08, "scaling": 1.0},
@@ -142,10 +141,9 @@ def cart(
     center: bool,
 ) -> torch.Tensor:
     ratio, scale = resolve(preset, rank_ratio, scaling)  # a no-op after the registry's resolve; kept for direct calls
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         if center:
             return taus.mean(dim=0)
         return taus.sum(dim=0) * (scale if ratio > 0.0 else 0.0)  # official: zeroed at rank 0
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return cart_matrix(taus, ratio, scale, dtype, tol, center)
+    return cart_matrix(taus, ratio, scale, *numerics, center)

@@ -53,12 +53,11 @@ from mergelab.ops.spectral import (
     SVD_DTYPES,
     check_hparams,
     dropped_below,
-    is_matrix,
+    matrix_numerics,
     noise_count,
     note_rank,
     polar_and_spectrum,
 )
-from mergelab.ops.svd import tolerance
 
 
 def iso_c_matrix(
@@ -105,8 +104,7 @@ def iso_c(
     low_rank: str = "auto",
     rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         return taus.mean(dim=0) * scaling
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return iso_c_matrix(taus, dtype, tol, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling
+    return iso_c_matrix(taus, *numerics, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling

@@ -62,13 +62,13 @@ from mergelab.ops.spectral import (
     SVD_DTYPES,
     check_hparams,
     dropped_below,
-    is_matrix,
+    matrix_numerics,
     noise_count,
     note_rank,
     numerical,
     polar_and_spectrum,
 )
-from mergelab.ops.svd import fast_svd, matmul, tolerance
+from mergelab.ops.svd import fast_svd, matmul
 
 
 def tsv_matrix(
@@ -137,8 +137,7 @@ def tsv(
     low_rank: str = "auto",
     rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         return taus.mean(dim=0) * scaling
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return tsv_matrix(taus, dtype, tol, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling
+    return tsv_matrix(taus, *numerics, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling
