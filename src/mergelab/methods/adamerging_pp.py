@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Resolution, Streaming, TensorCtx, register
 from mergelab.ops import coefficients as coef
 from mergelab.ops.adaptive import combine, majority_sign, sign_sum, ties_selected
 from mergelab.ops.thresholds import ThresholdPasses
@@ -72,8 +72,8 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Yang et al. ICLR 2024 (AdaMerging++); official EnnengYang/AdaMerging main_*_adamergingpp.py with "
     "ties_merging_split(K=20, dis-sum): density 0.2, init 0.3 (official prior)",
     check=_check,
-    stats=lambda hp, n: MajorityStats(hp, n),
-    fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging_pp", LEARNED),
+    streaming=Streaming(stats=lambda hp, n: MajorityStats(hp, n)),
+    resolution=Resolution(fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging_pp", LEARNED)),
 )
 def adamerging_pp(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, coefficients: Any, init: float,
                   granularity: str, density: float, threshold: str) -> torch.Tensor:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Resolution, TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import SVD_DTYPES, check_hparams, kept_rank, low_rank, matrix_numerics
 
 PRESETS: dict[str, dict[str, float]] = {
@@ -118,15 +118,14 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         "center": True,
     },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
-    presets=PRESETS,
-    fill_presets=_fill_presets,
+    resolution=Resolution(presets=PRESETS, fill_presets=_fill_presets),
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
     "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
     "(Sec. 4.1, Fig. 1 blue)",
     check=_check,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def cart(
     taus: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 
 from mergelab.methods import ties as ties_module
 from mergelab.methods.dare import check_dare, drop_and_rescale
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Streaming, TensorCtx, register
 from mergelab.ops.majority import MajorityVote
 from mergelab.ops.thresholds import ModelThresholds, ThresholdPasses
 
@@ -87,8 +87,7 @@ def _late(hp: dict[str, Any], stats: ModelThresholds | None) -> MajorityVote | N
     source="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023; FusionBench dare/ties_merging.py; "
     "defaults from FusionBench config/method/dare/ties_merging.yaml",
     check=_check,
-    stats=_stats,
-    late=_late,
+    streaming=Streaming(stats=_stats, late=_late),
     linear_in_scaling=True,
     randomized=True,
 )

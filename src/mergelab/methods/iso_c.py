@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
@@ -91,7 +91,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "scaling 1.0 from FusionBench config/method/isotropic_merging/iso_c.yaml (official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def iso_c(
     taus: torch.Tensor,

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
@@ -138,7 +138,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def iso_cts(
     taus: torch.Tensor,

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, Streaming, TensorCtx, WholeTensors, register
 from mergelab.ops import native
 from mergelab.ops.majority import MajorityVote, Vote, majority_merged
 from mergelab.ops.select import StreamingKth
@@ -110,14 +110,12 @@ def majority_vote(hp: dict[str, Any], stats: ModelThresholds | None) -> Majority
     source="Yadav et al. NeurIPS 2023 Alg. 1; official prateeky2806/ties-merging merge_utils.py; "
     "defaults density 0.2, scaling 1.0, mean (paper, no-validation setting)",
     check=_check,
-    stats=_stats,
-    late=majority_vote,
     linear_in_scaling=True,
-    elementwise=lambda hp: hp["scope"] == "global",
-    # scope="tensor" (global is elementwise, so this count is not used for it): two more (T, n) arrays than
-    # the generic T + 4 (|taus| and kthvalue's working copy); fitted to the benchmark set: 2,840 MB measured,
-    # 2,092 MB with the generic count (benchmarks/README.md)
-    temporaries=lambda hp, t: 3 * t + 4,
+    elementwise=Elementwise(when=lambda hp: hp["scope"] == "global"),
+    streaming=Streaming(stats=_stats, late=majority_vote),  # global scope (both None for scope="tensor")
+    # scope="tensor": two more (T, n) arrays than the generic T + 4 (|taus| and kthvalue's working copy);
+    # fitted to the benchmark set: 2,840 MB measured, 2,092 MB with the generic count (benchmarks/README.md)
+    whole_tensors=WholeTensors(temporaries=lambda hp, t: 3 * t + 4),
     fused=_fused,
 )
 def ties(

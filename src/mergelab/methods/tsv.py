@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
@@ -124,7 +124,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "config/method/task_singular_vector/TaskSingularVectorMerging.yaml (official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def tsv(
     taus: torch.Tensor,

@@ -52,7 +52,19 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.methods.magmax import max_magnitude
-from mergelab.methods.registry import Collector, Late, Method, TensorCtx, get_method, register, resolve_hparams
+from mergelab.methods.registry import (
+    Collector,
+    Elementwise,
+    Late,
+    Method,
+    Resolution,
+    Streaming,
+    TensorCtx,
+    WholeTensors,
+    get_method,
+    register,
+    resolve_hparams,
+)
 from mergelab.ops.pool import BlockPool
 
 POOLINGS = ("average", "random", "magmax")
@@ -124,7 +136,7 @@ def split(hp: Mapping[str, Any]) -> tuple[Method, dict[str, Any]]:
 
 def corrects_late(inner: Method, inner_hp: dict[str, Any], n_models: int) -> bool:
     """Whether the inner method patches entries after the merge pass (``late`` patches with statistics)."""
-    return inner.late is not None and inner.collector({**inner_hp, "scaling": 1.0}, n_models) is not None
+    return inner.corrects_late and inner.collector({**inner_hp, "scaling": 1.0}, n_models) is not None
 
 
 @dataclass(frozen=True)
@@ -310,13 +322,11 @@ def _record(inner: Any, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> Wea
     summary="Weight Weaving: pool the task vectors and the inner method's merges over a lambda search space",
     source="Chaves et al. (Weight Weaving) Algorithm 1, pooling functions Sec. 5.3; lambda search spaces "
     "(presets multitask / continual / domain_generalization) from its Sec. 4; + the inner method's hyperparameters",
-    resolver=resolve,
-    presets={preset: _describe(preset) for preset in PRESETS},
-    stats=_stats,
-    late=_late,
+    resolution=Resolution(resolver=resolve, presets={preset: _describe(preset) for preset in PRESETS}),
     randomized=True,
-    elementwise=_elementwise,
-    tensor_parallel=_tensor_parallel,
+    streaming=Streaming(stats=_stats, late=_late),
+    elementwise=Elementwise(when=_elementwise),
+    whole_tensors=WholeTensors(parallel=_tensor_parallel),
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)
