@@ -6,7 +6,7 @@ import torch
 
 import mergelab
 from conftest import assert_close, finetune_of, tiny_state
-from mergelab.continual.opcm import project_out, split_rank
+from mergelab.continual.rules.opcm import project_out, split_rank
 
 
 def official_opcm(base: dict, models: list[dict], alpha: float) -> dict:

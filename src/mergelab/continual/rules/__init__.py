@@ -15,13 +15,15 @@ merger as streaming passes, as the engine runs a method's) and ``late(hparams, s
 entries corrected after it: what each ``update`` leaves in ``ctx.late`` is absorbed during the merge
 pass, and the patches (``{name: (flat_index, delta)}``) are added to the previous state there.
 
-One module per rule in this package registers it (:mod:`.swa`, :mod:`.continual_ta`,
-:mod:`.continual_ties`, :mod:`.opcm`); a new rule is one more module.
+This package holds the registry (here) and one module per rule (:mod:`.swa`, :mod:`.continual_ta`,
+:mod:`.continual_ties`, :mod:`.opcm`), each registering its rule when imported. :func:`all_rules` imports
+every public module of the package, so a new rule is one more module, listed nowhere else.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -96,7 +98,6 @@ class Rule:
 
 _RULES: dict[str, Rule] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-BUILTIN = ("continual_ta", "continual_ties", "opcm", "swa")  # the modules of this package that register one
 
 
 def register_rule(name: str, *, read: Callable[..., torch.Tensor], **spec: Any) -> Callable[[UpdateFn], UpdateFn]:
@@ -122,8 +123,11 @@ def get_rule(name: str) -> Rule:
 
 
 def all_rules() -> dict[str, Rule]:
-    for module in BUILTIN:
-        importlib.import_module(f"mergelab.continual.{module}")
+    """Every registered rule, by name: the modules of this package first imported (those whose name starts
+    with ``_`` hold helpers and register nothing)."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
     return dict(sorted(_RULES.items()))
 
 
