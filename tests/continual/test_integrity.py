@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import read_header
+from tests.helpers import finetune_of, tiny_state
 
 TENSOR = "layer.0.mlp.weight"
 

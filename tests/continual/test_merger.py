@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.continual import DEFAULTS, rules
 from mergelab.continual.rules import RuleCtx, all_rules, get_rule, register_rule
+from tests.helpers import finetune_of, tiny_state
 
 
 def test_the_builtin_rules_are_registered_with_their_defaults():

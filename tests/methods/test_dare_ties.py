@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from test_ties import official_ties
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.methods.dare import drop_and_rescale
 from mergelab.methods.registry import TensorCtx
+from tests.helpers import assert_close, finetune_of, tiny_state
+from tests.methods.test_ties import official_ties
 
 
 def floats(state: dict) -> list[str]:

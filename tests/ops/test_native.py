@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import save_states
 from mergelab.engine import chunks
 from mergelab.errors import MergelabError
 from mergelab.ops import native
 from mergelab.ops.select import StreamingKth, WindowCount
+from tests.helpers import save_states
 
 needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                    reason="no C++ compiler to build the kernels")
