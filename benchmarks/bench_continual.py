@@ -33,7 +33,7 @@ Per job: seconds of every add, seconds inside ``torch.linalg.svd`` / ``eigh`` (w
 child), with ``--threads N`` torch's threads in every job (both sides alike), RSS after every add (``VmRSS``: flat = constant memory), peak RSS (``VmHWM``). Outputs: the
 merged models are written after the clock stops and compared, mergelab opcm vs FusionBench OPCM:
 relative Frobenius difference of the merged task vectors, without ``class_embedding``, which
-FusionBench never merges (it is not in a leaf module, see ``mergelab.continual.opcm``). Its task
+FusionBench never merges (it is not in a leaf module, see ``mergelab.continual.rules.opcm``). Its task
 vector still enters both sides' global norm, so the two differ by a global factor too: the
 difference left after the best global rescaling is reported next to the raw one.
 

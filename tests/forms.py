@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from conftest import write_sharded
+from tests.helpers import write_sharded
 
 
 def write_bin_sharded(state: dict[str, torch.Tensor], folder: Path) -> Path:

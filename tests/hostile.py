@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from conftest import write_sharded
+from tests.helpers import write_sharded
 
-TENSOR = "layer.0.mlp.weight"  # a (8, 6) float32 tensor of conftest.tiny_state
+TENSOR = "layer.0.mlp.weight"  # a (8, 6) float32 tensor of tests.helpers.tiny_state
 MARKER = "code-was-executed"  # created by the exploit pickle if it is ever unpickled
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 import mergelab
 import mergelab.io.names as names
 import mergelab.zoo.backbones as backbones
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
+from tests.helpers import finetune_of, tiny_state
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, TensorCtx, merge_method
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -23,15 +23,18 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         raise ValueError(f"scaling must be >= 0, got {hp['scaling']}")
 
 
-@register(
+@merge_method(
     "toy_median",
-    defaults={"scaling": 1.0},  # every hyperparameter, with its default: no others are accepted
-    summary="elementwise median of the task vectors (a worked example)",
-    source="examples/toy_method/toy_median.py",
+    "examples/toy_method/toy_median.py",  # the paper and official code followed (here: this file)
     check=_check,
-    elementwise=True,  # output element i needs element i of each task vector only: merged in column chunks
+    elementwise=Elementwise(),  # output element i needs element i of each task vector only: merged in column chunks
     linear_in_scaling=True,  # scaling * g(taus): weave may pool it in closed form
 )
-def toy_median(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> torch.Tensor:
-    """``taus``: the stacked task vectors ``(T, ...)`` of one tensor (or of one column chunk, ``(T, c)``)."""
+def toy_median(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float = 1.0) -> torch.Tensor:
+    """elementwise median of the task vectors (a worked example)
+
+    The first line above is the summary ``mergelab methods`` shows; the keyword-only parameters are the
+    hyperparameters, with their defaults (no others are accepted). ``taus``: the stacked task vectors
+    ``(T, ...)`` of one tensor (or of one column chunk, ``(T, c)``).
+    """
     return taus.median(dim=0).values * scaling

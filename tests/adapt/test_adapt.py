@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 pytest.importorskip("transformers")
 
 import mergelab  # noqa: E402
-from adapt.tiny import build  # noqa: E402
 from mergelab.adapt import adapt  # noqa: E402
 from mergelab.errors import MergelabError  # noqa: E402
 from mergelab.ops import coefficients as coef  # noqa: E402
+from tests.adapt.tiny import build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def fixed_texts(zoo: Any) -> dict[str, list[str]]:
     """Eight unlabelled texts per task: with batch_size 4 and 2 batches every step sees all of them."""
-    from zoo.zoo_tiny import task_rows
+    from tests.zoo.zoo_tiny import task_rows
 
     return {t.name: [text for text, _ in task_rows(8)] for t in zoo.tasks}
 

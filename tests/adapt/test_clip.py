@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 import mergelab  # noqa: E402
-from adapt.tiny_clip import records, write_clip, write_experts, write_images  # noqa: E402
 from mergelab.adapt import adapt_clip  # noqa: E402
 from mergelab.errors import MergelabError  # noqa: E402
 from mergelab.ops import coefficients as coef  # noqa: E402
 from mergelab.zoo import clip  # noqa: E402
+from tests.adapt.tiny_clip import records, write_clip, write_experts, write_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,9 @@ def test_adapt_is_refused_where_nothing_adapts() -> None:
 def test_an_adapted_run_stores_coefficients_that_rebuild_it(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     import mergelab
-    from adapt.tiny import build
     from mergelab.experiment import run
     from mergelab.experiment.store import Store
+    from tests.adapt.tiny import build
 
     zoo = build(tmp_path / "zoo")
     config = {"name": "tta", "suites": ["tinyadapt"], "db": str(tmp_path / "tta.sqlite"),

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.adapt.model import build
 from mergelab.adapt.objective import entropy
 from mergelab.errors import MergelabError
@@ -18,6 +17,7 @@ from mergelab.methods.registry import get_method
 from mergelab.ops import adaptive as components
 from mergelab.ops import coefficients as coef
 from mergelab.ops.sparsify import disjoint_merge, elect_sign
+from tests.helpers import finetune_of, tiny_state
 
 
 def test_entropy_by_hand() -> None:

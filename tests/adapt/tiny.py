@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.zoo_tiny import VOCAB, task_rows
+from tests.zoo.zoo_tiny import VOCAB, task_rows
 
 LABELS = {"mood": ("positive", "negative"), "tone": ("good", "bad"), "sky": ("sunny", "rainy")}
 

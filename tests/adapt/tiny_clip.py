@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zoo.zoo_tiny import VOCAB
+from tests.zoo.zoo_tiny import VOCAB
 
 WORDS = ["photo", "a", "of", "red", "blue", "dark", "light"]
 

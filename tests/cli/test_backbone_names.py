@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 import mergelab
 import mergelab.io.names as names
 import mergelab.zoo.backbones as backbones
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.errors import MergelabError
+from tests.helpers import finetune_of, tiny_state
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
+from tests.helpers import finetune_of, tiny_state
 
 
 def plan_argv(base: Path, *models: Path, method: str = "task_arithmetic") -> list[str]:

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
+from tests.helpers import finetune_of, tiny_state
 
 
 @pytest.fixture

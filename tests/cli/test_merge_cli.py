@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state, write_sharded
-from forms import FORMS, write_form
-from hostile import CASES, MARKER
 from mergelab.cli.main import main
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.writer import plan_shards
 from mergelab.methods.registry import all_methods
+from tests.forms import FORMS, write_form
+from tests.helpers import finetune_of, tiny_state, write_sharded
+from tests.hostile import CASES, MARKER
 
 
 def read_out(out: Path) -> dict[str, torch.Tensor]:

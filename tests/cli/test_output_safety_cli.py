@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state, write_sharded
 from mergelab.cli.main import main
 from mergelab.errors import MergelabError
+from tests.helpers import finetune_of, tiny_state, write_sharded
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.errors import MergelabError
 from mergelab.io.safetensors_header import read_header
+from tests.helpers import finetune_of, tiny_state
 
 TENSOR = "layer.0.mlp.weight"
 
@@ -339,8 +339,8 @@ def test_two_adds_racing_never_lose_or_mix_a_step(tmp_path, capsys):
 def test_duplicate_and_corrupt_state_are_refused_before_any_merge_maths(tmp_path, capsys, monkeypatch):
     state, models = make_state(tmp_path, "opcm")
     calls = []
-    real = mergelab.continual.opcm.project_out
-    monkeypatch.setattr(mergelab.continual.opcm, "project_out", lambda *a: calls.append(1) or real(*a))
+    real = mergelab.continual.rules.opcm.project_out
+    monkeypatch.setattr(mergelab.continual.rules.opcm, "project_out", lambda *a: calls.append(1) or real(*a))
     refused(["continual", "add", str(state), str(models[1])], capsys, "already added as step 2")
     poke(generation(state) / "model.safetensors", "embed.weight", [0.25], at=60)
     refused(["continual", "add", str(state), str(models[2])], capsys, "tensor 'embed.weight'", "checksum")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.continual import DEFAULTS, rules
 from mergelab.continual.rules import RuleCtx, all_rules, get_rule, register_rule
+from tests.helpers import finetune_of, tiny_state
 
 
 def test_the_builtin_rules_are_registered_with_their_defaults():
@@ -69,3 +69,26 @@ def test_mergelab_methods_lists_the_rules(capsys):
     assert main(["methods", "--continual", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(rows) == sorted(all_rules()) and rows["opcm"]["choices"]["projection"] == ["official", "paper"]
+
+
+def test_a_rule_module_dropped_into_the_rules_package_is_listed(monkeypatch, tmp_path):
+    """A new rule is one module: put in the rules package (here a folder added to the package's path), it
+    is imported, registered and listed; nothing else names it."""
+    (tmp_path / "toy_rule.py").write_text(
+        "from mergelab.continual.rules import register_rule, state_itself\n\n\n"
+        "@register_rule('toy_rule', defaults={}, read=state_itself, summary='the first model only', source='a test')\n"
+        "def toy_rule(state, tau, ctx, **hp):\n"
+        "    return tau if state is None else state\n"
+    )
+    (tmp_path / "_toy_helpers.py").write_text("raise AssertionError('a private module is not imported')\n")
+    monkeypatch.setattr(rules, "_RULES", dict(all_rules()))
+    monkeypatch.setattr(rules, "__path__", [*rules.__path__, str(tmp_path)])
+    try:
+        assert "toy_rule" in all_rules()
+        merger = mergelab.ContinualMerger("toy_rule", tiny_state(0))
+        merger.add(finetune_of(tiny_state(0), 1))
+        assert sorted(merger.merged()) == sorted(tiny_state(0))
+    finally:
+        import sys
+
+        sys.modules.pop("mergelab.continual.rules.toy_rule", None)

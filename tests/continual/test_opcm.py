@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
-from mergelab.continual.opcm import project_out, split_rank
+from mergelab.continual.rules.opcm import project_out, split_rank
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def official_opcm(base: dict, models: list[dict], alpha: float) -> dict:

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def run(method: str, base: dict, models: list[dict], **hp) -> dict:

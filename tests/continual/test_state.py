@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.cli.main import main
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 METHODS = [("opcm", {"alpha": 0.4}), ("continual_ta", {"scaling": 0.3}), ("continual_ties", {}), ("swa", {})]
 

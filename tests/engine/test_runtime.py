@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mergelab
-from conftest import finetune_of, save_states, tiny_state
 from mergelab.engine import chunks, stream
 from mergelab.errors import MergelabError
+from tests.helpers import finetune_of, save_states, tiny_state
 
 
 @pytest.mark.parametrize(("method", "hparams"), [("task_arithmetic", {}), ("ties", {"scope": "tensor"})])

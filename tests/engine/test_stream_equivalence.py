@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state, write_sharded
 from mergelab.engine import chunks, stream
+from tests.helpers import assert_close, finetune_of, tiny_state, write_sharded
 
 Combine = Callable[[torch.Tensor], torch.Tensor]  # (T, *shape) task vectors -> merged task vector
 

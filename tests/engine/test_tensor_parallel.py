@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import mergelab
-from conftest import finetune_of, save_states, tiny_state
 from mergelab.engine import plan as plan_module
 from mergelab.engine import stream
 from mergelab.errors import MergelabError
+from tests.helpers import finetune_of, save_states, tiny_state
 
 METHODS = [("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("cart", {}), ("weave", {"inner": "tsv"}),
            ("weave", {"inner": "iso_c", "pooling": "random"})]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mergelab.cli.main import main
-from zoo.zoo_tiny import write_suite
+from tests.zoo.zoo_tiny import write_suite
 
 
 def test_zoo_build_list_and_eval(tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mergelab.cli.main import main
-from zoo.zoo_tiny import write_suite
+from tests.zoo.zoo_tiny import write_suite
 
 
 def test_unbuilt_suite_and_first_time_data_are_announced(tmp_path: Path, tiny_bert: Path,

@@ -14,7 +14,7 @@ from mergelab.zoo import build_zoo
 from mergelab.zoo.datasets import load_task
 from mergelab.zoo.encoder import TEMPLATE, encode, load_encoder
 from mergelab.zoo.train import Recipe
-from zoo.zoo_tiny import write_task
+from tests.zoo.zoo_tiny import write_task
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from experiment.tiny import Scorer, Zoos
 from mergelab.cli.main import main
 from mergelab.experiment import Store
+from tests.experiment.tiny import Scorer, Zoos
 
 CONFIG = "name: cli\ndb: results/cli.sqlite\nsuites: [tiny]\ntasks: [all, {size: 3}]\nmethods: [task_arithmetic, ties]\n"
 

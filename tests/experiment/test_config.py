@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from experiment.tiny import TASKS, Zoos
 from mergelab.errors import MergelabError
 from mergelab.experiment import load_config, parse_config
+from tests.experiment.tiny import TASKS, Zoos
 
 
 def parse(raw: dict[str, Any], tmp_path: Path) -> Any:

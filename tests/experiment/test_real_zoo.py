@@ -14,7 +14,7 @@ import mergelab  # noqa: E402
 from mergelab.eval import evaluate  # noqa: E402
 from mergelab.experiment import Store, run  # noqa: E402
 from mergelab.zoo import build_zoo  # noqa: E402
-from zoo.zoo_tiny import write_suite, write_tiny_bert  # noqa: E402
+from tests.zoo.zoo_tiny import write_suite, write_tiny_bert  # noqa: E402
 
 
 def test_multitask_and_continual_on_a_tiny_real_zoo(tmp_path: Path) -> None:

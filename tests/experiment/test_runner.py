@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import mergelab
-from experiment.tiny import TASKS, Scorer, Zoos, score
 from mergelab.experiment import Store, metrics, run
+from tests.experiment.tiny import TASKS, Scorer, Zoos, score
 
 GRID = {"name": "grid", "suites": ["tiny"], "tasks": ["all", {"size": 3}],
         "methods": [{"method": "task_arithmetic", "sweep": {"scaling": [0.3, 1.0]}}, "ties"]}  # 5 subsets x 3 = 15

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state, write_sharded
 from mergelab.cli.main import main
 from mergelab.io import leftovers as leftovers_module
 from mergelab.io import writer as writer_module
 from mergelab.io.writer import CheckpointWriter
+from tests.helpers import finetune_of, tiny_state, write_sharded
 
 
 def names(folder: Path) -> list[str]:

@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import tiny_state, write_sharded
-from forms import FORMS, write_form
-from hostile import CASES, MARKER, STRICTER, split, write_raw
 from mergelab.errors import MergelabError
 from mergelab.io.sources import open_source
+from tests.forms import FORMS, write_form
+from tests.helpers import tiny_state, write_sharded
+from tests.hostile import CASES, MARKER, STRICTER, split, write_raw
 
 
 @pytest.mark.parametrize("form", FORMS)

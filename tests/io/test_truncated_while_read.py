@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import finetune_of, tiny_state
 from mergelab.io import sigbus
+from tests.helpers import finetune_of, tiny_state
 
 pytestmark = pytest.mark.skipif(not sigbus.available(), reason="no C++ compiler: no SIGBUS handler (see io/sigbus.py)")
 

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load, save_file
 
 import mergelab
-from conftest import finetune_of, tiny_state, write_sharded
 from mergelab.errors import MergelabError
 from mergelab.io import writer as writer_module
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.writer import CheckpointWriter, plan_shards, shard_header
+from tests.helpers import finetune_of, tiny_state, write_sharded
 
 LAYOUT = [("w", TensorSpec((2, 3), torch.float32)), ("b", TensorSpec((3,), torch.bfloat16)), ("n", TensorSpec((), torch.int64))]
 

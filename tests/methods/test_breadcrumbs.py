@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close
 from mergelab.methods.breadcrumbs import row_mask, tensor_mask
+from tests.helpers import assert_close
 
 
 def official_middle_keep(tensor: torch.Tensor, keep: float, remove: float) -> torch.Tensor:

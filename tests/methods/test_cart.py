@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
 from mergelab.methods.cart import PRESETS, cart, kept_rank
 from mergelab.methods.registry import TensorCtx
 from mergelab.ops.spectral import OFFICIAL_EXCLUDE, is_matrix
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def official_cart(

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
 from mergelab.methods.dare import drop_and_rescale
 from mergelab.methods.registry import TensorCtx
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def floats(state: dict) -> list[str]:

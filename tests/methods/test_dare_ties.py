@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from test_ties import official_ties
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.methods.dare import drop_and_rescale
 from mergelab.methods.registry import TensorCtx
+from tests.helpers import assert_close, finetune_of, tiny_state
+from tests.methods.test_ties import official_ties
 
 
 def floats(state: dict) -> list[str]:
@@ -38,13 +38,13 @@ def test_dare_ties_statistics_see_the_dropped_vectors_only():
     """The thresholds are observed on the DARE-dropped task vectors; the collector offers no compiled
     observation of the stored values (which would skip the drop), so the engine cannot take one."""
     from mergelab.methods.dare_ties import DareTiesStats
-    from mergelab.methods.ties import TiesGlobalStats
+    from mergelab.ops.thresholds import ThresholdPasses
 
     hp = {"density": 0.5, "scaling": 0.5, "rescale": True, "seed": 3, "merge_func": "sum", "ties_density": 0.2,
           "scope": "global"}
     stats = DareTiesStats(hp, 2)
     assert not hasattr(stats, "observe_raw")
-    plain = TiesGlobalStats({"density": 0.2, "threshold": "official"}, 2)
+    plain = ThresholdPasses(0.2, "official", 2)
     gen = torch.Generator().manual_seed(1)
     tensors = {name: torch.randn(2, 50, generator=gen) for name in ("a", "b")}
     index = 0

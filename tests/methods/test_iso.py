@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
 from mergelab.methods.iso_c import iso_c
 from mergelab.methods.iso_cts import iso_cts, subspace_sizes
 from mergelab.methods.registry import TensorCtx
 from mergelab.ops.spectral import OFFICIAL_EXCLUDE
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 # --- literal ports of https://github.com/danielm1405/iso-merging/blob/d34010a/src/utils/iso.py ------------
 # (task_vector.vector[key] -> task_vector[key], config.DATASETS -> the task list, device -> CPU, prints dropped)

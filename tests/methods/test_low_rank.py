@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import mergelab
-from mergelab.continual.opcm import project_out
+from mergelab.continual.rules.opcm import project_out
 from mergelab.errors import MergelabError
 from mergelab.methods.registry import TensorCtx, get_method
 from mergelab.ops import spectral as _spectral

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import finetune_of, tiny_state
 from mergelab.methods.magmax import max_magnitude
+from tests.helpers import finetune_of, tiny_state
 
 
 def official_merge_max_abs(taus: list[torch.Tensor]) -> torch.Tensor:

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.methods.pcb import VARIANTS, PcbStats, balancing, pcb
 from mergelab.methods.registry import TensorCtx
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 # --- literal ports of https://github.com/duguodong7/pcb-merging (commit 5897888) -----------------
 # normalize / clamp / act are identical in pcb-merging.py:7-29, nlp_source_code/utils/merge_utils.py:103-125,

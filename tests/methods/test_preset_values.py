@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 
 import mergelab
-from conftest import finetune_of, tiny_state
-from experiment.tiny import Zoos
 from mergelab.cli.main import main
 from mergelab.experiment import parse_config
 from mergelab.methods.cart import PRESETS, cart
 from mergelab.methods.registry import TensorCtx, get_method
+from tests.experiment.tiny import Zoos
+from tests.helpers import finetune_of, tiny_state
 
 
 def states() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mergelab
-from conftest import finetune_of, tiny_state
+from tests.helpers import finetune_of, tiny_state
 
 
 @pytest.mark.parametrize("method", ["dare", "dare_ties", "breadcrumbs", "magmax"])

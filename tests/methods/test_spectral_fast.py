@@ -11,13 +11,13 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close
 from mergelab.methods.cart import cart, cart_matrix
 from mergelab.methods.iso_c import iso_c, iso_c_matrix
 from mergelab.methods.iso_cts import iso_cts, iso_cts_matrix
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.tsv import tsv, tsv_matrix
 from mergelab.ops.svd import EPS64, error_estimate, fast_svd, solver, svd, svd_driver, tolerance
+from tests.helpers import assert_close
 
 TOL32 = tolerance(torch.float32)
 _svd_module = sys.modules["mergelab.ops.svd"]

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.ties import ties
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def official_ties(flat: torch.Tensor, density: float, merge_func: str) -> torch.Tensor:

@@ -71,3 +71,32 @@ def test_the_toy_method_runs_from_the_command_line(toy, tmp_path, capsys):
 
     # two models: torch's median is the lower middle value
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], torch.tensor([1.0, -1.0, -2.0, 0.0]))
+
+
+def test_the_short_form_declares_almost_nothing(toy):
+    """``merge_method(name, reference_url)``: the hyperparameters are the function's keyword-only parameters
+    with their defaults, the summary is its docstring's first line, the source the reference; no capability
+    beyond the ones named."""
+    method = registry.get_method("toy_median")
+    assert dict(method.defaults) == {"scaling": 1.0}
+    assert method.summary == "elementwise median of the task vectors (a worked example)"
+    assert method.source == "examples/toy_method/toy_median.py"
+    assert method.is_elementwise({"scaling": 1.0}) and method.linear_in_scaling
+    assert method.streaming is None and method.whole_tensors is None and method.fused is None
+
+
+def test_the_short_form_needs_defaults_and_a_summary(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.all_methods()))
+
+    def no_default(taus, base, ctx, *, scaling):
+        """a summary"""
+        return taus.sum(dim=0) * scaling
+
+    def no_summary(taus, base, ctx, *, scaling=1.0):
+        return taus.sum(dim=0) * scaling
+
+    with pytest.raises(ValueError, match="scaling need a default"):
+        registry.merge_method("no_default", "nowhere")(no_default)
+    with pytest.raises(ValueError, match="docstring"):
+        registry.merge_method("no_summary", "nowhere")(no_summary)
+    assert "no_default" not in registry.all_methods() and "no_summary" not in registry.all_methods()

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.errors import MergelabError
 from mergelab.methods.registry import TensorCtx
 from mergelab.methods.tsv import tsv
 from mergelab.ops.spectral import OFFICIAL_EXCLUDE, polar, svd_driver
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 
 def official_tsvm(task_vectors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

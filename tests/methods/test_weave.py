@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from conftest import assert_close, finetune_of, tiny_state
 from mergelab.cli.main import main
 from mergelab.engine import chunks
 from mergelab.errors import MergelabError
 from mergelab.methods.registry import all_methods
 from mergelab.methods.weave import STANDARD, search_space
+from tests.helpers import assert_close, finetune_of, tiny_state
 
 SCALED = sorted(n for n, m in all_methods().items() if "scaling" in m.defaults)
 LINEAR = sorted(n for n in SCALED if all_methods()[n].linear_in_scaling)

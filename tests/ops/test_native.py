@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergelab
-from conftest import save_states
 from mergelab.engine import chunks
 from mergelab.errors import MergelabError
 from mergelab.ops import native
 from mergelab.ops.select import StreamingKth, WindowCount
+from tests.helpers import save_states
 
 needs_kernels = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                    reason="no C++ compiler to build the kernels")
@@ -289,17 +289,17 @@ def test_window_count_kernel_equals_the_torch_count():
 @pytest.mark.parametrize("guess", ["hit", "miss", "none"])
 def test_window_guess_hit_miss_or_none_gives_the_same_merge(monkeypatch, plain, guess):
     """A missed guess costs the two histogram passes (4 in all), no guess one more pass (3); never exactness."""
-    from mergelab.methods import ties
+    from mergelab.ops.thresholds import ThresholdPasses
 
-    real = ties.TiesGlobalStats._guess_window
+    real = ThresholdPasses._guess_window
     if guess == "miss":
-        monkeypatch.setattr(ties.TiesGlobalStats, "_guess_window",
+        monkeypatch.setattr(ThresholdPasses, "_guess_window",
                             lambda self: WindowCount([int(lo) + 40 for lo in real(self).lows], 1))
     elif guess == "none":
-        monkeypatch.setattr(ties.TiesGlobalStats, "_guess_window", lambda self: None)
+        monkeypatch.setattr(ThresholdPasses, "_guess_window", lambda self: None)
     passes: list[int] = []
-    end_pass = ties.TiesGlobalStats.end_pass
-    monkeypatch.setattr(ties.TiesGlobalStats, "end_pass", lambda self, i: passes.append(i) or end_pass(self, i))
+    end_pass = ThresholdPasses.end_pass
+    monkeypatch.setattr(ThresholdPasses, "end_pass", lambda self, i: passes.append(i) or end_pass(self, i))
     base, models = states(3, torch.bfloat16)
     fast, slow = merged_both_ways(plain, base, models)
     assert_same(fast, slow)

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from experiment.tiny import TASKS, Scorer, Zoos  # noqa: E402
 from mergelab.errors import MergelabError  # noqa: E402
 from mergelab.experiment import Store, run  # noqa: E402
 from mergelab.report import write_report  # noqa: E402
+from tests.experiment.tiny import TASKS, Scorer, Zoos  # noqa: E402
 
 CONFIGS = [
     {"name": "mt", "suites": ["tiny"], "tasks": ["all", {"size": 2}, {"size": 3}],

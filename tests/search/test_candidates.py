@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mergelab
-from experiment.tiny import TASKS, write_zoo
 from mergelab.search.candidates import CandidateMerger, family
+from tests.experiment.tiny import TASKS, write_zoo
 
 CASES = [
     ("task_arithmetic", {"scaling": 0.3}), ("ties", {"scaling": 0.7, "density": 0.5}), ("tsv", {"scaling": 1.3}),

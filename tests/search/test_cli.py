@@ -12,7 +12,7 @@ from mergelab.cli.main import main
 pytest.importorskip("transformers")
 pytest.importorskip("optuna")
 
-from zoo.zoo_tiny import write_suite, write_tiny_bert  # noqa: E402
+from tests.zoo.zoo_tiny import write_suite, write_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="module")

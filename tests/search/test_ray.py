@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from experiment.tiny import Scorer, Zoos
 from mergelab.experiment import Store, run
 from mergelab.search import search
-from search.tiny_search import SplitScorer
+from tests.experiment.tiny import Scorer, Zoos
+from tests.search.tiny_search import SplitScorer
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("optuna")

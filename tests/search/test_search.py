@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 import mergelab
-from experiment.tiny import TASKS, Zoos
 from mergelab.errors import MergelabError
 from mergelab.experiment import Store
 from mergelab.search import search
-from search.tiny_search import SplitScorer, split_score
+from tests.experiment.tiny import TASKS, Zoos
+from tests.search.tiny_search import SplitScorer, split_score
 
 pytest.importorskip("optuna")
 

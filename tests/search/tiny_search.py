@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from experiment.tiny import Scored
 from mergelab.zoo import Zoo
+from tests.experiment.tiny import Scored
 
 VALIDATION_TENSORS = ("layer.attn.weight",)
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from zoo.zoo_tiny import write_tiny_bert  # noqa: E402
+from tests.zoo.zoo_tiny import write_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")

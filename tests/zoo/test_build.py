@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mergelab.errors import MergelabError
 from mergelab.zoo import build_zoo, list_zoos
 from mergelab.zoo.train import Recipe
-from zoo.zoo_tiny import write_suite, write_task
+from tests.zoo.zoo_tiny import write_suite, write_task
 
 RECIPE = Recipe(batch_size=64)  # 40 rows -> one step
 

@@ -17,7 +17,7 @@ pytest.importorskip("PIL")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from zoo.zoo_tiny import VOCAB
+    from tests.zoo.zoo_tiny import VOCAB
 
     folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     folder.mkdir()

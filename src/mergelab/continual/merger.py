@@ -46,6 +46,7 @@ from mergelab.io.placing import check_new_folder, input_paths
 from mergelab.io.safetensors_header import TensorSpec
 from mergelab.io.sources import DictSource, TensorSource, open_source
 from mergelab.io.writer import CheckpointWriter
+from mergelab.methods.registry import Late
 from mergelab.ops.device import resolve_device
 from mergelab.ops.finite import all_finite
 from mergelab.version import __version__
@@ -131,6 +132,7 @@ class ContinualMerger:
     def _merge(self, source: TensorSource, entry: dict[str, str], show: bool) -> None:
         """The merge pass: the new state, written as a generation and committed (or kept in memory)."""
         stats = self._statistics(source) if self.rule.stats is not None and self.step > 0 else None
+        late = self.rule.late(self.hparams, stats) if self.rule.late is not None and stats is not None else None
         new_state: dict[str, torch.Tensor] = {}
         checksums: dict[str, str] = {}
         scalars = dict(self.scalars)
@@ -146,6 +148,8 @@ class ContinualMerger:
                 state = self._state.get(tensor_name).to(self.device, torch.float32) if self._state is not None else None
                 ctx = RuleCtx(tensor_name, self._is_matrix(tensor_name), self.step, stats=stats)
                 updated = self.rule.update(state, tau, ctx, **self.hparams)
+                if late is not None and ctx.late is not None:
+                    late.absorb(tensor_name, ctx.late)
                 if self.rule.counts_in_norm(ctx, self.hparams):
                     tau_sq += float(tau.double().pow(2).sum())
                     u_sq += float(updated.double().pow(2).sum())
@@ -159,7 +163,7 @@ class ContinualMerger:
                 else:
                     new_state[tensor_name] = out
                 bar.update(self.base.specs[tensor_name].nbytes)
-            patched = self._apply_patches(stats, writer, new_state) if stats is not None else []
+            patched = self._apply_patches(late, writer, new_state) if late is not None else []
             scalars["norm_sum"] = scalars.get("norm_sum", 0.0) + math.sqrt(tau_sq)
             scalars["state_norm_sq"] = u_sq
             if writer is not None:
@@ -304,12 +308,12 @@ class ContinualMerger:
             delta = self.rule.read(state, ctx, **self.hparams)
             yield name, (base.to(torch.float32) + delta).to(spec.dtype)
 
-    def _apply_patches(self, stats: Any, writer: CheckpointWriter | None,
+    def _apply_patches(self, late: Late, writer: CheckpointWriter | None,
                        new_state: dict[str, torch.Tensor]) -> list[str]:
-        """The rule's late corrections (``Rule.patches``: e.g. the few parameters whose TIES sign needed
+        """The rule's late corrections (``Rule.late``: e.g. the few parameters whose TIES sign needed
         the model-wide majority), added to the previous state; returns the names of the tensors changed."""
-        assert self._state is not None and self.rule.patches is not None
-        patches = self.rule.patches(self.hparams, stats)
+        assert self._state is not None
+        patches = late.patches()
         for name, (index, delta) in patches.items():
             values = self._state.get(name).reshape(-1)[index].to(torch.float32) + delta
             if writer is not None:

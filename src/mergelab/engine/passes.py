@@ -1,5 +1,7 @@
 """The passes around the merge pass: a method's statistics passes before it (``Method.stats``, the
-collector re-read after each pass), and its late corrections after it (``Method.finalize``)."""
+collector re-read after each pass, its result handed to the method as ``ctx.stats``), and its late
+corrections after it (``Method.late``: what each merged chunk left in ``ctx.late``, gathered during the
+merge pass, turned into patches)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mergelab.engine.chunks import Buffers, Raw, chunk_starts, load_chunk, prefe
 from mergelab.engine.plan import MergePlan
 from mergelab.engine.progress import progress_bar
 from mergelab.errors import MergelabError
+from mergelab.methods.registry import Late, TensorCtx
 from mergelab.ops import native
 from mergelab.ops.finite import all_finite
 
@@ -55,15 +58,21 @@ def chunk_threads(plan: MergePlan, state: Any, threads: int) -> int:
     return threads if plan.device.type == "cpu" and plan.method.is_elementwise(plan.hparams) and safe else 1
 
 
-def late_patches(plan: MergePlan, stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def absorb_late(late: Late | None, ctx: TensorCtx) -> None:
+    """What one merged chunk left for the method's late patches, gathered (chunks may run on several threads)."""
+    if late is not None and ctx.late is not None:
+        late.absorb(ctx.name, ctx.late)
+
+
+def late_patches(plan: MergePlan, late: Late | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The method's late corrections, as merged values in the output dtype, for every tied name."""
-    if plan.method.finalize is None:
+    if late is None:
         return {}
     names_of: dict[str, list[str]] = {}
     for name in plan.order:
         names_of.setdefault(plan.aliases.get(name, name), []).append(name)
     patches = {}
-    for canonical, (index, delta) in plan.method.finalize(plan.hparams, stats).items():
+    for canonical, (index, delta) in late.patches().items():
         base = plan.base.get(canonical).reshape(-1)[index.cpu()].to(plan.compute_dtype)
         values = (base + delta.cpu().to(plan.compute_dtype)).to(plan.base.specs[canonical].dtype)
         check_output_range(plan, canonical, values)

@@ -93,7 +93,7 @@ class MergePlan:
         """Whole-tensor temporaries, in arrays of the largest tensor (compute dtype): base, taus (T) and ~3
         more unless the method says otherwise."""
         t = self.n_models
-        return self.method.temporaries(self.hparams, t) if self.method.temporaries else t + 4
+        return self.method.temporaries(self.hparams, t)
 
     def _storage_itemsize(self) -> int:
         return max((s.specs[x].dtype.itemsize for s in (self.base, *self.models) for x in self.merged), default=4)

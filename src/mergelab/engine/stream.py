@@ -33,7 +33,7 @@ from mergelab.engine.chunks import (
     run_chunks,
     worker,
 )
-from mergelab.engine.passes import check_output_range, chunk_threads, late_patches, run_stat_passes
+from mergelab.engine.passes import absorb_late, check_output_range, chunk_threads, late_patches, run_stat_passes
 from mergelab.engine.plan import LOOKAHEAD_PER_WORKER, MergePlan
 from mergelab.engine.progress import progress_bar, want_progress
 from mergelab.engine.provenance import RANK_KEY, fitting, notes_report, provenance, warn_notes
@@ -42,7 +42,7 @@ from mergelab.errors import MergelabError
 from mergelab.io import sigbus
 from mergelab.io.placing import input_paths
 from mergelab.io.writer import CheckpointWriter
-from mergelab.methods.registry import TensorCtx
+from mergelab.methods.registry import Late, TensorCtx
 from mergelab.ops import native
 from mergelab.ops.finite import all_finite
 
@@ -57,6 +57,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     show = want_progress(progress)
     buffers = Buffers()  # read buffers, kept for every pass
     stats = run_stat_passes(plan, show, buffers, threads)
+    late = plan.method.gatherer(plan.hparams, stats)  # what the merge pass leaves for the late patches
     metadata = provenance(plan)
     notes: dict[str, dict[str, Any]] = {}  # what the method noted per tensor (ctx.notes), reported at the end
     writer = None
@@ -73,7 +74,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     with writer if writer is not None else nullcontext(), sigbus.output_folder(writer.tmp if writer else None):
         workers = plan.tensor_workers(threads)
         if workers > 1:
-            feed = _merged_at_once(plan, computed, stats, buffers, workers, notes)
+            feed = _merged_at_once(plan, computed, stats, late, buffers, workers, notes)
         else:
             tied, slots, outputs = set(remaining), count(), Buffers()
 
@@ -84,7 +85,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                     return None
                 return outputs.get(next(slots) % 2, 0, plan.base.specs[name].nbytes)
 
-            feed = _merged_in_turn(plan, computed, stats, buffers, threads, into, notes)
+            feed = _merged_in_turn(plan, computed, stats, late, buffers, threads, into, notes)
         written: Future[None] | None = None
         with closing(feed), progress_bar(plan, show, f"merge ({plan.method.name})") as bar, _drain(lambda: written):
             for name in plan.order:
@@ -106,7 +107,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
                 else:
                     results[name] = tensor
                 bar.update(plan.base.specs[name].nbytes)
-        for name, values in late_patches(plan, stats).items():
+        for name, values in late_patches(plan, late).items():
             if writer is not None:
                 writer.patch(name, *values)
             else:
@@ -122,7 +123,7 @@ def _execute(plan: MergePlan, progress: bool | None, threads: int = 1) -> dict[s
     return {name: results[name] for name in plan.base.specs}  # the base's own key order
 
 
-def _merged_in_turn(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers, threads: int,
+def _merged_in_turn(plan: MergePlan, names: list[str], stats: Any, late: Late | None, buffers: Buffers, threads: int,
                     into: Callable[[str], torch.Tensor | None],
                     notes: dict[str, dict[str, Any]] | None = None) -> Generator[tuple[str, torch.Tensor], None, None]:
     """``(name, merged tensor)`` in order, one tensor at a time (its chunks on up to ``threads``
@@ -131,10 +132,10 @@ def _merged_in_turn(plan: MergePlan, names: list[str], stats: Any, buffers: Buff
     with closing(feed):
         for name, raw in feed:
             yield name, merge_tensor(plan, name, raw, stats, check_finite=plan.n_stat_passes == 0, into=into(name),
-                                     threads=threads, notes=notes)
+                                     threads=threads, notes=notes, late=late)
 
 
-def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buffers, workers: int,
+def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, late: Late | None, buffers: Buffers, workers: int,
                     notes: dict[str, dict[str, Any]] | None = None) -> Generator[tuple[str, torch.Tensor], None, None]:
     """``(name, merged tensor)`` in order, ``workers`` tensors read and merged at once, each on one
     thread (torch's intra-op threads are 1 here: :func:`quiet_runtime`): for ``tensor_parallel``
@@ -153,7 +154,7 @@ def _merged_at_once(plan: MergePlan, names: list[str], stats: Any, buffers: Buff
         try:
             raw = read_raw(plan, name, buffers, slot)
             try:
-                return merge_tensor(plan, name, raw, stats, check_finite=check, notes=notes)
+                return merge_tensor(plan, name, raw, stats, check_finite=check, notes=notes, late=late)
             finally:
                 for source in (plan.base, *plan.models):
                     source.release(name)
@@ -196,10 +197,11 @@ def _drain(current: Any) -> Iterator[None]:
 
 def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_finite: bool,
                  into: torch.Tensor | None = None, threads: int = 1,
-                 notes: dict[str, dict[str, Any]] | None = None) -> torch.Tensor:
+                 notes: dict[str, dict[str, Any]] | None = None, late: Late | None = None) -> torch.Tensor:
     """Merge one tensor: the method's delta added to the base, in the base's dtype on CPU (a view
     of ``into``, a byte buffer, if given); independent chunks on up to ``threads`` threads. What the
-    method notes about the tensor (``ctx.notes``) goes into ``notes[name]``."""
+    method notes about the tensor (``ctx.notes``) goes into ``notes[name]``, what it leaves for its late
+    patches (``ctx.late``) into ``late``."""
     spec = plan.base.specs[name]
     out = torch.empty(spec.numel, dtype=spec.dtype) if into is None else into[: spec.nbytes].view(spec.dtype)
     if spec.numel == 0:
@@ -212,6 +214,7 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
         if fused is not None:
             base_part, model_parts = raw_chunk(plan, raw, start)
             if fused(base_part, model_parts, out[start : start + base_part.numel()], ctx, **plan.hparams):
+                absorb_late(late, ctx)
                 return  # else (an input it does not take, or a NaN to report): the plain path below
         taus, base = load_chunk(plan, name, raw, start, check_finite)
         merged = base + plan.method.fn(taus, base, ctx, **plan.hparams)  # not in place: base may be the caller's
@@ -219,6 +222,7 @@ def merge_tensor(plan: MergePlan, name: str, raw: Raw, stats: Any, *, check_fini
             notes[name] = ctx.notes
         if not all_finite(merged):
             raise MergelabError(f"method '{plan.method.name}' produced NaN or Inf (check its hyperparameters)", tensor=name)
+        absorb_late(late, ctx)
         out[start : start + merged.numel()] = merged.reshape(-1)
 
     run_chunks(merge_chunk, chunk_starts(plan, name), chunk_threads(plan, stats, threads))

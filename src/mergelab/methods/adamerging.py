@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Resolution, TensorCtx, register
 from mergelab.ops import coefficients as coef
 from mergelab.ops.adaptive import combine, task_vectors
 
@@ -40,7 +40,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Yang et al. ICLR 2024 (AdaMerging) Eq. 3-4; official EnnengYang/AdaMerging main_*_adamerging.py; "
     "init 0.3 (official prior, FusionBench init_values); granularity layer = one per parameter tensor (official)",
     check=_check,
-    fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging", LEARNED),
+    resolution=Resolution(fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging", LEARNED)),
 )
 def adamerging(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, coefficients: Any, init: float,
                granularity: str) -> torch.Tensor:

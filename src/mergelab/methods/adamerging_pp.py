@@ -12,7 +12,7 @@ entries of each task that agree with the elected sign kept. Equal coefficients `
 ``ties(merge_func="sum", scaling=c)``.
 
 Both model-wide quantities are computed exactly in streaming passes: the thresholds by TIES' own collector
-(``ties.TiesGlobalStats``), then one pass summing the elected signs for the majority.
+(:class:`mergelab.ops.thresholds.ThresholdPasses`), then one pass summing the elected signs for the majority.
 
 Defaults: ``density=0.2`` (official ``K = 20``), ``init=0.3`` (official ``prior``), ``granularity="layer"``.
 """
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
-from mergelab.methods.ties import TiesGlobalStats
+from mergelab.methods.registry import Resolution, Streaming, TensorCtx, register
 from mergelab.ops import coefficients as coef
 from mergelab.ops.adaptive import combine, majority_sign, sign_sum, ties_selected
+from mergelab.ops.thresholds import ThresholdPasses
 
 LEARNED = ("granularity", "density", "threshold")
 
@@ -37,7 +37,7 @@ class MajorityStats:
     thread_safe = False
 
     def __init__(self, hp: dict[str, Any], n_models: int):
-        self.ties = TiesGlobalStats(hp, n_models)
+        self.ties = ThresholdPasses(hp["density"], hp["threshold"], n_models)
         self.total = 0.0
 
     @property
@@ -72,8 +72,8 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Yang et al. ICLR 2024 (AdaMerging++); official EnnengYang/AdaMerging main_*_adamergingpp.py with "
     "ties_merging_split(K=20, dis-sum): density 0.2, init 0.3 (official prior)",
     check=_check,
-    stats=lambda hp, n: MajorityStats(hp, n),
-    fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging_pp", LEARNED),
+    streaming=Streaming(stats=lambda hp, n: MajorityStats(hp, n)),
+    resolution=Resolution(fill_presets=lambda hp: coef.fill_from_file(hp, "adamerging_pp", LEARNED)),
 )
 def adamerging_pp(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, coefficients: Any, init: float,
                   granularity: str, density: float, threshold: str) -> torch.Tensor:

@@ -50,9 +50,8 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
-from mergelab.ops.spectral import SVD_DTYPES, check_hparams, is_matrix, kept_rank, low_rank
-from mergelab.ops.svd import tolerance
+from mergelab.methods.registry import Resolution, TensorCtx, WholeTensors, register
+from mergelab.ops.spectral import SVD_DTYPES, check_hparams, kept_rank, low_rank, matrix_numerics
 
 PRESETS: dict[str, dict[str, float]] = {
     "paper": {"rank_ratio": 0.08, "scaling": 1.0},
@@ -119,15 +118,14 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         "center": True,
     },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
-    presets=PRESETS,
-    fill_presets=_fill_presets,
+    resolution=Resolution(presets=PRESETS, fill_presets=_fill_presets),
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
     "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
     "(Sec. 4.1, Fig. 1 blue)",
     check=_check,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def cart(
     taus: torch.Tensor,
@@ -142,10 +140,9 @@ def cart(
     center: bool,
 ) -> torch.Tensor:
     ratio, scale = resolve(preset, rank_ratio, scaling)  # a no-op after the registry's resolve; kept for direct calls
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         if center:
             return taus.mean(dim=0)
         return taus.sum(dim=0) * (scale if ratio > 0.0 else 0.0)  # official: zeroed at rank 0
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return cart_matrix(taus, ratio, scale, dtype, tol, center)
+    return cart_matrix(taus, ratio, scale, *numerics, center)

@@ -25,7 +25,7 @@ import torch
 
 from mergelab.methods.cart import PRESETS
 from mergelab.methods.cart import resolve as cart_resolve
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Resolution, TensorCtx, WholeTensors, register
 from mergelab.ops import coefficients as coef
 from mergelab.ops.adaptive import cart_components, combine
 from mergelab.ops.spectral import SVD_DTYPES, check_hparams
@@ -51,14 +51,13 @@ def _fill(hp: dict[str, Any]) -> dict[str, Any]:
     defaults={"coefficients": None, "init": 0.3, "granularity": "layer", "rank_ratio": None, "preset": "paper",
               "exclude": [], "svd_dtype": "float64"},
     choices={"granularity": coef.GRANULARITIES, "preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
-    presets={k: {"rank_ratio": v["rank_ratio"]} for k, v in PRESETS.items()},
     summary="CART++: weight average + learned task-/layer-wise coefficients times rank-k centred task vectors",
     source="Choi et al. arXiv:2412.12153 Sec. 4.3 Eq. 6, Alg. 1-2; rank_ratio from cart's preset (paper 0.08); "
     "init 0.3 (AdaMerging's prior, which the paper says CART++ adopts); non-matrix tensors keep their whole centred "
     "vector (official JH-GEECS/CART _get_truncated_task_vectors)",
     check=_check,
-    fill_presets=_fill,
-    tensor_parallel=True,
+    resolution=Resolution(presets={k: {"rank_ratio": v["rank_ratio"]} for k, v in PRESETS.items()}, fill_presets=_fill),
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound
 )
 def cart_pp(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, coefficients: Any, init: float,
             granularity: str, rank_ratio: float | None, preset: str, exclude: list[str], svd_dtype: str) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch
 
 from mergelab.methods import ties as ties_module
 from mergelab.methods.dare import check_dare, drop_and_rescale
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Streaming, TensorCtx, register
+from mergelab.ops.majority import MajorityVote
+from mergelab.ops.thresholds import ModelThresholds, ThresholdPasses
 
 
 def _ties_hparams(hp: dict[str, Any]) -> dict[str, Any]:
@@ -38,10 +40,10 @@ class DareTiesStats:
     values, which cannot apply the drop), so every observation goes through :meth:`observe` and the drop."""
 
     def __init__(self, hp: dict[str, Any], n_models: int):
-        self.thresholds = ties_module.TiesGlobalStats(_ties_hparams(hp), n_models)
+        self.thresholds = ThresholdPasses(hp["ties_density"], "official", n_models)
         self.hp = hp
 
-    thread_safe = ties_module.TiesGlobalStats.thread_safe
+    thread_safe = ThresholdPasses.thread_safe
 
     @property
     def n_passes(self) -> int:  # the thresholds', as it changes pass by pass
@@ -58,7 +60,7 @@ class DareTiesStats:
     def end_pass(self, index: int) -> None:
         self.thresholds.end_pass(index)
 
-    def result(self) -> ties_module.TiesStats:
+    def result(self) -> ModelThresholds:
         return self.thresholds.result()
 
 
@@ -72,8 +74,8 @@ def _stats(hp: dict[str, Any], n_models: int) -> DareTiesStats | None:
     return DareTiesStats(hp, n_models) if hp["scope"] == "global" else None
 
 
-def _finalize(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return ties_module.majority_patches(_ties_hparams(hp), stats)
+def _late(hp: dict[str, Any], stats: ModelThresholds | None) -> MajorityVote | None:
+    return ties_module.majority_vote(_ties_hparams(hp), stats)
 
 
 @register(
@@ -85,8 +87,7 @@ def _finalize(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, t
     source="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023; FusionBench dare/ties_merging.py; "
     "defaults from FusionBench config/method/dare/ties_merging.yaml",
     check=_check,
-    stats=_stats,
-    finalize=_finalize,
+    streaming=Streaming(stats=_stats, late=_late),
     linear_in_scaling=True,
     randomized=True,
 )

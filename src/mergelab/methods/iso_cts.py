@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
@@ -57,13 +57,13 @@ from mergelab.ops.spectral import (
     check_hparams,
     dropped_below,
     flat_spectrum,
-    is_matrix,
+    matrix_numerics,
     noise_count,
     note_rank,
     numerical,
     polar_and_spectrum,
 )
-from mergelab.ops.svd import fast_svd, matmul, tolerance
+from mergelab.ops.svd import fast_svd, matmul
 
 
 def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
@@ -138,7 +138,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def iso_cts(
     taus: torch.Tensor,
@@ -152,9 +152,8 @@ def iso_cts(
     low_rank: str = "auto",
     rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         return taus.mean(dim=0) * scaling
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
     rank = dropped_below(low_rank, rank_tol)
-    return iso_cts_matrix(taus, common_space_fraction, dtype, tol, rank, ctx.notes, rank_tol) * scaling
+    return iso_cts_matrix(taus, common_space_fraction, *numerics, rank, ctx.notes, rank_tol) * scaling

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, TensorCtx, register
 
 
 def max_magnitude(taus: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def max_magnitude(taus: torch.Tensor) -> torch.Tensor:
     summary="per parameter, the task-vector entry of largest magnitude",
     source="Marczak et al. ECCV 2024; official danielm1405/magmax merge_max_abs; scaling 0.5 from its script / FusionBench",
     linear_in_scaling=True,
-    elementwise=True,
+    elementwise=Elementwise(),
 )
 def magmax(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> torch.Tensor:
     return max_magnitude(taus) * scaling

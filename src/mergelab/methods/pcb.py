@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, Streaming, TensorCtx, register
 from mergelab.ops.select import StreamingKth
 
 VARIANTS = ("vision_es", "vision", "nlp", "root")
@@ -162,9 +162,9 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Du et al. NeurIPS 2024; official duguodong7/pcb-merging vision_source_code/pcb_ES.py::PCB "
     "(variants vision, nlp, root); ratio 0.05 (pcb_ES.py:103), scaling 1.0 (pcb_ES.py:114 init, Weight Weaving Table 1)",
     check=_check,
-    stats=lambda hp, n: PcbStats(hp, n) if hp["scope"] == "global" else None,
+    streaming=Streaming(stats=lambda hp, n: PcbStats(hp, n) if hp["scope"] == "global" else None),
     linear_in_scaling=True,
-    elementwise=lambda hp: hp["scope"] == "global",
+    elementwise=Elementwise(when=lambda hp: hp["scope"] == "global"),
 )
 def pcb(
     taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, ratio: float, scaling: float, variant: str, scope: str

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, TensorCtx, register
 from mergelab.ops import native
 
 
@@ -39,7 +39,7 @@ def _fused(base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor, ct
     source="Ilharco et al. ICLR 2023 Eq. (2); default scaling 0.3 from FusionBench config/method/task_arithmetic.yaml",
     check=_check,
     linear_in_scaling=True,
-    elementwise=True,
+    elementwise=Elementwise(),
     fused=_fused,
 )
 def task_arithmetic(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, scaling: float) -> torch.Tensor:

@@ -55,20 +55,20 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
     RANK_TOL,
     SVD_DTYPES,
     check_hparams,
     dropped_below,
-    is_matrix,
+    matrix_numerics,
     noise_count,
     note_rank,
     numerical,
     polar_and_spectrum,
 )
-from mergelab.ops.svd import fast_svd, matmul, tolerance
+from mergelab.ops.svd import fast_svd, matmul
 
 
 def tsv_matrix(
@@ -124,7 +124,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     "config/method/task_singular_vector/TaskSingularVectorMerging.yaml (official: validation search over 0.1..3.0)",
     check=_check,
     linear_in_scaling=True,
-    tensor_parallel=True,  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
 )
 def tsv(
     taus: torch.Tensor,
@@ -137,8 +137,7 @@ def tsv(
     low_rank: str = "auto",
     rank_tol: float = RANK_TOL,
 ) -> torch.Tensor:
-    if not is_matrix(ctx.name, base.shape, exclude):
+    numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         return taus.mean(dim=0) * scaling
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0  # float32: the official (exact) numerics
-    return tsv_matrix(taus, dtype, tol, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling
+    return tsv_matrix(taus, *numerics, dropped_below(low_rank, rank_tol), ctx.notes, rank_tol) * scaling

@@ -33,7 +33,7 @@ Computation. An inner method that declares ``linear_in_scaling`` computes ``A_i 
 with ``max_i |lambda_i| |g|``. Any other inner method (``cart``: affine, not linear, in its
 scaling), or ``path="general"``, evaluates the inner method once per lambda and pools on the fly: a running sum, a running choice or
 a running maximum, so memory holds one merged tensor at a time, never K merged models. Inner methods
-with a model-wide correction (``finalize``: TIES' majority sign for exactly cancelling parameters)
+with a model-wide correction (``late`` patches: TIES' majority sign for exactly cancelling parameters)
 use the linear path, and weave re-pools the entries the correction patches; ``path="general"`` is
 refused for them (``ties`` / ``dare_ties`` with ``scope="global"``; ``scope="tensor"`` has no such step).
 ``path="general"`` exists to check the fast path against Algorithm 1 (tests/methods/test_weave.py) and
@@ -43,15 +43,28 @@ for inner methods registered by users without ``linear_in_scaling``.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mergelab.errors import MergelabError
 from mergelab.methods.magmax import max_magnitude
-from mergelab.methods.registry import Collector, Method, TensorCtx, get_method, register, resolve_hparams
+from mergelab.methods.registry import (
+    Collector,
+    Elementwise,
+    Late,
+    Method,
+    Resolution,
+    Streaming,
+    TensorCtx,
+    WholeTensors,
+    get_method,
+    register,
+    resolve_hparams,
+)
 from mergelab.ops.pool import BlockPool
 
 POOLINGS = ("average", "random", "magmax")
@@ -122,18 +135,15 @@ def split(hp: Mapping[str, Any]) -> tuple[Method, dict[str, Any]]:
 
 
 def corrects_late(inner: Method, inner_hp: dict[str, Any], n_models: int) -> bool:
-    """Whether the inner method patches entries after the merge pass (a ``finalize`` with statistics)."""
-    return inner.finalize is not None and inner.collector({**inner_hp, "scaling": 1.0}, n_models) is not None
+    """Whether the inner method patches entries after the merge pass (``late`` patches with statistics)."""
+    return inner.corrects_late and inner.collector({**inner_hp, "scaling": 1.0}, n_models) is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeaveStats:
-    """The inner method's statistics, and what weave needs to re-pool entries its ``finalize`` patches:
-    per tensor name, flat indices with the pooled value's dependence on ``g`` there."""
+    """The inner method's statistics."""
 
     inner: Any
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    pool: BlockPool = field(default_factory=BlockPool)  # holds the records off the heap
 
 
 class WeaveCollector:
@@ -249,31 +259,60 @@ def pool_general(
     return out
 
 
-def _finalize(hp: dict[str, Any], stats: WeaveStats | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Re-pool the entries the inner method corrects: ``g`` there is replaced by its final value."""
+@dataclass(frozen=True)
+class WeaveRecord:
+    """What one weave call leaves for the late patches: the inner method's record, and ``a``, ``b`` at the
+    entries that record says may be patched (its ``waiting`` flat indices, as TIES' ``Vote``), or ``None``."""
+
+    inner: Any
+    waiting: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+
+class WeaveLate:
+    """The inner method's late patches, gathered as it would gather them, and re-pooled: ``g`` at the entries
+    it corrects is replaced by its final value."""
+
+    def __init__(self, inner: Late, pooling: str):
+        self.inner, self.pooling = inner, pooling
+        self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.pool = BlockPool()  # holds the records off the heap
+        self._lock = threading.Lock()
+
+    def absorb(self, name: str, record: WeaveRecord) -> None:
+        self.inner.absorb(name, record.inner)
+        if record.waiting is not None and record.a is not None and record.b is not None:
+            with self._lock:
+                kept = (self.pool.keep(record.waiting), self.pool.keep(record.a), self.pool.keep(record.b))
+                self.records.setdefault(name, []).append(kept)
+
+    def patches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for name, (index, g) in self.inner.patches().items():
+            parts = self.records[name]
+            where = torch.cat([p[0] for p in parts])
+            a, b = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+            order = torch.argsort(where)
+            pos = order[torch.searchsorted(where[order], index.to(where.dtype))]
+            scaled = b[pos] * g.to(b.dtype)
+            out[name] = (index, _larger(a[pos], scaled) if self.pooling == "magmax" else a[pos] + scaled)
+        return out
+
+
+def _late(hp: dict[str, Any], stats: WeaveStats | None) -> WeaveLate | None:
     inner, inner_hp = split(hp)
-    if stats is None or inner.finalize is None:
-        return {}
-    out = {}
-    for name, (index, g) in inner.finalize({**inner_hp, "scaling": 1.0}, stats.inner).items():
-        parts = stats.records[name]
-        where = torch.cat([p[0] for p in parts])
-        a, b = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-        order = torch.argsort(where)
-        pos = order[torch.searchsorted(where[order], index.to(where.dtype))]
-        scaled = b[pos] * g.to(b.dtype)
-        out[name] = (index, _larger(a[pos], scaled) if hp["pooling"] == "magmax" else a[pos] + scaled)
-    return out
+    inner_late = inner.gatherer({**inner_hp, "scaling": 1.0}, stats.inner) if stats is not None else None
+    return WeaveLate(inner_late, hp["pooling"]) if inner_late is not None else None
 
 
-def _record_pending(stats: WeaveStats, before: int, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Keep ``a``, ``b`` at the entries the inner method left for its ``finalize`` (listed, by the
-    registry's convention, as ``(name, flat_index, ...)`` in ``stats.pending``)."""
-    for entry in stats.inner.pending[before:]:
-        local = entry[1].to(a.device) - ctx.offset
-        flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-        kept = (stats.pool.keep(flat_a[local].cpu()), stats.pool.keep(flat_b[local].cpu()))
-        stats.records.setdefault(entry[0], []).append((entry[1], *kept))
+def _record(inner: Any, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> WeaveRecord:
+    """The inner method's record, with ``a``, ``b`` kept at the entries it may patch."""
+    waiting = getattr(inner, "waiting", None)
+    if waiting is None:
+        return WeaveRecord(inner)
+    local = waiting.to(a.device) - ctx.offset
+    return WeaveRecord(inner, waiting, a.reshape(-1)[local].cpu(), b.reshape(-1)[local].cpu())
 
 
 @register(
@@ -283,13 +322,11 @@ def _record_pending(stats: WeaveStats, before: int, ctx: TensorCtx, a: torch.Ten
     summary="Weight Weaving: pool the task vectors and the inner method's merges over a lambda search space",
     source="Chaves et al. (Weight Weaving) Algorithm 1, pooling functions Sec. 5.3; lambda search spaces "
     "(presets multitask / continual / domain_generalization) from its Sec. 4; + the inner method's hyperparameters",
-    resolver=resolve,
-    presets={preset: _describe(preset) for preset in PRESETS},
-    stats=_stats,
-    finalize=_finalize,
+    resolution=Resolution(resolver=resolve, presets={preset: _describe(preset) for preset in PRESETS}),
     randomized=True,
-    elementwise=_elementwise,
-    tensor_parallel=_tensor_parallel,
+    streaming=Streaming(stats=_stats, late=_late),
+    elementwise=Elementwise(when=_elementwise),
+    whole_tensors=WholeTensors(parallel=_tensor_parallel),
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)
@@ -300,12 +337,10 @@ def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> 
     inner_ctx = copy.copy(ctx)
     inner_ctx.stats = stats.inner if stats is not None else None
     if inner.linear_in_scaling and hp["path"] == "auto":
-        pending = getattr(inner_ctx.stats, "pending", None)
-        before = len(pending) if pending is not None else 0
         g = inner.fn(taus, base, inner_ctx, **inner_hp, scaling=1.0)
         pooled, a, b = pool_linear(taus, g, lambdas, pooling, choice)
-        if pending is not None and len(pending) > before and stats is not None:
-            _record_pending(stats, before, ctx, a, b)
+        if inner_ctx.late is not None:  # the inner method's late patches will re-pool a few entries
+            ctx.late = _record(inner_ctx.late, ctx, a, b)
         return pooled
 
     def merge_at(lam: float) -> torch.Tensor:  # inner methods with accumulating statistics take the linear path

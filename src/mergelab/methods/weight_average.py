@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.registry import TensorCtx, register
+from mergelab.methods.registry import Elementwise, TensorCtx, register
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -33,7 +33,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     summary="(weighted) average of the models: the uniform model soup",
     source="Wortsman et al. ICML 2022 (uniform soup); weight normalisation as mergekit linear",
     check=_check,
-    elementwise=True,
+    elementwise=Elementwise(),
 )
 def weight_average(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, *, weights: list[float] | None) -> torch.Tensor:
     if weights is None:

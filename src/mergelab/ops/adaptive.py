@@ -31,8 +31,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from mergelab.ops.sparsify import elect_sign, keep_mask_, keep_rank, kth_threshold
-from mergelab.ops.spectral import SVD_DTYPES, is_matrix, kept_rank, low_rank
-from mergelab.ops.svd import tolerance
+from mergelab.ops.spectral import kept_rank, low_rank, matrix_numerics
 
 
 def task_vectors(taus: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -81,13 +80,13 @@ def cart_components(
     (``k`` as ``ops.spectral.kept_rank``; SVDs in ``svd_dtype`` as ``cart``), whole for other tensors as the official
     ``_get_truncated_task_vectors`` keeps them, all zero at ``rank_ratio=0`` as there."""
     origin = taus.mean(dim=0)
-    if not is_matrix(name, taus.shape[1:], exclude):
+    numerics = matrix_numerics(name, taus.shape[1:], exclude, svd_dtype, taus.dtype)
+    if numerics is None:
         if rank_ratio == 0.0:
             return origin, torch.zeros_like(taus)
         return origin, taus - origin
     k = kept_rank(min(taus.shape[1:]), rank_ratio)
-    dtype = SVD_DTYPES[svd_dtype]
-    tol = tolerance(taus.dtype) if dtype == torch.float64 else 0.0
+    dtype, tol = numerics
     centre = origin.to(dtype)
     deltas = torch.stack([low_rank(tau.to(dtype) - centre, k, tol).to(taus.dtype) for tau in taus])
     return origin, deltas

@@ -92,11 +92,11 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from mergelab.ops.svd import EPS64, error_estimate, fast_svd, gram_eigh, matmul, solver
+from mergelab.ops.svd import EPS64, error_estimate, fast_svd, gram_eigh, matmul, solver, tolerance
 from mergelab.ops.svd import svd as svd  # re-exported: the exact SVD and its CUDA driver live in ops.svd
 from mergelab.ops.svd import svd_driver as svd_driver
 
@@ -148,6 +148,25 @@ def excluded(name: str, patterns: Sequence[str]) -> bool:
 def is_matrix(name: str, shape: Sequence[int], exclude: Sequence[str]) -> bool:
     """A 2-D tensor not excluded by name is treated as a matrix by every spectral method."""
     return len(shape) == 2 and not excluded(name, exclude)
+
+
+class SvdNumerics(NamedTuple):
+    """How a spectral method decomposes one matrix: the SVD's working ``dtype`` and the error ``tol`` it
+    accepts from the fast path (:func:`mergelab.ops.svd.fast_svd`)."""
+
+    dtype: torch.dtype
+    tol: float
+
+
+def matrix_numerics(name: str, shape: Sequence[int], exclude: Sequence[str], svd_dtype: str,
+                    taus_dtype: torch.dtype) -> SvdNumerics | None:
+    """What every spectral method (tsv, iso_c, iso_cts, cart, cart_pp) decides first for a tensor: ``None``
+    if it is not a matrix (:func:`is_matrix`: the method's non-matrix rule applies), else SVDs in ``svd_dtype``
+    -- float64 within ``tolerance`` of the task vectors' dtype, float32 exact (the official numerics)."""
+    if not is_matrix(name, shape, exclude):
+        return None
+    dtype = SVD_DTYPES[svd_dtype]
+    return SvdNumerics(dtype, tolerance(taus_dtype) if dtype == torch.float64 else 0.0)
 
 
 def low_rank(x: torch.Tensor, k: int, tol: float = 0.0) -> torch.Tensor:

@@ -13,7 +13,9 @@ import torch
 
 from mergelab.continual.rules import RuleCtx, register_rule, state_itself
 from mergelab.methods.registry import TensorCtx
-from mergelab.methods.ties import TiesGlobalStats, majority_patches, ties
+from mergelab.methods.ties import ties
+from mergelab.ops.majority import MajorityVote
+from mergelab.ops.thresholds import ThresholdPasses
 
 
 def _check(hp: dict[str, Any], n_models: int) -> None:
@@ -21,14 +23,15 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         raise ValueError(f"density must be in [0, 1], got {hp['density']}")
 
 
-def _stats(hp: dict[str, Any]) -> TiesGlobalStats:
+def _stats(hp: dict[str, Any]) -> ThresholdPasses:
     """Whole-model TIES thresholds over the two rows [current merged task vector, new tau]."""
-    return TiesGlobalStats({"density": hp["density"], "threshold": "official"}, 2)
+    return ThresholdPasses(hp["density"], "official", 2)
 
 
-def _patches(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The parameters whose TIES sign needed the model-wide majority (see ``ties.majority_patches``)."""
-    return majority_patches({"merge_func": hp["merge_func"], "scaling": hp["scaling"]}, stats)
+def _late(hp: dict[str, Any], stats: Any) -> MajorityVote:
+    """The merge pass's votes for the model-wide majority sign; after it, the parameters whose TIES sign
+    needed it (see :mod:`mergelab.ops.majority`)."""
+    return MajorityVote(hp["merge_func"], hp["scaling"])
 
 
 @register_rule(
@@ -38,7 +41,7 @@ def _patches(hp: dict[str, Any], stats: Any) -> dict[str, tuple[torch.Tensor, to
     check=_check,
     read=state_itself,
     stats=_stats,
-    patches=_patches,
+    late=_late,
     summary="state += scaling * TIES([state, tau]) with the whole-model top-k and majority sign",
     source="FusionBench method/opcm/ties_merging.py; defaults scaling 0.5, density 0.2, merge_func sum "
     "from FusionBench config/method/opcm/ties_merging.yaml",
@@ -48,7 +51,9 @@ def continual_ties(state: torch.Tensor | None, tau: torch.Tensor, ctx: RuleCtx, 
     if state is None:
         first: torch.Tensor = scaling * tau
         return first
-    step = ties(torch.stack([state, tau]), tau, TensorCtx(name=ctx.name, stats=ctx.stats), density=density,
+    step_ctx = TensorCtx(name=ctx.name, stats=ctx.stats)
+    step = ties(torch.stack([state, tau]), tau, step_ctx, density=density,
                 scaling=1.0, merge_func=merge_func, scope="global", threshold="official")
+    ctx.late = step_ctx.late  # its vote for the model-wide majority sign
     updated: torch.Tensor = state + scaling * step
     return updated

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from mergelab.continual.rules import RuleCtx, register_rule
-from mergelab.continual.swa import running_mean
+from mergelab.continual.rules.swa import running_mean
 from mergelab.ops.spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
 from mergelab.ops.svd import svd
 

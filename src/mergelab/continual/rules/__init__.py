@@ -11,16 +11,19 @@ declares, one tensor at a time::
 ``ctx`` (:class:`RuleCtx`) says which tensor it is, whether it is a matrix, how many models came
 before, the merger's scalars and the rule's statistics. A rule that needs whole-model statistics over
 the rows ``[state, tau]`` before the merge pass declares ``stats(hparams) -> Collector`` (run by the
-merger as streaming passes, as the engine runs a method's) and ``patches(hparams, stats)`` for entries
-corrected after it (``{name: (flat_index, delta)}``, added to the previous state there).
+merger as streaming passes, as the engine runs a method's) and ``late(hparams, stats) -> Late`` for
+entries corrected after it: what each ``update`` leaves in ``ctx.late`` is absorbed during the merge
+pass, and the patches (``{name: (flat_index, delta)}``) are added to the previous state there.
 
-One module per rule in this package registers it (:mod:`.swa`, :mod:`.continual_ta`,
-:mod:`.continual_ties`, :mod:`.opcm`); a new rule is one more module.
+This package holds the registry (here) and one module per rule (:mod:`.swa`, :mod:`.continual_ta`,
+:mod:`.continual_ties`, :mod:`.opcm`), each registering its rule when imported. :func:`all_rules` imports
+every public module of the package, so a new rule is one more module, listed nowhere else.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,10 +32,10 @@ from typing import Any
 import torch
 
 from mergelab.errors import MergelabError
-from mergelab.methods.registry import Collector, resolve_hparams
+from mergelab.methods.registry import Collector, Late, resolve_hparams
 
 
-@dataclass(frozen=True)
+@dataclass
 class RuleCtx:
     """What a rule may know about the tensor it updates or reads.
 
@@ -42,6 +45,7 @@ class RuleCtx:
         count: models merged before this one (``update``) or in all (``read``).
         scalars: the merger's running scalars (``norm_sum``, ``state_norm_sq``), for ``read``.
         stats: the result of the rule's statistics passes for this step, or ``None``.
+        late: set by ``update`` in a rule with ``late``: what it leaves for the late patches.
     """
 
     name: str
@@ -49,6 +53,7 @@ class RuleCtx:
     count: int
     scalars: Mapping[str, float] = field(default_factory=dict)
     stats: Any = None
+    late: Any = None
 
 
 UpdateFn = Callable[..., torch.Tensor]
@@ -63,7 +68,9 @@ class Rule:
             (``norm_sum``, ``state_norm_sq``); every tensor unless the rule says otherwise.
         stats: factory of a :class:`~mergelab.methods.registry.Collector` over the rows ``[state, tau]``,
             run before each merge pass once a state exists; ``None``: no statistics.
-        patches: ``patches(hparams, stats) -> {name: (flat_index, delta)}`` after the merge pass.
+        late: ``late(hparams, stats) -> Late``: a fresh :class:`~mergelab.methods.registry.Late` per merge
+            pass, which absorbs what ``update`` left in ``ctx.late``; its patches
+            (``{name: (flat_index, delta)}``) are applied after the pass.
         legacy: defaults of hyperparameters added after states were first saved: a state saved without
             one continues with this value (how it began), not the current default.
     """
@@ -78,7 +85,7 @@ class Rule:
     check: Callable[[dict[str, Any], int], None] | None = None
     in_norm: Callable[[RuleCtx, dict[str, Any]], bool] | None = None
     stats: Callable[[dict[str, Any]], Collector] | None = None
-    patches: Callable[[dict[str, Any], Any], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    late: Callable[[dict[str, Any], Any], Late] | None = None
     legacy: Mapping[str, Any] = field(default_factory=dict)
 
     def resolve(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,7 +98,6 @@ class Rule:
 
 _RULES: dict[str, Rule] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-BUILTIN = ("continual_ta", "continual_ties", "opcm", "swa")  # the modules of this package that register one
 
 
 def register_rule(name: str, *, read: Callable[..., torch.Tensor], **spec: Any) -> Callable[[UpdateFn], UpdateFn]:
@@ -117,8 +123,11 @@ def get_rule(name: str) -> Rule:
 
 
 def all_rules() -> dict[str, Rule]:
-    for module in BUILTIN:
-        importlib.import_module(f"mergelab.continual.{module}")
+    """Every registered rule, by name: the modules of this package first imported (those whose name starts
+    with ``_`` hold helpers and register nothing)."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
     return dict(sorted(_RULES.items()))
 
 
