@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-demo zoo-data zoo-quick test test-all test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave bench-memory bench-contention bench-peers clean
+.PHONY: install install-demo zoo-data zoo-quick test test-gpu quality style demo bench bench-engine bench-spectral bench-continual bench-weave bench-memory bench-contention bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -28,9 +28,6 @@ zoo-quick: zoo-data
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
-
-test-all: install
-	$(PY) -m pytest -q -m "" -p no:cacheprovider
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider
