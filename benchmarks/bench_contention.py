@@ -65,7 +65,7 @@ def child(job: dict) -> None:
 
     import mergelab
     from mergelab import threads
-    from mergelab.engine import native
+    from mergelab.ops import native
 
     if job["mode"] == "after":
         threads.apply(threads.choose())  # as mergelab.cli.main does
