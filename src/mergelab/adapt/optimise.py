@@ -92,8 +92,12 @@ def logits(inputs: Inputs, task: TaskInputs, weights: dict[str, torch.Tensor], i
     """The task's logits on ``items`` with the merged ``weights``: scale * cos(features, frozen head)
     (``max_len``: the texts' truncation, if not the encoder's)."""
     encoder = _encoder(inputs, max_len)
-    emb = encoder.embed(weights, items)
-    return encoder.logit_scale * emb @ task.head.to(emb.device, emb.dtype).T
+    return head_logits(encoder.logit_scale, encoder.embed(weights, items), task.head)
+
+
+def head_logits(scale: float, emb: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """``scale * emb @ head.T``: normalised features against a frozen head's normalised rows."""
+    return scale * emb @ head.to(emb.device, emb.dtype).T
 
 
 def token_lengths(inputs: Inputs, items: list[Any], max_len: int | None = None) -> list[int]:
@@ -123,7 +127,7 @@ def step_loss(inputs: Inputs, weights: dict[str, torch.Tensor], samples: list[li
     loss = torch.zeros((), device=emb.device)
     offset = 0
     for task, take in zip(inputs.tasks, samples, strict=True):
-        scores = entropy(encoder.logit_scale * emb[offset: offset + len(take)] @ task.head.to(emb.device, emb.dtype).T)
+        scores = entropy(head_logits(encoder.logit_scale, emb[offset: offset + len(take)], task.head))
         for b in range(0, len(take), options.batch_size):
             loss = loss + scores[b: b + options.batch_size].mean()
         offset += len(take)
