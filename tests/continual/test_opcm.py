@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import mergelab
-from mergelab.continual.rules.opcm import project_out, split_rank
+from mergelab.continual.rules.opcm import adaptive_lambda, project_out, split_rank
 from tests.helpers import assert_close, finetune_of, tiny_state
 
 
@@ -114,3 +114,31 @@ def test_first_model_is_returned_unchanged():
     cm.add(model)
     for name in base:
         assert_close(cm.merged()[name], model[name])
+
+
+def test_sqrt_lambda_divides_the_same_state_by_sqrt_t():
+    # the state (lambda_t * tau_merged) does not depend on the lambda rule; sqrt reads it off / sqrt(t)
+    base = tiny_state(3)
+    models = [finetune_of(base, i) for i in range(3)]
+    adaptive, root = (mergelab.ContinualMerger("opcm", base, lambda_t=rule) for rule in ("adaptive", "sqrt"))
+    for model in models:
+        adaptive.add(model)
+        root.add(model)
+    lam = adaptive_lambda(adaptive.scalars, 3)
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            continue
+        state = (adaptive.merged()[name] - tensor) * lam  # undo Eq. (10)'s read-out
+        assert_close(root.merged()[name] - tensor, state / 3 ** 0.5, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_lambda_is_sqrt_t_for_orthogonal_equal_norm_task_vectors():
+    # t orthogonal task vectors of equal norm: no projection needed, ||sum|| = sqrt(t) * ||tau||
+    base = {"w": torch.zeros(4, 4)}
+    cm = mergelab.ContinualMerger("opcm", base)
+    for t in range(4):
+        tau = torch.zeros(4, 4)
+        tau[t, t] = 2.0
+        cm.add({"w": tau})
+        assert abs(adaptive_lambda(cm.scalars, t + 1) - (t + 1) ** 0.5) < 1e-6
+    assert adaptive_lambda({"norm_sum": 0.0, "state_norm_sq": 0.0}, 1) == 0.0

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import mergelab
+from mergelab.continual.rules.opcm import adaptive_lambda
 from mergelab.experiment import Store, metrics, run
 from tests.experiment.tiny import TASKS, Scorer, Zoos, score
 
@@ -104,6 +105,14 @@ def test_continual_accuracy_matrix_acc_and_bwt(tmp_path: Path) -> None:
     zoo = Zoos(tmp_path / "check").build("tiny")
     final = mergelab.merge("weight_average", zoo.base, [zoo.experts[t] for t in TASKS])  # SWA = the average
     assert m["matrix"][-1] == pytest.approx([score(final, zoo, t) for t in TASKS], abs=1e-6)
+    assert len(m["step_seconds"]) == len(TASKS) and "lambda_t" not in m  # time per added model; no lambda_t
+    # OPCM's Eq. (10) factor per step (its Fig. 7): lambda_1 = 1, and a fresh merger's scalars give the last one
+    opcm = next(r for r in rows if r.method == "opcm" and r.config["subset"] == "identity").metrics
+    assert opcm is not None and len(opcm["lambda_t"]) == len(TASKS) and opcm["lambda_t"][0] == pytest.approx(1.0)
+    merger = mergelab.ContinualMerger("opcm", zoo.base, alpha=0.5)
+    for t in TASKS:
+        merger.add(zoo.experts[t], force=True)
+    assert opcm["lambda_t"][-1] == pytest.approx(adaptive_lambda(merger.scalars, len(TASKS)))
 
 
 def test_domain_generalization_scores_the_held_out_task(tmp_path: Path) -> None:

@@ -38,12 +38,20 @@ by 14-18 % of the new task vector's largest entry. ``"auto"`` leaves out the pai
 vectors) the computation is the official one, bit for bit. ``projection="paper"`` never touches them.
 States saved before this option existed keep ``"official"``.
 
+``lambda_t="adaptive"`` (default) is Eq. (10); ``lambda_t="sqrt"`` is the paper's alternative
+``lambda_t = sqrt(t)`` (Sec. 4, after Eq. 10: task vectors are nearly orthogonal, so the norm of a sum of
+``t`` of them grows as ``sqrt(t)``; Fig. 7 shows the adaptive factor following that curve). Either way
+the state is the same running sum ``lambda_{t-1} tau_merged_{t-1} + P(tau_t)`` (Eq. 6 times
+``lambda_t``); only the read-out divides by a different ``lambda_t``. :func:`adaptive_lambda` gives
+Eq. (10)'s value from the merger's scalars (the experiment runner records it per step: Fig. 7's curve).
+
 Default ``alpha=0.5``: FusionBench ``config/method/opcm/opcm.yaml`` and the paper's experiments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -103,12 +111,25 @@ def _rescaled(ctx: RuleCtx, hp: dict[str, Any]) -> bool:
     return hp["non_matrix"] == "official" or ctx.matrix
 
 
+def _norms(scalars: Mapping[str, float], count: int) -> tuple[float, float]:
+    """The average norm of the task vectors seen so far and the norm of the state (Eq. 10's two norms)."""
+    return scalars["norm_sum"] / count, math.sqrt(scalars["state_norm_sq"])
+
+
+def adaptive_lambda(scalars: Mapping[str, float], count: int) -> float:
+    """Eq. (10): ``lambda_t = ||lambda_{t-1} tau_merged + P(tau_t)|| / mean_i ||tau_i||`` from the merger's
+    scalars after ``count`` models; 0 when every task vector so far is zero."""
+    average_norm, state_norm = _norms(scalars, count)
+    return state_norm / average_norm if average_norm > 0 else 0.0
+
+
 def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
-    """Eq. (10): the state rescaled to the average norm of the task vectors seen so far."""
+    """The state divided by ``lambda_t``: Eq. (10)'s (the average task-vector norm restored) or ``sqrt(t)``."""
     if not _rescaled(ctx, hp):
         return state
-    average_norm = ctx.scalars["norm_sum"] / ctx.count
-    state_norm = math.sqrt(ctx.scalars["state_norm_sq"])
+    if hp["lambda_t"] == "sqrt":
+        return state / math.sqrt(ctx.count)
+    average_norm, state_norm = _norms(ctx.scalars, ctx.count)
     factor = average_norm / state_norm if state_norm > 0 else 0.0
     return factor * state
 
@@ -116,8 +137,9 @@ def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
 @register_rule(
     "opcm",
     defaults={"alpha": 0.5, "seed": 0, "projection": "official", "non_matrix": "official", "exclude": [],
-              "low_rank": "auto", "rank_tol": RANK_TOL},
-    choices={"projection": ("official", "paper"), "non_matrix": ("official", "average"), "low_rank": LOW_RANK},
+              "low_rank": "auto", "rank_tol": RANK_TOL, "lambda_t": "adaptive"},
+    choices={"projection": ("official", "paper"), "non_matrix": ("official", "average"), "low_rank": LOW_RANK,
+             "lambda_t": ("adaptive", "sqrt")},
     check=_check,
     read=_read,
     in_norm=_rescaled,
@@ -127,7 +149,7 @@ def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
     "method/opcm/opcm.py merge_linear_weights); default alpha 0.5 from FusionBench config/method/opcm/opcm.yaml",
 )
 def opcm(state: torch.Tensor | None, tau: torch.Tensor, ctx: RuleCtx, *, alpha: float, seed: int, projection: str,
-         non_matrix: str, exclude: list[str], low_rank: str, rank_tol: float) -> torch.Tensor:
+         non_matrix: str, exclude: list[str], low_rank: str, rank_tol: float, lambda_t: str) -> torch.Tensor:
     """The state is the un-normalised running sum ``lambda_t * tau_merged``."""
     if state is None:
         return tau
