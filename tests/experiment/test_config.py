@@ -77,6 +77,41 @@ def test_hash_depends_on_resolved_hyperparameters_not_spelling(tmp_path: Path) -
     assert run_hash({"scaling": 0.5}) != run_hash({})
 
 
+def test_options_added_later_keep_stored_runs_at_their_earlier_value(tmp_path: Path) -> None:
+    # a run stored before `keep` (cart) / `low_rank` (tsv, opcm) existed had no such key in its hash: at the
+    # value that behaves as before (the method's `compat`) the key is left out, so the stored run is found
+    import hashlib
+
+    from mergelab.experiment.config import canonical_json
+
+    def spec(raw: dict[str, Any]) -> Any:
+        return parse({"suites": ["tiny"], **raw}, tmp_path).runs[0]
+
+    def earlier_hash(run: Any, dropped: set[str]) -> str:  # the key as computed before the option existed
+        key = {**run.key(), "hparams": {k: v for k, v in run.resolved.items() if k not in dropped}}
+        return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
+
+    cart = spec({"methods": ["cart"]})
+    assert "keep" not in cart.resolved and cart.used["keep"] == "top"  # the merge still gets the value
+    assert spec({"methods": [{"method": "cart", "params": {"keep": "top"}}]}).hash == cart.hash
+    assert spec({"methods": [{"method": "cart", "params": {"keep": "bottom"}}]}).hash != cart.hash
+    official = spec({"methods": [{"method": "tsv", "params": {"low_rank": "official"}}]})
+    assert official.hash == earlier_hash(official, {"low_rank", "rank_tol"})
+    assert spec({"methods": ["tsv"]}).resolved["low_rank"] == "auto"  # the default is not the earlier value
+    opcm = spec({"kind": "continual", "methods": [{"method": "opcm", "params": {"low_rank": "official"}}]})
+    assert set(opcm.resolved) == {"alpha", "seed", "projection", "non_matrix", "exclude"}
+    sqrt = spec({"kind": "continual", "methods": [{"method": "opcm", "params": {"lambda_t": "sqrt"}}]})
+    assert sqrt.resolved["lambda_t"] == "sqrt"
+
+
+def test_compat_values_are_declared_hyperparameters() -> None:
+    from mergelab.continual.rules import all_rules
+    from mergelab.methods.registry import all_methods
+
+    for thing in [*all_methods().values(), *all_rules().values()]:
+        assert set(thing.compat) <= set(thing.defaults) or thing.name == "weave", thing.name
+
+
 def test_same_run_under_two_labels_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MergelabError, match=r"methods: 'a' and 'b' are the same run"):
         parse({"suites": ["tiny"], "methods": [{"method": "ties", "label": "a"},

@@ -56,7 +56,8 @@ def official_cart(
     return {k: _theta_avg[k] + prior * lowrank[k] for k in pretrained}
 
 
-def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=None, svd_dtype="float64", center=True):
+def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=None, svd_dtype="float64", center=True,
+          keep="top"):
     return cart(
         taus,
         torch.zeros(taus.shape[1:], dtype=taus.dtype),
@@ -67,6 +68,7 @@ def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=
         exclude=exclude or [],
         svd_dtype=svd_dtype,
         center=center,
+        keep=keep,
     )
 
 
@@ -253,6 +255,7 @@ def test_uncentred_hand_checked():
         exclude=[],
         svd_dtype="float64",
         center=False,
+        keep="top",
     )
     assert_close(delta, 0.5 * torch.diag(torch.tensor([3.0, 2.0])))
     bias = cart(
@@ -265,5 +268,33 @@ def test_uncentred_hand_checked():
         exclude=[],
         svd_dtype="float64",
         center=False,
+        keep="top",
     )
     assert_close(bias, torch.tensor([2.0, 3.0]))  # task arithmetic: 0.5 * (4, 6)
+
+
+def test_reverse_order_keeps_the_smallest_singular_triplets():
+    # centred vectors diag(2,-1,-1), diag(-1,2,-1), diag(-1,-1,2) (see the hand-checked case above): singular
+    # values (2, 1, 1); the smallest one of each is a -1 direction of a multiplicity-2 value, so check the sum
+    # over tasks through a case with distinct values instead: taus whose centred vectors are diag(3, 1, 0.5) and
+    # its negative (two tasks), bottom-1 keeps diag(0, 0, 0.5) and diag(0, 0, -0.5): the weight average again.
+    c = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    taus = torch.stack([c, -c]) + 1.0
+    assert_close(_cart(taus, rank_ratio=0.34, keep="bottom"), torch.ones(3, 3, dtype=torch.float64))
+    # three tasks, distinct singular values: bottom-k is the SVD minus its top part
+    gen = torch.Generator().manual_seed(0)
+    taus = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    centred = taus - taus.mean(dim=0)
+    expected = taus.mean(dim=0).clone()
+    for x in centred:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        expected += 2.0 * (u[:, 3:] * s[3:]) @ vh[3:]  # k = int(0.25 * 4) = 1: the last triplet
+    assert_close(_cart(taus, rank_ratio=0.25, scaling=2.0, keep="bottom"), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_reverse_order_at_full_rank_equals_the_proper_order(center):
+    taus = torch.randn(4, 5, 7, dtype=torch.float64)
+    for ratio in (0.0, 1.0):
+        assert_close(_cart(taus, rank_ratio=ratio, keep="bottom", center=center),
+                     _cart(taus, rank_ratio=ratio, center=center), rtol=1e-10, atol=1e-12)

@@ -282,18 +282,26 @@ def _resolve(method: str, params: dict[str, Any], n_models: int, kind: str, key:
 
     Without ``presets`` the values a preset chooses stay ``None``, as written: run hashes (and so the
     stored results) stay what they were, and ``cart`` stays a run apart from ``cart`` with the preset's
-    values spelled out. ``presets=True`` gives the values the merge uses, stored with each run.
+    values spelled out; so do hyperparameters added later at the value of the method's ``compat`` (left
+    out). ``presets=True`` gives the values the merge uses, stored with each run.
     """
     try:
         if kind == "continual":
             from mergelab.continual.rules import get_rule
 
-            return get_rule(method).resolve(params)
-        from mergelab.methods.registry import get_method
+            rule = get_rule(method)
+            resolved, compat = rule.resolve(params), rule.compat
+        else:
+            from mergelab.methods.registry import get_method
 
-        return get_method(method).resolve(params, n_models, presets=presets)
+            found = get_method(method)
+            resolved, compat = found.resolve(params, n_models, presets=presets), found.compat
     except MergelabError as err:
         raise fail(key, err.message) from None
+    if presets:
+        return resolved
+    # options added later, at the value that behaves as before they existed: left out of the hash
+    return {k: v for k, v in resolved.items() if not (k in compat and compat[k] == v)}
 
 
 def _subsets(raw: dict[str, Any], kind: str, names: list[str],

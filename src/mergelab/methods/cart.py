@@ -42,6 +42,10 @@ original task vectors", collapsing to the pre-trained model at rank zero), as th
 
 (other tensors are zeroed too when ``rank_ratio=0``, as in the official code). It is task arithmetic
 on rank-reduced task vectors, so pick a task-arithmetic ``scaling`` (e.g. 0.3) with it.
+
+``keep="bottom"`` is the paper's reverse-ordered rank reduction (Sec. 4.1, Fig. 2): ``SVD_k`` keeps the
+``k`` *smallest* singular triplets of each (centred or not) task matrix instead of the largest, exact SVD
+(``ops.spectral.smallest_components``). At ``rank_ratio=1`` both orders keep everything.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from typing import Any
 import torch
 
 from mergelab.methods.registry import Resolution, TensorCtx, WholeTensors, register
-from mergelab.ops.spectral import SVD_DTYPES, check_hparams, kept_rank, low_rank, matrix_numerics
+from mergelab.ops.spectral import SVD_DTYPES, check_hparams, kept_rank, low_rank, matrix_numerics, smallest_components
 
 PRESETS: dict[str, dict[str, float]] = {
     "paper": {"rank_ratio": 0.08, "scaling": 1.0},
@@ -68,10 +72,12 @@ def cart_matrix(
     dtype: torch.dtype = torch.float64,
     tol: float = 0.0,
     center: bool = True,
+    keep: str = "top",
 ) -> torch.Tensor:
     """CART delta of stacked task matrices ``(T, m, n)``: mean + scaling * sum of rank-k centred
     vectors (``center=False``: scaling * sum of rank-k task vectors); the SVDs (``ops.svd.fast_svd``
-    with error tolerance ``tol``, 0: exact) and their sum in ``dtype``."""
+    with error tolerance ``tol``, 0: exact) and their sum in ``dtype``. ``keep="bottom"``: the k
+    smallest singular triplets instead (exact SVD)."""
     origin = taus.mean(dim=0) if center else torch.zeros_like(taus[0])
     k = kept_rank(min(taus.shape[1:]), rank_ratio)
     if k == 0:
@@ -79,7 +85,9 @@ def cart_matrix(
     centre = origin.to(dtype)
     reduced = torch.zeros_like(centre)
     for tau in taus:  # one SVD at a time: memory stays ~ one matrix
-        reduced += low_rank(tau.to(dtype) - centre, k, tol)  # weighted by s: no gap check needed
+        centred = tau.to(dtype) - centre
+        # weighted by s: no gap check needed
+        reduced += low_rank(centred, k, tol) if keep == "top" else smallest_components(centred, k)
     return origin + scaling * reduced.to(taus.dtype)
 
 
@@ -116,16 +124,18 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         "exclude": [],
         "svd_dtype": "float64",
         "center": True,
+        "keep": "top",
     },
-    choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES)},
+    choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES), "keep": ("top", "bottom")},
     resolution=Resolution(presets=PRESETS, fill_presets=_fill_presets),
     summary="CART: weight average + scaling * sum of rank-k SVDs of the task vectors centred on the average",
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
     "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
-    "(Sec. 4.1, Fig. 1 blue)",
+    "(Sec. 4.1, Fig. 1 blue); keep=bottom: the reverse-ordered rank reduction (Sec. 4.1, Fig. 2)",
     check=_check,
     whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    compat={"keep": "top"},  # experiment runs from before the option keep their identity
 )
 def cart(
     taus: torch.Tensor,
@@ -138,6 +148,7 @@ def cart(
     exclude: list[str],
     svd_dtype: str,
     center: bool,
+    keep: str,
 ) -> torch.Tensor:
     ratio, scale = resolve(preset, rank_ratio, scaling)  # a no-op after the registry's resolve; kept for direct calls
     numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
@@ -145,4 +156,4 @@ def cart(
         if center:
             return taus.mean(dim=0)
         return taus.sum(dim=0) * (scale if ratio > 0.0 else 0.0)  # official: zeroed at rank 0
-    return cart_matrix(taus, ratio, scale, *numerics, center)
+    return cart_matrix(taus, ratio, scale, *numerics, center, keep)

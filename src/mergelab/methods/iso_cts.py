@@ -52,6 +52,7 @@ import torch
 from mergelab.methods.registry import TensorCtx, WholeTensors, register
 from mergelab.ops.spectral import (
     LOW_RANK,
+    LOW_RANK_COMPAT,
     RANK_TOL,
     SVD_DTYPES,
     check_hparams,
@@ -139,6 +140,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     check=_check,
     linear_in_scaling=True,
     whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
+    compat=LOW_RANK_COMPAT,  # runs stored before the low_rank option keep their identity
 )
 def iso_cts(
     taus: torch.Tensor,

@@ -182,6 +182,9 @@ class Method:
             must give the same result as ``fn`` (up to float summation order) and leave the same ``ctx.late``.
             A collector may likewise offer ``observe_raw(pass_index, name, base, models) -> bool``.
         resolution: :class:`Resolution`: presets, or another method's hyperparameters.
+        compat: hyperparameters added after experiment results were first stored, each with the value that
+            gives the behaviour from before it existed: a run at that value keeps the identity (hash) it had,
+            so stored results stay valid (:mod:`mergelab.experiment.config`).
     """
 
     name: str
@@ -198,6 +201,7 @@ class Method:
     whole_tensors: WholeTensors | None = None
     fused: Callable[..., bool] | None = None
     resolution: Resolution | None = None
+    compat: Mapping[str, Any] = field(default_factory=dict)
 
     def resolve(self, hparams: Mapping[str, Any], n_models: int, *, presets: bool = True) -> Hparams:
         """Defaults overlaid with ``hparams``, type-checked and validated; raises MergelabError.

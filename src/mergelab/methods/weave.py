@@ -66,6 +66,7 @@ from mergelab.methods.registry import (
     resolve_hparams,
 )
 from mergelab.ops.pool import BlockPool
+from mergelab.ops.spectral import LOW_RANK_COMPAT
 
 POOLINGS = ("average", "random", "magmax")
 PATHS = ("auto", "general")
@@ -327,6 +328,7 @@ def _record(inner: Any, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> Wea
     streaming=Streaming(stats=_stats, late=_late),
     elementwise=Elementwise(when=_elementwise),
     whole_tensors=WholeTensors(parallel=_tensor_parallel),
+    compat=LOW_RANK_COMPAT,  # runs stored before the low_rank option keep their identity
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)

@@ -104,6 +104,9 @@ SVD_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch
 
 LOW_RANK = ("auto", "official")  # hyperparameter ``low_rank`` of tsv, iso_c, iso_cts (see "Low-rank inputs" above)
 RANK_TOL = 1e-5  # default ``rank_tol``: numerical-rank tolerance, relative to the largest singular value
+# experiment runs stored before ``low_rank``/``rank_tol`` existed were computed as ``"official"``: runs at these
+# values keep their identity (``Method.compat``)
+LOW_RANK_COMPAT: dict[str, object] = {"low_rank": "official", "rank_tol": RANK_TOL}
 NOTE = "numerical_rank"  # key of the per-tensor note the methods leave in ``TensorCtx.notes``
 
 
@@ -175,6 +178,15 @@ def low_rank(x: torch.Tensor, k: int, tol: float = 0.0) -> torch.Tensor:
         return torch.zeros_like(x)
     U, S, Vh = fast_svd(x, k, tol)
     return matmul(U * S, Vh)  # (m, k) (k, n)
+
+
+def smallest_components(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The sum of the ``k`` *smallest* singular triplets of the 2-D ``x`` (of its ``min(m, n)``), exact SVD:
+    CART's reverse-ordered rank reduction (Sec. 4.1, Fig. 2)."""
+    if k <= 0:
+        return torch.zeros_like(x)
+    U, S, Vh = svd(x)
+    return matmul(U[:, -k:] * S[-k:], Vh[-k:])
 
 
 def significant(s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -73,6 +73,8 @@ class Rule:
             (``{name: (flat_index, delta)}``) are applied after the pass.
         legacy: defaults of hyperparameters added after states were first saved: a state saved without
             one continues with this value (how it began), not the current default.
+        compat: hyperparameters added after experiment results were first stored, with the value that
+            gives the earlier behaviour: a run at that value keeps its identity (as :class:`Method`'s).
     """
 
     name: str
@@ -87,6 +89,7 @@ class Rule:
     stats: Callable[[dict[str, Any]], Collector] | None = None
     late: Callable[[dict[str, Any], Any], Late] | None = None
     legacy: Mapping[str, Any] = field(default_factory=dict)
+    compat: Mapping[str, Any] = field(default_factory=dict)
 
     def resolve(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, checked as a merge method's are; raises MergelabError."""

@@ -58,7 +58,7 @@ import torch
 
 from mergelab.continual.rules import RuleCtx, register_rule
 from mergelab.continual.rules.swa import running_mean
-from mergelab.ops.spectral import LOW_RANK, RANK_TOL, check_rank_tol, dropped_below
+from mergelab.ops.spectral import LOW_RANK, LOW_RANK_COMPAT, RANK_TOL, check_rank_tol, dropped_below
 from mergelab.ops.svd import svd
 
 
@@ -144,6 +144,8 @@ def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
     read=_read,
     in_norm=_rescaled,
     legacy={"low_rank": "official"},  # states saved before the option continue as they began
+    # experiment runs stored before these options keep their identity at the values that behave as then
+    compat={"lambda_t": "adaptive", **LOW_RANK_COMPAT},
     summary="project each new task vector off the merged one's dominant singular subspace, add, rescale",
     source="Tang et al. arXiv:2501.09522 Eq. (6)-(10); official tanganke/opcm (FusionBench "
     "method/opcm/opcm.py merge_linear_weights); default alpha 0.5 from FusionBench config/method/opcm/opcm.yaml",
