@@ -36,7 +36,7 @@ def save(fig: Any, path: Path) -> Path:
 
 def wrap(title: str, width_in: float) -> str:
     """``title`` broken into lines that fit a figure ``width_in`` inches wide (about 12 characters an inch)."""
-    return textwrap.fill(title, width=max(30, int(width_in * 12)))
+    return textwrap.fill(title, width=max(30, int(width_in * 12)), break_on_hyphens=False)
 
 
 @dataclass(frozen=True)
