@@ -1,13 +1,17 @@
 """Markdown reports with PNG plots from an experiment results database (``mergelab report DB --out report.md``).
 
 Per experiment: who produced it (command, versions, hardware, git commit); then by kind
-* multitask: per-task accuracy table (+ average, normalised average) and bar chart of the runs on all
-  tasks, line plots of every numeric ``sweep`` (lambda sweeps, rank sweeps), and accuracy against the
-  number of merged tasks for task subsets (CART Fig. 6);
-* domain generalization: accuracy on each held-out task and the mean over hold-outs;
-* continual: ACC and BWT (mean and std over task orders), accuracy-matrix heatmaps, accuracy per step;
+* multitask: per-task accuracy table (+ average, normalised average) and a grouped dot plot of the runs (a
+  row per run, a zoomed panel per task), line plots of every numeric ``sweep`` (lambda sweeps, rank sweeps on
+  a log axis, the runs not swept as horizontal lines), and accuracy against the number of merged tasks for
+  task subsets, mean ± std over the subsets (CART Fig. 6);
+* domain generalization: accuracy on each held-out task and the mean over hold-outs, the base model (task
+  arithmetic at scaling 0) as the reference;
+* continual: ACC and BWT (mean and std over task orders), accuracy-matrix heatmaps, accuracy per step (mean
+  and min-max over orders);
 * similarity: the task-vector cosine-similarity heatmap.
-Only numbers stored in the database appear; nothing is computed that was not run.
+Only numbers stored in the database appear; nothing is computed that was not run. What each plot draws is in
+:mod:`mergelab.report.figures`, how series look in :mod:`mergelab.report.style`.
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ def dot_figure(title: str, panels: Sequence[str], rows: Sequence[Dots], *, xlabe
     """``panels[p]`` shows ``row.values[p]`` of every row; ``references`` (``{label: value per panel}``, the
     base model) are vertical lines in each panel; ``legend`` explains the markers (and the references), below
     the panels."""
-    references = references or {}
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
+    references = references or {}
     n = max(1, len(panels))
     ncols = math.ceil(n / math.ceil(n / PANELS_PER_ROW))
     nrows = math.ceil(n / ncols)
