@@ -1,12 +1,15 @@
 """Report rendering from a tiny database filled by real runs (tiny zoo, deterministic scorer): Markdown
-tables with the stored numbers, valid PNG plots for bars, sweeps, subsets, held-out tasks, accuracy matrices
-and the cosine heatmap."""
+tables with the stored numbers, valid PNG plots for per-task dots, sweeps, subsets, held-out tasks, accuracy
+matrices and the cosine heatmap; each figure, as drawn, holds one series per run or group of the data, no two
+series alike (colour and marker, and marker and linestyle for lines, so greyscale too), legends outside."""
 
 from __future__ import annotations
 
 import re
+import statistics
 import struct
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -14,14 +17,16 @@ pytest.importorskip("matplotlib")
 
 from mergelab.errors import MergelabError  # noqa: E402
 from mergelab.experiment import Store, run  # noqa: E402
-from mergelab.report import write_report  # noqa: E402
+from mergelab.report import plots, write_report  # noqa: E402
 from tests.experiment.tiny import TASKS, Scorer, Zoos  # noqa: E402
 
 CONFIGS = [
     {"name": "mt", "suites": ["tiny"], "tasks": ["all", {"size": 2}, {"size": 3}],
      "methods": ["weight_average", {"method": "task_arithmetic", "label": "TA", "sweep": {"scaling": [0.3, 0.6, 1.0]}},
                  {"method": "cart", "params": {"scaling": 1.0}, "sweep": {"rank_ratio": [0.2, 0.5]}}]},
-    {"name": "dg", "kind": "domain_generalization", "suites": ["tiny"], "methods": ["task_arithmetic"]},
+    {"name": "dg", "kind": "domain_generalization", "suites": ["tiny"],
+     "methods": ["task_arithmetic", "weight_average", {"method": "task_arithmetic", "label": "base",
+                                                        "params": {"scaling": 0.0}}]},
     {"name": "cl", "kind": "continual", "suites": ["tiny"], "orders": ["identity", {"random": 2, "seed": 0}],
      "methods": ["swa", "opcm"]},
     {"name": "cos", "kind": "similarity", "suites": ["tiny"]},
@@ -35,18 +40,34 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+class Report(NamedTuple):
+    db: Path
+    out: Path
+    figures: dict[str, Any]  # PNG name: the Figure as saved
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     tmp = tmp_path_factory.mktemp("report")
     zoos = Zoos(tmp / "zoo")
     for raw in CONFIGS:
         run(raw, evaluate=Scorer(), build_zoo=zoos.build, suite_tasks=zoos.tasks, db=tmp / "r.sqlite",
             progress=False, command=f"mergelab experiment {raw['name']}.yaml")
-    return tmp / "r.sqlite", write_report(tmp / "r.sqlite", tmp / "out" / "report.md")
+    figures: dict[str, Any] = {}
+    save = plots.save
+
+    def keep(fig: Any, path: Path) -> Path:
+        figures[path.name] = fig
+        return save(fig, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "save", keep)
+        out = write_report(tmp / "r.sqlite", tmp / "out" / "report.md")
+    return Report(tmp / "r.sqlite", out, figures)
 
 
-def test_markdown_holds_the_stored_numbers(report: tuple[Path, Path]) -> None:
-    db, out = report
+def test_markdown_holds_the_stored_numbers(report: Report) -> None:
+    db, out, _ = report
     text = out.read_text()
     with Store(db) as store:
         rows = store.rows(status="ok")
@@ -72,13 +93,14 @@ def test_markdown_holds_the_stored_numbers(report: tuple[Path, Path]) -> None:
     assert "mergelab experiment mt.yaml" in text and "git commit" in text
 
 
-def test_plots_are_valid_pngs_linked_from_the_markdown(report: tuple[Path, Path]) -> None:
-    _, out = report
+def test_plots_are_valid_pngs_linked_from_the_markdown(report: Report) -> None:
+    _, out, figures = report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", out.read_text())
     names = {Path(link).name for link in links}
     assert {"mt_tiny_tasks.png", "mt_tiny_sweep_scaling.png", "mt_tiny_sweep_rank_ratio.png", "mt_tiny_subsets.png",
             "mt_tiny_subsets_normalised.png", "dg_tiny_heldout.png", "cl_tiny_steps.png", "cl_tiny_swa_matrix.png", "cl_tiny_opcm_matrix.png",
             "cos_tiny_cosine.png"} <= names
+    assert names == set(figures)  # every figure drawn is linked, and saved where the link points
     for link in links:
         width, height = png_size(out.parent / link)
         assert width > 100 and height > 100
@@ -102,12 +124,12 @@ def test_failed_runs_are_listed_and_empty_database_refused(tmp_path: Path) -> No
 
 
 def test_a_report_removes_what_a_killed_report_left_and_leaves_no_temporary(
-        report: tuple[Path, Path], tmp_path: Path) -> None:
+        report: Report, tmp_path: Path) -> None:
     import os
 
     from mergelab.io import leftovers
 
-    db, _ = report
+    db = report.db
     out = tmp_path / "again.md"
     pid, start = os.getpid(), leftovers._start_ticks(os.getpid()) or 0
     killed = tmp_path / f".again.md.mergelab-tmp-{leftovers._machine()}-{leftovers._boot()}-{pid}-{start + 1}-00"
@@ -115,3 +137,147 @@ def test_a_report_removes_what_a_killed_report_left_and_leaves_no_temporary(
     write_report(db, out)
     assert out.read_text().startswith("#") and not killed.exists()
     assert not [p for p in tmp_path.iterdir() if ".mergelab-tmp-" in p.name]
+
+
+def _ok(db: Path, experiment: str) -> list[Any]:
+    with Store(db) as store:
+        return [r for r in store.rows(status="ok") if r.experiment == experiment]
+
+
+def _style(handle: Any) -> tuple[str, str, str]:
+    """(colour, marker, linestyle) of a legend handle: a line, or an error-bar line's data line."""
+    from matplotlib.colors import to_hex
+    from matplotlib.container import ErrorbarContainer
+
+    line = handle.lines[0] if isinstance(handle, ErrorbarContainer) else handle
+    return to_hex(line.get_color()), str(line.get_marker()), str(line.get_linestyle())
+
+
+def _series(ax: Any) -> dict[str, Any]:
+    handles, labels = ax.get_legend_handles_labels()
+    assert len(set(labels)) == len(labels)
+    return dict(zip(labels, handles, strict=True))
+
+
+def _panels(fig: Any) -> list[Any]:
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+
+
+def test_no_two_series_look_alike_legends_sit_outside_the_data_and_titles_fit(report: Report) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for name, fig in report.figures.items():
+        canvas = FigureCanvasAgg(fig)  # lays the figure out as saved
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        axes = _panels(fig)
+        for ax in axes:
+            assert ax.get_legend() is None, name  # a legend inside an axes covers data: only figure legends
+            styles = [_style(h) for h in _series(ax).values()]
+            assert len(set(styles)) == len(styles), name
+            lines = [(marker, ls) for _, marker, ls in styles if ls != "None"]
+            assert len(set(lines)) == len(lines), name  # lines differ without colour: greyscale
+            dots = [(colour, marker) for colour, marker, ls in styles if ls == "None"]
+            assert len(set(dots)) == len(dots), name
+            title = ax.title.get_window_extent(renderer)
+            assert title.x0 >= 0 and title.x1 <= fig.bbox.x1, name  # not cut off
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in axes), name
+
+
+def test_per_task_dots_have_a_panel_per_task_and_a_row_per_run(report: Report) -> None:
+    rows = [r for r in _ok(report.db, "mt") if r.config["subset"] == "all" and not r.config["swept"]]
+    panels = _panels(report.figures["mt_tiny_tasks.png"])
+    assert [ax.get_title() for ax in panels] == ["average", *TASKS]
+    for p, ax in enumerate(panels):
+        series = _series(ax)
+        assert set(series) == {r.label for r in rows}
+        for r in rows:
+            m = r.metrics or {}
+            assert series[r.label].get_xdata()[0] == (m["average"] if p == 0 else m["accuracy"][TASKS[p - 1]])
+
+
+def test_held_out_dots_draw_the_base_model_as_the_reference_on_a_zoomed_axis(report: Report) -> None:
+    rows = _ok(report.db, "dg")
+    runs = {(r.label, r.config["eval_tasks"][0]): (r.metrics or {})["accuracy"][r.config["eval_tasks"][0]] for r in rows}
+    panels = _panels(report.figures["dg_tiny_heldout.png"])
+    assert [ax.get_title() for ax in panels] == ["mean", *TASKS]
+    for task, ax in zip(TASKS, panels[1:], strict=True):
+        series = _series(ax)
+        reference = "base model (run 'base')"
+        assert set(series) == {"task_arithmetic", "weight_average", reference}  # the base run is no dot row
+        assert list(series[reference].get_xdata()) == [runs["base", task]] * 2  # a vertical line at its score
+        for label in ("task_arithmetic", "weight_average"):
+            assert series[label].get_xdata()[0] == runs[label, task]
+        values = [runs[label, task] for label in ("task_arithmetic", "weight_average", "base")]
+        low, high = ax.get_xlim()
+        assert low > 0.0 and high - low <= 1.3 * (max(values) - min(values)) + 0.011  # zoomed to the data
+
+
+def test_sweeps_are_lines_with_the_unswept_runs_as_labelled_horizontal_lines(report: Report) -> None:
+    rows = [r for r in _ok(report.db, "mt") if r.config["subset"] == "all"]
+    baselines = {f"{r.label} ({(r.metrics or {})['average']:.4f})" for r in rows if not r.config["swept"]}
+    for param, group, scale in (("rank_ratio", "cart", "log"), ("scaling", "TA", "linear")):
+        (ax,) = _panels(report.figures[f"mt_tiny_sweep_{param}.png"])
+        series = _series(ax)
+        assert set(series) == {group} | baselines and ax.get_xscale() == scale
+        swept = sorted((r.config["params"][param], (r.metrics or {})["average"]) for r in rows
+                       if r.config.get("group") == group)
+        assert list(series[group].get_xdata()) == [x for x, _ in swept]
+        assert list(series[group].get_ydata()) == [y for _, y in swept]
+        for label in baselines:
+            assert len(set(series[label].get_ydata())) == 1 and series[label].get_marker() == "None"
+
+
+def test_subsets_plot_mean_and_std_over_subsets_up_to_all_tasks(report: Report) -> None:
+    rows = _ok(report.db, "mt")
+    (ax,) = _panels(report.figures["mt_tiny_subsets.png"])
+    series = _series(ax)
+    labels = list(dict.fromkeys(r.label for r in rows if r.config["subset"] != "all"))
+    assert list(series) == labels
+    assert [t for t in ax.get_xticks()] == [2, 3, len(TASKS)] and "mean ± std" in ax.get_ylabel()
+    for label, handle in series.items():
+        by_size: dict[int, list[float]] = {}
+        for r in rows:
+            if r.label == label:
+                by_size.setdefault(len(r.config["tasks"]), []).append((r.metrics or {})["average"])
+        line, _, (bars,) = handle.lines
+        assert [round(x) for x in line.get_xdata()] == sorted(by_size)
+        assert list(line.get_ydata()) == pytest.approx([statistics.fmean(by_size[n]) for n in sorted(by_size)])
+        halves = [(seg[1][1] - seg[0][1]) / 2 for seg in bars.get_segments()]
+        assert halves == pytest.approx([statistics.pstdev(by_size[n]) for n in sorted(by_size)])
+
+
+def test_continual_steps_are_the_mean_over_orders_with_a_min_max_band(report: Report) -> None:
+    rows = _ok(report.db, "cl")
+    (ax,) = _panels(report.figures["cl_tiny_steps.png"])
+    assert "tiny" in ax.get_title() and "band: min to max" in ax.get_ylabel()
+    series = _series(ax)
+    assert list(series) == ["swa (3 orders)", "opcm (3 orders)"]
+    assert len(ax.collections) == 2  # one band per method
+    for (label, line), band in zip(series.items(), ax.collections, strict=True):
+        curves = [(r.metrics or {})["step_average"] for r in rows if r.label == label.split()[0]]
+        assert list(line.get_ydata()) == pytest.approx([statistics.fmean(s) for s in zip(*curves, strict=True)])
+        edges = {round(float(y), 9) for y in band.get_paths()[0].vertices[:, 1]}
+        assert {round(min(s), 9) for s in zip(*curves, strict=True)} <= edges
+        assert {round(max(s), 9) for s in zip(*curves, strict=True)} <= edges
+
+
+def test_accuracy_matrix_rows_are_the_steps_and_columns_the_tasks_of_the_drawn_order(report: Report) -> None:
+    from mergelab.report.figures import matrix_figure
+
+    rows = [r for r in _ok(report.db, "cl") if r.label == "swa"]
+    identity = next(r for r in rows if r.config["subset"] == "identity")
+    shuffled = next(r for r in rows if r.metrics and r.metrics["order"] != identity.metrics["order"])
+    for drawn, fig in ((identity, report.figures["cl_tiny_swa_matrix.png"]), (shuffled, matrix_figure("t", shuffled))):
+        m = drawn.metrics or {}
+        (ax,) = _panels(fig)
+        assert [t.get_text() for t in ax.get_yticklabels()] == [f"{k}. {t}" for k, t in enumerate(m["order"], 1)]
+        assert [t.get_text() for t in ax.get_xticklabels()] == m["order"]
+        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert cells == {(i, j): f"{v:.2f}" for i, row in enumerate(m["matrix"]) for j, v in enumerate(row)
+                         if v is not None}
+        last = len(m["order"]) - 1  # the last row is the final model: column j is the task order[j]
+        assert [cells[last, j] for j in range(last + 1)] == [f"{m['accuracy'][t]:.2f}" for t in m["order"]]
+    assert "identity order" in _panels(report.figures["cl_tiny_swa_matrix.png"])[0].get_title().replace("\n", " ")

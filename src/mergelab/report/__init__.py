@@ -1,26 +1,42 @@
 """Markdown reports with PNG plots from an experiment results database (``mergelab report DB --out report.md``).
 
 Per experiment: who produced it (command, versions, hardware, git commit); then by kind
-* multitask: per-task accuracy table (+ average, normalised average) and bar chart of the runs on all
-  tasks, line plots of every numeric ``sweep`` (lambda sweeps, rank sweeps), and accuracy against the
-  number of merged tasks for task subsets (CART Fig. 6);
-* domain generalization: accuracy on each held-out task and the mean over hold-outs;
-* continual: ACC and BWT (mean and std over task orders), accuracy-matrix heatmaps, accuracy per step;
+* multitask: per-task accuracy table (+ average, normalised average) and a grouped dot plot of the runs (a
+  row per run, a zoomed panel per task), line plots of every numeric ``sweep`` (lambda sweeps, rank sweeps on
+  a log axis, the runs not swept as horizontal lines), and accuracy against the number of merged tasks for
+  task subsets, mean ± std over the subsets (CART Fig. 6);
+* domain generalization: accuracy on each held-out task and the mean over hold-outs, the base model (task
+  arithmetic at scaling 0) as the reference;
+* continual: ACC and BWT (mean and std over task orders), accuracy-matrix heatmaps, accuracy per step (mean
+  and min-max over orders);
 * similarity: the task-vector cosine-similarity heatmap.
-Only numbers stored in the database appear; nothing is computed that was not run.
+Only numbers stored in the database appear; nothing is computed that was not run. What each plot draws is in
+:mod:`mergelab.report.figures`, how series look in :mod:`mergelab.report.style`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergelab.errors import MergelabError
 from mergelab.experiment.store import Row, Store
 from mergelab.io.leftovers import write_text
-from mergelab.report import plots
-from mergelab.report.tables import adapt_curves, adapt_entropy, md_table, mean_std, per_task, subset_size_means, sweeps
+from mergelab.report import figures, plots
+from mergelab.report.style import base_method, palette
+from mergelab.report.tables import (
+    adapt_curves,
+    adapt_entropy,
+    md_table,
+    mean_std,
+    per_task,
+    subset_size_means,
+    subset_size_stats,
+    sweeps,
+)
 
 __all__ = ["write_report"]
 
@@ -46,14 +62,35 @@ def write_report(db: str | Path, out: str | Path = "report.md", *, experiment: s
     lines = ["# Experiment report", "",
              f"From {', '.join(f'`{p.name}`' for p in paths)}: {len(done)} finished runs, {len(failed)} failed. "
              "Accuracies are fractions (1.0 = 100 %); normalised = accuracy / the task's expert accuracy.", ""]
+    colours = palette(base_method(r) for r in done)  # a method keeps its colour across the report
     for name in dict.fromkeys(r.experiment for r in done):
         rows = [r for r in done if r.experiment == name]
-        lines += _section(name, rows, assets, out.parent)
+        lines += _section(name, rows, _Place(assets, out.parent, name, "", colours))
     if failed:
         lines += ["## Failed runs", "", md_table(["experiment", "run", "error"],
                                                    [[r.experiment, r.label, r.error] for r in failed]), ""]
     write_text(out, "\n".join(lines))
     return out
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a section's plots go and what they share: the assets folder, the Markdown's folder, the
+    experiment and suite (file names and titles) and the report's colour per base method."""
+
+    assets: Path
+    root: Path
+    experiment: str
+    suite: str
+    colours: dict[str, str]
+
+    def where(self) -> str:
+        return f"{self.experiment}, {self.suite}"
+
+    def save(self, fig: Any, name: str, alt: str) -> str:
+        """Write ``fig`` as ``<experiment>_<suite>_<name>.png``; returns the Markdown image link."""
+        path = plots.save(fig, self.assets / f"{_slug(self.experiment, self.suite)}_{name}.png")
+        return _image(path, self.root, alt)
 
 
 def _slug(*parts: str) -> str:
@@ -81,7 +118,7 @@ def _provenance(rows: Sequence[Row]) -> list[str]:
             f"- runs: {len(rows)}, {dates[0]} to {dates[-1]}; merging {merge_s:.0f} s, evaluation {eval_s:.0f} s", ""]
 
 
-def _section(name: str, rows: list[Row], assets: Path, root: Path) -> list[str]:
+def _section(name: str, rows: list[Row], place: _Place) -> list[str]:
     kind = rows[0].kind
     lines = [f"## {name} ({kind.replace('_', ' ')})", "", *_provenance(rows)]
     for suite in dict.fromkeys(r.suite for r in rows):
@@ -94,11 +131,11 @@ def _section(name: str, rows: list[Row], assets: Path, root: Path) -> list[str]:
             continue
         render = {"multitask": _multitask, "domain_generalization": _domain_generalization,
                   "continual": _continual, "similarity": _similarity}[kind]
-        lines += render(in_suite, assets, root, _slug(name, suite))
+        lines += render(in_suite, _Place(place.assets, place.root, name, suite, place.colours))
     return lines
 
 
-def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+def _multitask(rows: list[Row], place: _Place) -> list[str]:
     lines: list[str] = []
     full = [r for r in rows if r.config["subset"] == "all"]
     if full:
@@ -106,37 +143,56 @@ def _multitask(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str
         lines += ["Merged on all tasks, scored on each:", "",
                   md_table(["run", *tasks, "average", "normalised"], table), ""]
         fixed = {r.label for r in full if not r.config.get("swept")}  # sweeps get line plots below
-        series = {str(r[0]): r[1:1 + len(tasks)] for r in table if not fixed or r[0] in fixed}
-        path = plots.bar_chart(assets / f"{slug}_tasks.png", "accuracy per task", tasks, series)
-        lines += [_image(path, root, "accuracy per task"), ""]
-        lines += _adapted(full, assets, root, slug)
+        shown = [r for r in full if not fixed or r.label in fixed]
+        fig = figures.tasks_figure(f"Accuracy per task and on average, {place.where()} (a row per run; each panel's axis zoomed to its values)", tasks,
+                                   shown, place.colours)
+        lines += [place.save(fig, "tasks", "accuracy per task"), ""]
+        lines += _adapted(full, place)
     swept = [r for r in rows if r.config["subset"] == "all" and r.config.get("swept")]
+    baselines = [r for r in full if not r.config.get("swept")]
+    group_rows = {r.config.get("group", r.method): r for r in swept}
     for param, groups in sweeps(swept).items():
         lines += [f"Sweep of `{param}` (average accuracy over all tasks):", "",
                   md_table([param, *groups], _sweep_rows(groups)), ""]
-        path = plots.line_plot(assets / f"{slug}_sweep_{_slug(param)}.png", f"{param} sweep", param, groups)
-        lines += [_image(path, root, f"{param} sweep"), ""]
+        n_tasks = len(swept[0].config["eval_tasks"])
+        fig = figures.sweep_figure(f"{param} sweep, {place.where()} (horizontal lines: the runs not swept)", param,
+                                   groups, group_rows, baselines, place.colours, n_tasks)
+        lines += [place.save(fig, f"sweep_{_slug(param)}", f"{param} sweep"), ""]
+    return lines + _subsets(rows, place)
+
+
+def _subsets(rows: list[Row], place: _Place) -> list[str]:
+    """CART Fig. 6: accuracy against the number of merged tasks, mean and std over the subsets of each size;
+    the plot adds N = all tasks from the runs merged on all of them."""
+    lines: list[str] = []
     subsets = [r for r in rows if r.config["subset"] != "all"]
+    full = [r for r in rows if r.config["subset"] == "all"]
+    group_rows = {r.label: r for r in subsets}
     for metric, what, suffix in (("average", "accuracy", ""), ("normalized_average", "normalised accuracy", "_normalised")):
         means = subset_size_means(subsets, metric)
         if not means:
             continue
+        stats = subset_size_stats(subsets, metric)
         sizes = sorted({k for m in means.values() for k in m})
         lines += [f"Task subsets: average {what} over the merged tasks, mean over the subsets of each size "
                   "(number of subsets in brackets):", "",
                   md_table(["run", *[f"{k} tasks" for k in sizes]],
                            [[label, *[f"{m[k][0]:.4f} ({m[k][1]})" if k in m else None for k in sizes]]
-                            for label, m in means.items()]), ""]
-        if len(sizes) > 1:
-            lines_by_label = {label: ([float(k) for k in m], [v[0] for v in m.values()])
-                              for label, m in means.items()}
-            path = plots.line_plot(assets / f"{slug}_subsets{suffix}.png", f"{what} vs number of merged tasks",
-                                   "number of tasks", lines_by_label)
-            lines += [_image(path, root, f"{what} vs number of tasks"), ""]
+                            for label, m in means.items()]), "",
+                  f"Standard deviation of the average {what} over the subsets of each size (the plot's error bars):",
+                  "", md_table(["run", *[f"{k} tasks" for k in sizes]],
+                               [[label, *[s[k][1] if k in s else None for k in sizes]] for label, s in stats.items()]),
+                  ""]
+        whole = {r.label: (len(r.config["tasks"]), float(v)) for r in full
+                 if (v := (r.metrics or {}).get(metric)) is not None}
+        if len(sizes) > 1 or any(label in whole for label in stats):
+            fig = figures.subsets_figure(f"{what.capitalize()} vs number of merged tasks, {place.where()}", stats,
+                                         whole, group_rows, place.colours, f"average {what}")
+            lines += [place.save(fig, f"subsets{suffix}", f"{what} vs number of tasks"), ""]
     return lines
 
 
-def _adapted(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+def _adapted(rows: list[Row], place: _Place) -> list[str]:
     """Test-time-adapted runs: the objective's first and last values, and average accuracy against steps."""
     curves, entropy = adapt_curves(rows), adapt_entropy(rows)
     if not entropy:
@@ -151,8 +207,9 @@ def _adapted(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
         lines += ["Average accuracy against adaptation steps (the trace; step 0 = the coefficients' initial value):", "",
                   md_table(["run", *[f"{s:g}" for s in steps]],
                            [[label, *[lookup[label].get(s) for s in steps]] for label in curves]), ""]
-        path = plots.line_plot(assets / f"{slug}_adapt.png", "average accuracy vs adaptation steps", "step", curves)
-        lines += [_image(path, root, "accuracy vs adaptation steps"), ""]
+        fig = figures.adapt_figure(f"Average accuracy vs adaptation steps, {place.where()}", curves,
+                                   {r.label: r for r in rows}, place.colours)
+        lines += [place.save(fig, "adapt", "accuracy vs adaptation steps"), ""]
     return lines
 
 
@@ -162,13 +219,12 @@ def _sweep_rows(groups: dict[str, tuple[list[float], list[float]]]) -> list[list
     return [[x, *[lookup[g].get(x) for g in groups]] for x in xs]
 
 
-def _domain_generalization(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+def _domain_generalization(rows: list[Row], place: _Place) -> list[str]:
     held: list[str] = list(dict.fromkeys(r.config["eval_tasks"][0] for r in rows))
     by_label: dict[str, dict[str, Row]] = {}
     for r in rows:
         by_label.setdefault(r.label, {})[r.config["eval_tasks"][0]] = r
     table: list[list[object]] = []
-    series: dict[str, list[float | None]] = {}
     for label, runs in by_label.items():
         accs = [(runs[t].metrics or {})["accuracy"][t] if t in runs else None for t in held]
         norms = [(runs[t].metrics or {}).get("normalized", {}).get(t) if t in runs else None for t in held]
@@ -176,42 +232,38 @@ def _domain_generalization(rows: list[Row], assets: Path, root: Path, slug: str)
         known_norm = [n for n in norms if n is not None]
         table.append([label, *accs, sum(known) / len(known) if known else None,
                       sum(known_norm) / len(known_norm) if len(known_norm) == len(held) else None])
-        series[label] = accs
-    path = plots.bar_chart(assets / f"{slug}_heldout.png", "accuracy on the held-out task", held, series)
+    fig = figures.heldout_figure(f"Accuracy on the held-out task, {place.where()} (a row per run; each panel's axis zoomed to its values)", held, by_label,
+                                 place.colours)
     return ["Each column: that task held out, the other experts merged, scored on the held-out task.", "",
-            md_table(["run", *held, "mean", "normalised"], table), "", _image(path, root, "held-out accuracy"), ""]
+            md_table(["run", *held, "mean", "normalised"], table), "", place.save(fig, "heldout", "held-out accuracy"),
+            ""]
 
 
-def _continual(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+def _continual(rows: list[Row], place: _Place) -> list[str]:
     by_label: dict[str, list[Row]] = {}
     for r in rows:
         by_label.setdefault(r.label, []).append(r)
     table = []
-    steps: dict[str, tuple[list[float], list[float]]] = {}
     lines: list[str] = []
     for label, runs in by_label.items():
         acc_m, acc_s = mean_std([float((r.metrics or {})["acc"]) for r in runs])
         bwt_m, bwt_s = mean_std([float((r.metrics or {})["bwt"]) for r in runs])
         table.append([label, len(runs), f"{acc_m:.4f} ± {acc_s:.4f}", f"{bwt_m:.4f} ± {bwt_s:.4f}"])
-        first = runs[0].metrics or {}
-        order = first["order"]
-        steps[label] = ([float(k) for k in range(1, len(order) + 1)], list(first["step_average"]))
-        path = plots.heatmap(assets / f"{slug}_{_slug(label)}_matrix.png",
-                             f"{label}: accuracy after each step ({runs[0].config['subset']} order)",
-                             [f"after {t}" for t in order], order, first["matrix"], vmin=0.0, vmax=1.0)
-        lines += [_image(path, root, f"{label} accuracy matrix"), ""]
-    path = plots.line_plot(assets / f"{slug}_steps.png", "average accuracy over the tasks merged so far",
-                           "number of merged tasks", steps)
+        run = next((r for r in runs if r.config["subset"] == "identity"), runs[0])  # the suite's own order first
+        drawn = f"one of the {len(runs)} orders run" if len(runs) > 1 else "the only order run"
+        title = f"{label}, {place.where()}: accuracy after each merging step, {run.config['subset']} order ({drawn})"
+        lines += [place.save(figures.matrix_figure(title, run), f"{_slug(label)}_matrix", f"{label} accuracy matrix"),
+                  ""]
+    fig = figures.steps_figure(f"Average accuracy after each merging step, {place.where()}", by_label, place.colours)
     head = ["ACC: final model's mean accuracy over all tasks; BWT: mean over tasks 1..T-1 of (final accuracy - "
             "accuracy right after that task was merged) (OPCM Eq. 16). Mean ± std over task orders.", "",
-            md_table(["run", "orders", "ACC", "BWT"], table), "", _image(path, root, "accuracy per step"), ""]
+            md_table(["run", "orders", "ACC", "BWT"], table), "", place.save(fig, "steps", "accuracy per step"), ""]
     return head + lines
 
 
-def _similarity(rows: list[Row], assets: Path, root: Path, slug: str) -> list[str]:
+def _similarity(rows: list[Row], place: _Place) -> list[str]:
     m = rows[-1].metrics or {}
     tasks, cos = m["tasks"], m["cosine"]
-    path = plots.heatmap(assets / f"{slug}_cosine.png", "task-vector cosine similarity", tasks, tasks, cos,
-                         vmin=min(0.0, min(min(r) for r in cos)), vmax=1.0)
+    fig = figures.cosine_figure(f"Task-vector cosine similarity, {place.where()}", tasks, cos)
     return [md_table(["", *tasks], [[t, *row] for t, row in zip(tasks, cos, strict=True)]), "",
-            _image(path, root, "cosine similarity"), ""]
+            place.save(fig, "cosine", "cosine similarity"), ""]

@@ -1,14 +1,21 @@
-"""PNG plots of experiment results. matplotlib is imported inside each function (the ``report`` extra), and
-figures are built with ``matplotlib.figure.Figure`` (no pyplot global state, no display needed)."""
+"""Figures of experiment results: pure functions that build a ``matplotlib.figure.Figure`` (no pyplot global
+state, no display needed) and :func:`save`, which writes one. matplotlib is imported inside the functions
+(the ``report`` extra). Legends sit outside the data area; titles wrap to the figure's width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergelab.report.style import Style
 
-def _figure(width: float, height: float) -> Any:
+
+def figure(width: float, height: float) -> Any:
+    """An empty figure, ``width`` x ``height`` inches at 100 dpi, laid out so labels and legends fit."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -18,48 +25,87 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def bar_chart(path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[float | None]],
-              ylabel: str = "accuracy") -> Path:
-    """Grouped bars: one group per task (x axis), one bar per series (method)."""
-    fig = _figure(max(6.0, 0.35 * len(groups) * max(1, len(series)) + 2), 4.0)
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(series))
-    for k, (name, values) in enumerate(series.items()):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=name)
-    ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small", ncols=2)
+_figure = figure  # the name experiments/weave_tuned.py imports
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path``; returns ``path``."""
     fig.savefig(path)
     return path
 
 
-def line_plot(path: Path, title: str, xlabel: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-              ylabel: str = "average accuracy", log_x: bool = False) -> Path:
-    """One line per series: ``{name: (xs, ys)}`` (lambda sweeps, rank sweeps, accuracy vs number of tasks)."""
-    fig = _figure(6.0, 4.0)
+def wrap(title: str, width_in: float) -> str:
+    """``title`` broken into lines that fit a figure ``width_in`` inches wide (about 12 characters an inch)."""
+    return textwrap.fill(title, width=max(30, int(width_in * 12)), break_on_hyphens=False)
+
+
+@dataclass(frozen=True)
+class Series:
+    """A line: ``ys`` against ``xs``, with optional error bars (± ``err``) or a shaded ``band`` (low, high)."""
+
+    label: str
+    xs: Sequence[float]
+    ys: Sequence[float]
+    style: Style
+    err: Sequence[float] | None = None
+    band: tuple[Sequence[float], Sequence[float]] | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A horizontal line at ``value`` across the plot (a baseline run)."""
+
+    label: str
+    value: float
+    style: Style
+
+
+def line_figure(title: str, xlabel: str, ylabel: str, series: Sequence[Series], *,
+                references: Sequence[Reference] = (), x_scale: str = "linear",
+                xticks: Sequence[float] | None = None) -> Any:
+    """One line per series, references as horizontal lines, the legend right of the axes. ``x_scale`` is
+    ``linear``, ``log`` or ``symlog`` (log with a linear stretch from 0 to the smallest positive x, for sweeps
+    that include 0); ``xticks`` puts ticks at exactly these values (swept values, numbers of tasks)."""
+    fig = figure(8.0, 4.2)
     ax = fig.add_subplot()
-    for name, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), marker="o", label=name)
-    if log_x:
+    for ref in references:
+        ax.axhline(ref.value, color=ref.style.colour, linestyle=ref.style.linestyle, linewidth=1.2,
+                   label=f"{ref.label} ({ref.value:.4f})")
+    for s in series:
+        kw = {"color": s.style.colour, "marker": s.style.marker, "linestyle": s.style.linestyle, "label": s.label}
+        if s.err is not None:
+            ax.errorbar(list(s.xs), list(s.ys), yerr=list(s.err), capsize=3, markersize=6, **kw)
+        else:
+            ax.plot(list(s.xs), list(s.ys), markersize=6, **kw)
+        if s.band is not None:
+            ax.fill_between(list(s.xs), list(s.band[0]), list(s.band[1]), color=s.style.colour, alpha=0.15,
+                            linewidth=0)
+    if x_scale == "symlog":
+        positive = [x for s in series for x in s.xs if x > 0]
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    elif x_scale == "log":
         ax.set_xscale("log")
+    if xticks is not None:
+        ax.set_xticks(list(xticks), [f"{x:g}" for x in xticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrap(title, 6.0), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    return fig
 
 
-def heatmap(path: Path, title: str, rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float | None]],
-            vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis") -> Path:
-    """A matrix with its values written in the cells (None cells left blank)."""
-    import math
-
+def heatmap_figure(title: str, rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float | None]], *,
+                   xlabel: str = "", ylabel: str = "", vmin: float | None = None, vmax: float | None = None,
+                   cmap: str = "viridis") -> Any:
+    """A matrix with its values written in the cells (None cells left blank); ``rows[i]`` labels
+    ``values[i]``, ``cols[j]`` labels ``values[i][j]``."""
     grid = [[math.nan if v is None else float(v) for v in row] for row in values]
-    fig = _figure(max(4.0, 0.6 * len(cols) + 2.5), max(3.0, 0.5 * len(rows) + 1.5))
+    width = max(4.5, 0.6 * len(cols) + 3.0)
+    fig = figure(width, max(3.2, 0.5 * len(rows) + 2.0))
     ax = fig.add_subplot()
     image = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     low, high = image.get_clim()
@@ -70,7 +116,8 @@ def heatmap(path: Path, title: str, rows: Sequence[str], cols: Sequence[str], va
             if not math.isnan(v):
                 light = high > low and (v - low) / (high - low) > 0.6  # dark text on the light end of viridis
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small", color="k" if light else "w")
-    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(wrap(title, width - 1.0), fontsize="medium")
     fig.colorbar(image, ax=ax)
-    fig.savefig(path)
-    return path
+    return fig

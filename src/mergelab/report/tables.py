@@ -44,6 +44,13 @@ def subset_size_means(rows: Sequence[Row], metric: str = "average") -> dict[str,
     """``{group label: {number of tasks: (mean of ``metric``, number of subsets)}}`` (CART Fig. 6):
     ``metric`` is ``"average"`` (accuracy) or ``"normalized_average"`` (accuracy / expert accuracy);
     runs without it are left out."""
+    return {label: {k: (m, n) for k, (m, _, n) in sizes.items()}
+            for label, sizes in subset_size_stats(rows, metric).items()}
+
+
+def subset_size_stats(rows: Sequence[Row], metric: str = "average") -> dict[str, dict[int, tuple[float, float, int]]]:
+    """As :func:`subset_size_means`, with the population std over the subsets of each size (0 for one):
+    ``{label: {number of tasks: (mean, std, number of subsets)}}``."""
     acc: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         value = (row.metrics or {}).get(metric)
@@ -51,8 +58,13 @@ def subset_size_means(rows: Sequence[Row], metric: str = "average") -> dict[str,
             continue
         size = len(row.config["tasks"])
         acc.setdefault(row.label, {}).setdefault(size, []).append(float(value))
-    return {label: {k: (statistics.fmean(v), len(v)) for k, v in sorted(sizes.items())}
-            for label, sizes in acc.items()}
+    return {label: {k: (*mean_std(v), len(v)) for k, v in sorted(sizes.items())} for label, sizes in acc.items()}
+
+
+def spread(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Pointwise mean, min and max of equally long curves (a continual run's step averages over task orders)."""
+    points = list(zip(*curves, strict=True))
+    return ([statistics.fmean(p) for p in points], [min(p) for p in points], [max(p) for p in points])
 
 
 def sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
