@@ -144,10 +144,10 @@ def run(plan: list[dict[str, Any]], db: Path, device: str) -> None:
 def plot_best_lambdas(json_path: Path, png: Path) -> Path:
     """Figure 2: per setting and method, the histogram of the tasks' best lambdas (argmax of each task's
     validation accuracy over the grid), the tuned lambda marked."""
-    from mergelab.report.plots import _figure
+    from mergelab.report.plots import figure
 
     entries = json.loads(json_path.read_text(encoding="utf-8"))
-    fig = _figure(2.4 * min(4, len(entries)), 2.2 * ((len(entries) + 3) // 4))
+    fig = figure(2.4 * min(4, len(entries)), 2.2 * ((len(entries) + 3) // 4))
     for index, entry in enumerate(entries):
         ax = fig.add_subplot((len(entries) + 3) // 4, min(4, len(entries)), index + 1)
         best = list(entry["per_task_best_lambda"].values())

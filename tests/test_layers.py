@@ -142,3 +142,14 @@ def test_a_layer_loads_only_layers_below_it(row: tuple[str, ...]) -> None:
         loaded = {package_of(m) for m in json.loads(out.stdout.splitlines()[-1])}
         above = sorted(p for p in loaded if p != package and RANK[p] >= RANK[package])
         assert not above, f"importing {package} loads {above}"
+
+
+def test_no_two_modules_import_each_other() -> None:
+    # a loop between two modules (even through an import inside a function) means neither is the lower one;
+    # a package's __init__ re-exporting its modules is not a loop
+    known = modules()
+    edges = {m: {target for target, _, _ in imports_of(m, path, known) if target != m}
+             for m, path in known.items() if path.name != "__init__.py"}
+    loops = sorted(f"{a} <-> {b}" for a, targets in edges.items() for b in targets
+                   if a < b and a in edges.get(b, set()))
+    assert not loops, loops

@@ -29,6 +29,9 @@ CONFIGS = [
                                                         "params": {"scaling": 0.0}}]},
     {"name": "cl", "kind": "continual", "suites": ["tiny"], "orders": ["identity", {"random": 2, "seed": 0}],
      "methods": ["swa", "opcm"]},
+    {"name": "cls", "kind": "continual", "suites": ["tiny"], "orders": ["identity", {"random": 1, "seed": 1}],
+     "methods": [{"method": "opcm", "sweep": {"alpha": [0.3, 0.7]}},
+                 {"method": "continual_ta", "sweep": {"scaling": [0.3, 1.0]}}]},
     {"name": "cos", "kind": "similarity", "suites": ["tiny"]},
 ]
 
@@ -281,3 +284,18 @@ def test_accuracy_matrix_rows_are_the_steps_and_columns_the_tasks_of_the_drawn_o
         last = len(m["order"]) - 1  # the last row is the final model: column j is the task order[j]
         assert [cells[last, j] for j in range(last + 1)] == [f"{m['accuracy'][t]:.2f}" for t in m["order"]]
     assert "identity order" in _panels(report.figures["cl_tiny_swa_matrix.png"])[0].get_title().replace("\n", " ")
+
+
+def test_continual_sweeps_show_acc_mean_and_std_over_orders(report: Report) -> None:
+    rows = _ok(report.db, "cls")
+    text = report.out.read_text()
+    section = text[text.index("## cls (continual)"):]
+    for param, group, values in (("alpha", "opcm", (0.3, 0.7)), ("scaling", "continual_ta", (0.3, 1.0))):
+        table = section[section.index(f"Sweep of `{param}`"):]
+        for x in values:
+            accs = [r.metrics["acc"] for r in rows if r.method == group and r.config["params"][param] == x]
+            assert len(accs) == 2  # two orders
+            cell = f"{statistics.fmean(accs):.4f} ± {statistics.pstdev(accs):.4f}"
+            assert f"| {x:.4f} | {cell} |" in table
+        (ax,) = _panels(report.figures[f"cls_tiny_sweep_{param}.png"])
+        assert list(_series(ax)) == [group]

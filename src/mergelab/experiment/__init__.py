@@ -6,7 +6,8 @@ one row per run in an SQLite database, so that interrupted experiments resume an
 """
 
 from mergelab.experiment.config import ExperimentConfig, RunSpec, load_config, parse_config
-from mergelab.experiment.runner import CachedEvaluator, Summary, run
+from mergelab.experiment.runner import Summary, run
+from mergelab.experiment.single import CachedEvaluator
 from mergelab.experiment.store import Row, Store
 
 __all__ = ["CachedEvaluator", "ExperimentConfig", "Row", "RunSpec", "Store", "Summary", "load_config",

@@ -25,14 +25,14 @@ def remote_run(spec: RunSpec, zoo: Any, evaluate: Callable[..., Any] | None, dev
     from mergelab.distributed import check_fingerprints
 
     threads.in_task()  # this worker's share: the CPUs Ray gave the task
-    from mergelab.experiment.runner import CachedEvaluator, _run_one
+    from mergelab.experiment.single import CachedEvaluator, run_one
 
     check_fingerprints(expected)
     if evaluate is None:
         if _SCORER is None:
             _SCORER = CachedEvaluator()
         evaluate = _SCORER
-    return _run_one(spec, zoo, evaluate, device, batch_size, False, common)
+    return run_one(spec, zoo, evaluate, device, batch_size, False, common)
 
 
 def run_on_ray(address: str, jobs: list[tuple[RunSpec, Any]], evaluate: Callable[..., Any] | None, device: str,

@@ -30,6 +30,7 @@ from mergelab.report.style import base_method, palette
 from mergelab.report.tables import (
     adapt_curves,
     adapt_entropy,
+    continual_sweeps,
     md_table,
     mean_std,
     per_task,
@@ -258,6 +259,15 @@ def _continual(rows: list[Row], place: _Place) -> list[str]:
     head = ["ACC: final model's mean accuracy over all tasks; BWT: mean over tasks 1..T-1 of (final accuracy - "
             "accuracy right after that task was merged) (OPCM Eq. 16). Mean ± std over task orders.", "",
             md_table(["run", "orders", "ACC", "BWT"], table), "", place.save(fig, "steps", "accuracy per step"), ""]
+    group_rows = {r.config.get("group", r.method): r for r in rows}
+    for param, groups in continual_sweeps([r for r in rows if r.config.get("swept")]).items():
+        xs = sorted({x for values, _, _ in groups.values() for x in values})
+        lookup = {g: {x: (m, s) for x, m, s in zip(*curve, strict=True)} for g, curve in groups.items()}
+        head += [f"Sweep of `{param}`: ACC, mean ± std over task orders:", "",
+                 md_table([param, *groups], [[x, *[f"{lookup[g][x][0]:.4f} ± {lookup[g][x][1]:.4f}" if x in lookup[g]
+                                                   else None for g in groups]] for x in xs]), ""]
+        fig = figures.acc_sweep_figure(f"{param} sweep, {place.where()}", param, groups, group_rows, place.colours)
+        head += [place.save(fig, f"sweep_{_slug(param)}", f"{param} sweep"), ""]
     return head + lines
 
 

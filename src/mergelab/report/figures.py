@@ -102,6 +102,16 @@ def sweep_figure(title: str, param: str, groups: Curves, group_rows: Mapping[str
                        xticks=xs if len(xs) <= 12 else None)
 
 
+def acc_sweep_figure(title: str, param: str, groups: Mapping[str, tuple[Sequence[float], Sequence[float],
+                     Sequence[float]]], group_rows: Mapping[str, Row], colours: Mapping[str, str]) -> Any:
+    """Continual merging: ACC against a swept hyperparameter, mean ± std over task orders, a line per sweep."""
+    styles = line_styles([base_method(group_rows[g]) if g in group_rows else g for g in groups], colours)
+    series = [Series(g, xs, ys, s, err=err) for (g, (xs, ys, err)), s in zip(groups.items(), styles, strict=True)]
+    xs = sorted({x for values, _, _ in groups.values() for x in values})
+    return line_figure(title, param, "ACC: final accuracy over all tasks\n(mean ± std over task orders)", series,
+                       xticks=xs if len(xs) <= 12 else None)
+
+
 def subsets_figure(title: str, stats: Mapping[str, Mapping[int, tuple[float, float, int]]],
                    full: Mapping[str, tuple[int, float]], group_rows: Mapping[str, Row], colours: Mapping[str, str],
                    what: str) -> Any:

@@ -25,9 +25,6 @@ def figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-_figure = figure  # the name experiments/weave_tuned.py imports
-
-
 def save(fig: Any, path: Path) -> Path:
     """Write ``fig`` as a PNG to ``path``; returns ``path``."""
     fig.savefig(path)

@@ -85,6 +85,23 @@ def sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[f
     return out
 
 
+def continual_sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[float], list[float]]]]:
+    """``{hyperparameter: {group: (values, mean ACC, std of ACC)}}`` over the task orders run at each value, for
+    continual runs from a numeric ``sweep`` (OPCM's alpha, continual task arithmetic's scaling)."""
+    acc: dict[str, dict[str, dict[float, list[float]]]] = {}
+    for row in rows:
+        for name in row.config.get("swept", []):
+            value = row.config["params"][name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            group = row.config.get("group", row.method)
+            acc.setdefault(name, {}).setdefault(group, {}).setdefault(float(value), []).append(
+                float((row.metrics or {})["acc"]))
+    return {name: {group: (sorted(by_x), [mean_std(by_x[x])[0] for x in sorted(by_x)],
+                           [mean_std(by_x[x])[1] for x in sorted(by_x)]) for group, by_x in groups.items()}
+            for name, groups in acc.items()}
+
+
 def adapt_curves(rows: Sequence[Row]) -> dict[str, tuple[list[float], list[float]]]:
     """``{label: (steps, average accuracy)}`` from the accuracy trace of test-time-adapted runs (``metrics.adapt``)."""
     out = {}
