@@ -345,3 +345,26 @@ def test_per_tensor_majority_sign_on_the_kernels(plain, majority):
     fast, slow = merged_both_ways(plain, base, models, density=1.0, scope="tensor")
     assert torch.equal(fast["w"], slow["w"])
     assert (fast["w"][8:64] == -1.0).all()  # the cancelled ones took the negative entries (majority -1, or 0: "< 0")
+
+
+@needs_kernels
+def test_finished_selectors_are_freed_at_once_not_by_the_garbage_collector():
+    # per-tensor TIES makes one selector per tensor: a reference cycle (a count factory holding `self`) kept
+    # each one, with its count arrays, until the collector ran -- peak RSS doubled on the engine benchmark
+    import gc
+    import weakref
+
+    base, models, _ = bf16_inputs(20_000, 3, 0.02, seed=7)
+    gc.disable()
+    try:
+        selector = StreamingKth(3, nonnegative=True, dtype=None)
+        assert selector.observe_abs_diff(base, models)
+        selector.end_pass0([[100]] * 3)
+        assert selector.observe_abs_diff(base, models)  # the digit pass: its counts made by the new factory
+        window = WindowCount([0, 0, 0], 2)
+        assert window.observe_abs_diff(base, models)
+        refs = [weakref.ref(selector), weakref.ref(window)]
+        del selector, window
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()

@@ -221,7 +221,8 @@ class StreamingKth:
 
     def _new_histograms(self) -> None:
         self._hist = [{prefix: torch.zeros(_BINS, dtype=torch.int64) for _, prefix in row} for row in self._targets]
-        self._counts = _ThreadCounts(lambda: torch.zeros(self.n_rows, _BINS, dtype=torch.int64))  # the kernels' digits
+        rows = self.n_rows  # not `self` in the lambda: a cycle would keep every finished selector until gc runs
+        self._counts = _ThreadCounts(lambda: torch.zeros(rows, _BINS, dtype=torch.int64))  # the kernels' digits
         self._pass += 1
 
     def _refine(self) -> None:
@@ -260,8 +261,9 @@ class WindowCount:
         self._above = torch.zeros(self.n_rows, dtype=torch.int64)
         self._fine = torch.zeros(self.n_rows, width, _BINS, dtype=torch.int64)
         self._lock = threading.Lock()
-        self._counts = _ThreadCounts(lambda: (torch.zeros(self.n_rows, dtype=torch.int64),
-                                              torch.zeros(self.n_rows, width, _BINS, dtype=torch.int64)))  # the kernel's
+        rows = self.n_rows  # not `self` in the lambda (see StreamingKth._new_histograms)
+        self._counts = _ThreadCounts(lambda: (torch.zeros(rows, dtype=torch.int64),
+                                              torch.zeros(rows, width, _BINS, dtype=torch.int64)))  # the kernel's
         self._broken = False
 
     def observe(self, magnitudes: torch.Tensor) -> None:
