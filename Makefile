@@ -52,11 +52,11 @@ bench-engine: install
 	$(PY) benchmarks/bench_engine.py
 
 bench-spectral: install
-	PYTHON=$(PYTHON) benchmarks/fusionbench_venv.sh
+	PYTHON=$(PYTHON) benchmarks/peer_venv.sh fusionbench
 	$(PY) benchmarks/bench_spectral.py --threads $(BENCH_THREADS)
 
 bench-continual: install
-	PYTHON=$(PYTHON) benchmarks/fusionbench_venv.sh
+	PYTHON=$(PYTHON) benchmarks/peer_venv.sh fusionbench
 	$(PY) benchmarks/bench_continual.py --models 8 --threads $(BENCH_THREADS)
 	$(PY) benchmarks/bench_continual.py --models 20 --layers 2 --threads $(BENCH_THREADS)
 	$(PY) benchmarks/bench_continual.py --models 20 --no-fusionbench --threads $(BENCH_THREADS)
@@ -71,7 +71,7 @@ bench-contention: install
 # mergekit 0.1.5's TIES, task arithmetic and breadcrumbs against mergelab's on the engine set (mergekit in
 # benchmarks/_work/mk-venv, never in .venv)
 bench-peers: install
-	PYTHON=$(PYTHON) benchmarks/mergekit_venv.sh
+	PYTHON=$(PYTHON) benchmarks/peer_venv.sh mergekit
 	$(PY) benchmarks/bench_peers.py
 
 # four Llama-2-7B-shaped bf16 models (sparse inputs) merged for real: peak RSS at 7 B scale; ~14 GB of disk

@@ -22,7 +22,8 @@ policy applied (``mergelab.threads``). Scenarios and modes run in turn, ``--repe
 Slow-down = the scenario's time / the same mode's time alone. Fair-share bound with C usable CPUs: next
 to one busy core the job keeps ``max(C - 1, C / 2)`` of its C CPUs, so ``C / max(C - 1, C / 2)``
 (2x on 2 cores); two equal jobs keep half each, so 2x. Target: within 1.3x of the bound in every row.
-Prints a Markdown table and writes ``results/contention.json`` (not with ``--smoke``).
+Prints a Markdown table and writes ``results/contention.json`` (``--out NAME``: another file there; not with
+``--smoke``).
 
 Usage: ``python benchmarks/bench_contention.py [--jobs ties tsv opcm] [--repeat 3] [--smoke]``
 """
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each scenario, in turn; medians reported")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--smoke", action="store_true", help="tiny inputs, one run: checks the script in seconds")
+    parser.add_argument("--out", default="contention.json", help="file name under benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -238,7 +240,7 @@ def main() -> None:
     }
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "contention.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows, cpus, args.repeat))
 
 

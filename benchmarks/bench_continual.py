@@ -19,7 +19,7 @@ reported as "s / add".
   projected; the position embedding (a 50 x 768 matrix by mergelab's default) is then added and
   rescaled like FusionBench does. ``continual_ta`` and ``swa`` with their defaults.
 * ``fusionbench opcm`` (in the separate venv ``benchmarks/_work/fb-venv`` of
-  ``benchmarks/fusionbench_venv.sh``): FusionBench 0.2.33's ``OPCMForCLIP(alpha=0.5)``, whose
+  ``benchmarks/peer_venv.sh fusionbench``): FusionBench 0.2.33's ``OPCMForCLIP(alpha=0.5)``, whose
   per-step functions ``merge_linear_weights`` (full SVD of the merged task vector, projection) and
   ``merge_other_parameters`` are called exactly as ``OPCMForCLIP.run`` calls them: over the leaf
   modules of the merged model, followed by its norm bookkeeping (``get_task_vector_norm``) and
@@ -207,7 +207,7 @@ def main() -> None:
         return
     use_fb = not args.no_fusionbench and "opcm" in args.methods
     if use_fb and not FB_PYTHON.exists():
-        sys.exit(f"{FB_PYTHON} missing: run benchmarks/fusionbench_venv.sh (or pass --no-fusionbench)")
+        sys.exit(f"{FB_PYTHON} missing: run benchmarks/peer_venv.sh fusionbench (or pass --no-fusionbench)")
     base, models = clip_set(args.models, args.layers)
     load_start = os.getloadavg()[0]
     out_dir = WORK / "continual-out"

@@ -7,7 +7,7 @@ of 271 M parameters, sharded safetensors folders with a ``config.json``), built 
 other in turn, ``--repeat`` times; the best time is reported (as in ``bench_engine``):
 
 * ``mergekit <method>``: mergekit 0.1.5 (in ``benchmarks/_work/mk-venv``, built by
-  ``benchmarks/mergekit_venv.sh``; never in .venv or mergelab's dependencies),
+  ``benchmarks/peer_venv.sh mergekit``; never in .venv or mergelab's dependencies),
   ``mergekit.merge.run_merge`` on a configuration with ``dtype: float32`` (compute), ``out_dtype:
   bfloat16`` (the inputs' dtype, as mergelab writes), every model ``weight: 1``, no tokenizer copy, no
   model card, the same shard size; its CPU path, torch's default threads.
@@ -206,7 +206,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     if not MK_PYTHON.exists():
-        sys.exit(f"{MK_PYTHON} missing: run benchmarks/mergekit_venv.sh (make bench-peers does)")
+        sys.exit(f"{MK_PYTHON} missing: run benchmarks/peer_venv.sh mergekit (make bench-peers does)")
     size, repeat = ("tiny", 1) if args.smoke else (args.size, args.repeat)
     arch = SIZES[size]
     base, models = build(size)

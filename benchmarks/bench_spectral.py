@@ -13,7 +13,7 @@ Jobs, each in a fresh process (clock started after the imports), one after the o
 * ``mergelab-f32 <method>`` (the ``--fb-methods``, default tsv and iso_c): the same with ``svd_dtype="float32"``, the
   official numerics (exact float32 LAPACK SVDs, wide matrices through their transpose).
 * ``fusionbench <method>`` (the ``--fb-methods``; in the separate venv ``benchmarks/_work/fb-venv``, built by
-  ``benchmarks/fusionbench_venv.sh``; never in .venv): the same files loaded with
+  ``benchmarks/peer_venv.sh fusionbench``; never in .venv): the same files loaded with
   ``safetensors.torch.load_file``, task vectors ``model - base``, FusionBench 0.2.33's
   ``TSVM_utils.compute_and_sum_svd_mem_reduction`` (what ``TaskSingularVectorMerging.run`` calls),
   ``iso_utils.iso_c`` (``ISO_C_Merge.run``) or ``iso_utils.iso_cts`` (``ISO_CTS_Merge.run``,
@@ -142,7 +142,7 @@ def main() -> None:
         return
     use_fb = not args.no_fusionbench
     if use_fb and not FB_PYTHON.exists():
-        sys.exit(f"{FB_PYTHON} missing: run benchmarks/fusionbench_venv.sh (or pass --no-fusionbench)")
+        sys.exit(f"{FB_PYTHON} missing: run benchmarks/peer_venv.sh fusionbench (or pass --no-fusionbench)")
     base, models = clip_set(args.tasks, args.layers)
     load_start = os.getloadavg()[0]
     out_dir = WORK / "spectral-out"

@@ -299,3 +299,14 @@ def test_continual_sweeps_show_acc_mean_and_std_over_orders(report: Report) -> N
             assert f"| {x:.4f} | {cell} |" in table
         (ax,) = _panels(report.figures[f"cls_tiny_sweep_{param}.png"])
         assert list(_series(ax)) == [group]
+
+
+def test_sweeps_per_task_have_a_panel_per_task_with_the_stored_accuracies(report: Report) -> None:
+    rows = [r for r in _ok(report.db, "mt") if r.config["subset"] == "all" and "rank_ratio" in r.config["swept"]]
+    panels = _panels(report.figures["mt_tiny_sweep_rank_ratio_tasks.png"])
+    assert [ax.get_title() for ax in panels] == TASKS
+    for ax, task in zip(panels, TASKS, strict=True):
+        (line,) = _series(ax).values()  # one sweep of rank_ratio
+        expected = sorted((r.config["params"]["rank_ratio"], r.metrics["accuracy"][task]) for r in rows)
+        assert list(line.get_xdata()) == [x for x, _ in expected]
+        assert list(line.get_ydata()) == pytest.approx([y for _, y in expected])

@@ -159,6 +159,10 @@ def _multitask(rows: list[Row], place: _Place) -> list[str]:
         fig = figures.sweep_figure(f"{param} sweep, {place.where()} (horizontal lines: the runs not swept)", param,
                                    groups, group_rows, baselines, place.colours, n_tasks)
         lines += [place.save(fig, f"sweep_{_slug(param)}", f"{param} sweep"), ""]
+        tasks = list(dict.fromkeys(t for r in swept for t in r.config["eval_tasks"]))
+        fig = figures.sweep_tasks_figure(f"{param} sweep, each task's accuracy, {place.where()}", param, tasks,
+                                         swept, place.colours)
+        lines += [place.save(fig, f"sweep_{_slug(param)}_tasks", f"{param} sweep per task"), ""]
     return lines + _subsets(rows, place)
 
 

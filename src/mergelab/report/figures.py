@@ -12,7 +12,7 @@ from typing import Any
 
 from mergelab.experiment.store import Row
 from mergelab.report.dots import Dots, dot_figure
-from mergelab.report.plots import Reference, Series, heatmap_figure, line_figure
+from mergelab.report.plots import Reference, Series, heatmap_figure, line_figure, panels_figure
 from mergelab.report.style import (
     REFERENCE,
     Style,
@@ -92,14 +92,40 @@ def sweep_figure(title: str, param: str, groups: Curves, group_rows: Mapping[str
     styles = line_styles([base_method(group_rows[g]) if g in group_rows else g for g in groups], colours)
     series = [Series(g, xs, ys, s) for (g, (xs, ys)), s in zip(groups.items(), styles, strict=True)]
     xs = sorted({x for values, _ in groups.values() for x in values})
-    positive = [x for x in xs if x > 0]
-    scale, note = "linear", ""
-    if positive and (param in LOG_PARAMS or max(positive) >= 10 * min(positive)):
-        scale = "symlog" if len(positive) < len(xs) else "log"
-        note = f" (log scale{f'; linear from 0 to {min(positive):g}' if scale == 'symlog' else ''})"
+    scale, note = _sweep_axis(param, xs)
     return line_figure(title, param + note, f"average accuracy over the {n_tasks} tasks", series,
                        references=_references(baselines, colours), x_scale=scale,
                        xticks=xs if len(xs) <= 12 else None)
+
+
+def _sweep_axis(param: str, xs: Sequence[float]) -> tuple[str, str]:
+    """The x scale of a sweep and the note for its label: log when the values span decades (0 on a linear
+    stretch: symlog)."""
+    positive = [x for x in xs if x > 0]
+    if positive and (param in LOG_PARAMS or max(positive) >= 10 * min(positive)):
+        scale = "symlog" if len(positive) < len(xs) else "log"
+        return scale, f" (log scale{f'; linear from 0 to {min(positive):g}' if scale == 'symlog' else ''})"
+    return "linear", ""
+
+
+def sweep_tasks_figure(title: str, param: str, tasks: Sequence[str], swept: Sequence[Row],
+                       colours: Mapping[str, str]) -> Any:
+    """Each task's accuracy against a swept hyperparameter (CART Fig. 5): a panel per task, a line per sweep."""
+    groups: dict[str, list[Row]] = {}
+    for row in swept:
+        if param in row.config.get("swept", []):
+            groups.setdefault(row.config.get("group", row.method), []).append(row)
+    styles = line_styles([base_method(rows[0]) for rows in groups.values()], colours)
+    panels: dict[str, list[Series]] = {}
+    for task in tasks:
+        for (group, rows), style in zip(groups.items(), styles, strict=True):
+            points = sorted((float(r.config["params"][param]), float((r.metrics or {})["accuracy"][task]))
+                            for r in rows)
+            panels.setdefault(task, []).append(Series(group, [p[0] for p in points], [p[1] for p in points], style))
+    xs = sorted({x for series in panels.values() for s in series for x in s.xs})
+    scale, note = _sweep_axis(param, xs)
+    return panels_figure(title, param + note, "accuracy on the task", panels, x_scale=scale,
+                         xticks=xs if len(xs) <= 12 else None)
 
 
 def acc_sweep_figure(title: str, param: str, groups: Mapping[str, tuple[Sequence[float], Sequence[float],

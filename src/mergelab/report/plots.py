@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,39 @@ def line_figure(title: str, xlabel: str, ylabel: str, series: Sequence[Series], 
     ax.set_title(wrap(title, 6.0), fontsize="medium")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    return fig
+
+
+def panels_figure(title: str, xlabel: str, ylabel: str, panels: Mapping[str, Sequence[Series]], *,
+                  x_scale: str = "linear", xticks: Sequence[float] | None = None) -> Any:
+    """Small multiples: one axes per panel (a task), the same series in each, one legend right of them all;
+    each panel's y axis zoomed to its own values. Scales and ticks as :func:`line_figure`."""
+    columns = min(4, max(1, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    fig = figure(3.0 * columns + 2.5, 2.6 * rows + 0.8)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    positive = [x for series in panels.values() for s in series for x in s.xs if x > 0]
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        for s in series:
+            ax.plot(list(s.xs), list(s.ys), color=s.style.colour, marker=s.style.marker,
+                    linestyle=s.style.linestyle, markersize=4, label=s.label)
+        if x_scale == "symlog":
+            ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+        elif x_scale == "log":
+            ax.set_xscale("log")
+        if xticks is not None:
+            ax.set_xticks(list(xticks), [f"{x:g}" for x in xticks], rotation=90, fontsize="x-small")
+            ax.minorticks_off()
+        ax.set_title(name, fontsize="small")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.supxlabel(xlabel, fontsize="small")
+    fig.supylabel(ylabel, fontsize="small")
+    fig.suptitle(wrap(title, 3.0 * columns + 2.0), fontsize="medium")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right upper", fontsize="small")
     return fig
