@@ -112,6 +112,18 @@ def test_compat_values_are_declared_hyperparameters() -> None:
         assert set(thing.compat) <= set(thing.defaults) or thing.name == "weave", thing.name
 
 
+def test_routing_runs_each_task_with_its_route_and_refuses_one_given(tmp_path: Path) -> None:
+    cfg = parse({"kind": "routing", "suites": ["tiny"], "methods": [{"method": "cart", "sweep": {"rank_ratio": [0.1, 1.0]}}]},
+                tmp_path)
+    assert [(r.eval_tasks, r.params["route"], r.subset) for r in cfg.runs if r.params["rank_ratio"] == 0.1] == \
+        [([t], i, f"route={t}") for i, t in enumerate(TASKS)]
+    assert len(cfg.runs) == 2 * len(TASKS) and all(r.tasks == TASKS for r in cfg.runs)
+    with pytest.raises(MergelabError, match="route is set by kind 'routing'"):
+        parse({"kind": "routing", "suites": ["tiny"], "methods": [{"method": "cart", "params": {"route": 0}}]}, tmp_path)
+    with pytest.raises(MergelabError, match="route"):  # a method without a route
+        parse({"kind": "routing", "suites": ["tiny"], "methods": ["ties"]}, tmp_path)
+
+
 def test_same_run_under_two_labels_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MergelabError, match=r"methods: 'a' and 'b' are the same run"):
         parse({"suites": ["tiny"], "methods": [{"method": "ties", "label": "a"},

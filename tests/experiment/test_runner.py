@@ -124,6 +124,21 @@ def test_domain_generalization_scores_the_held_out_task(tmp_path: Path) -> None:
     assert all(r.config["eval_tasks"][0] not in r.config["tasks"] for r in rows)
 
 
+def test_routing_scores_each_task_with_its_own_routed_model(tmp_path: Path) -> None:
+    raw = {"name": "rt", "kind": "routing", "suites": ["tiny"],
+           "methods": [{"method": "cart", "params": {"rank_ratio": 0.5}}]}
+    summary = execute(raw, tmp_path, Scorer())
+    assert (summary.ran, summary.failed) == (len(TASKS), 0)
+    with Store(tmp_path / "r.sqlite") as store:
+        rows = store.rows()
+    zoo = Zoos(tmp_path / "check").build("tiny")
+    for index, task in enumerate(TASKS):
+        row = next(r for r in rows if r.config["eval_tasks"] == [task])
+        assert row.config["tasks"] == TASKS and row.config["params"]["route"] == index
+        routed = mergelab.merge("cart", zoo.base, [zoo.experts[t] for t in TASKS], rank_ratio=0.5, route=index)
+        assert row.metrics is not None and row.metrics["accuracy"][task] == pytest.approx(score(routed, zoo, task))
+
+
 def test_similarity_run_stores_the_cosine_matrix(tmp_path: Path) -> None:
     scorer = Scorer()
     execute({"name": "cos", "kind": "similarity", "suites": ["tiny", "pair"]}, tmp_path, scorer)

@@ -57,7 +57,7 @@ def official_cart(
 
 
 def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=None, svd_dtype="float64", center=True,
-          keep="top"):
+          keep="top", route=None):
     return cart(
         taus,
         torch.zeros(taus.shape[1:], dtype=taus.dtype),
@@ -69,6 +69,7 @@ def _cart(taus, name="w", rank_ratio=0.08, scaling=1.0, preset="paper", exclude=
         svd_dtype=svd_dtype,
         center=center,
         keep=keep,
+        route=route,
     )
 
 
@@ -256,6 +257,7 @@ def test_uncentred_hand_checked():
         svd_dtype="float64",
         center=False,
         keep="top",
+        route=None,
     )
     assert_close(delta, 0.5 * torch.diag(torch.tensor([3.0, 2.0])))
     bias = cart(
@@ -269,6 +271,7 @@ def test_uncentred_hand_checked():
         svd_dtype="float64",
         center=False,
         keep="top",
+        route=None,
     )
     assert_close(bias, torch.tensor([2.0, 3.0]))  # task arithmetic: 0.5 * (4, 6)
 
@@ -298,3 +301,31 @@ def test_reverse_order_at_full_rank_equals_the_proper_order(center):
     for ratio in (0.0, 1.0):
         assert_close(_cart(taus, rank_ratio=ratio, keep="bottom", center=center),
                      _cart(taus, rank_ratio=ratio, center=center), rtol=1e-10, atol=1e-12)
+
+
+def test_direct_routing_is_the_anchor_plus_the_tasks_own_rank_k_part():
+    # Eq. (5): R_k(t) = anchor + SVD_k(theta_t - anchor), no scaling; non-matrices are task t's own
+    c = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    taus = torch.stack([c, -c]) + 1.0  # mean 1; centred task vectors c and -c
+    top = torch.diag(torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64))
+    assert_close(_cart(taus, rank_ratio=0.34, scaling=5.0, route=0), 1.0 + top)  # k = 1
+    assert_close(_cart(taus, rank_ratio=0.34, route=1), 1.0 - top)
+    bottom = torch.diag(torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64))
+    assert_close(_cart(taus, rank_ratio=0.34, route=0, keep="bottom"), 1.0 + bottom)
+    # uncentred: the anchor is the base (zero task vector)
+    u, s, vh = torch.linalg.svd(taus[0])
+    assert_close(_cart(taus, rank_ratio=0.34, route=0, center=False), s[0] * torch.outer(u[:, 0], vh[0]))
+    assert_close(_cart(taus, rank_ratio=1.0, route=1), taus[1])  # full rank: the expert itself
+    bias = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert_close(_cart(bias, name="b", route=1), bias[1])
+
+
+def test_route_must_name_one_of_the_models(tmp_path):
+    base = tiny_state(0)
+    models = [finetune_of(base, i) for i in range(3)]
+    with pytest.raises(MergelabError, match="route must be the index of one of the 3 models"):
+        mergelab.merge("cart", base, models, route=3)
+    routed = mergelab.merge("cart", base, models, route=2, rank_ratio=1.0)
+    for name, tensor in models[2].items():
+        if tensor.is_floating_point():
+            assert_close(routed[name], tensor, rtol=1e-5, atol=1e-6)

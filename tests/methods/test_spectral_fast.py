@@ -177,7 +177,7 @@ METHODS = {
     "cart": (
         lambda t, tol: cart_matrix(t, 0.25, 1.0, torch.float64, tol),
         cart,
-        {"rank_ratio": 0.25, "preset": "paper", "center": True, "keep": "top"},
+        {"rank_ratio": 0.25, "preset": "paper", "center": True, "keep": "top", "route": None},
     ),
 }
 

@@ -32,6 +32,8 @@ CONFIGS = [
     {"name": "cls", "kind": "continual", "suites": ["tiny"], "orders": ["identity", {"random": 1, "seed": 1}],
      "methods": [{"method": "opcm", "sweep": {"alpha": [0.3, 0.7]}},
                  {"method": "continual_ta", "sweep": {"scaling": [0.3, 1.0]}}]},
+    {"name": "rt", "kind": "routing", "suites": ["tiny"],
+     "methods": [{"method": "cart", "sweep": {"rank_ratio": [0.2, 1.0]}}]},
     {"name": "cos", "kind": "similarity", "suites": ["tiny"]},
 ]
 
@@ -310,3 +312,18 @@ def test_sweeps_per_task_have_a_panel_per_task_with_the_stored_accuracies(report
         expected = sorted((r.config["params"]["rank_ratio"], r.metrics["accuracy"][task]) for r in rows)
         assert list(line.get_xdata()) == [x for x, _ in expected]
         assert list(line.get_ydata()) == pytest.approx([y for _, y in expected])
+
+
+def test_routing_shows_each_routed_task_and_the_mean_against_the_swept_rank(report: Report) -> None:
+    rows = _ok(report.db, "rt")
+    text = report.out.read_text()
+    section = text[text.index("## rt (routing)"):]
+    assert "scored with the model routed to it" in section
+    table = section[section.index("Sweep of `rank_ratio`"):]
+    for x in (0.2, 1.0):
+        accs = [r.metrics["accuracy"][r.config["eval_tasks"][0]] for r in rows if r.config["params"]["rank_ratio"] == x]
+        assert len(accs) == len(TASKS)
+        assert f"| {x:.4f} | {sum(accs) / len(accs):.4f} |" in table
+    (ax,) = _panels(report.figures["rt_tiny_routed_sweep_rank_ratio.png"])
+    assert list(_series(ax)) == ["cart"]
+    assert "rt_tiny_routed.png" in report.figures

@@ -5,6 +5,8 @@ One config is one experiment of one ``kind``:
 * ``multitask``: merge the experts of each task subset, score the merged model on those tasks;
 * ``domain_generalization``: hold one task out, merge the others, score the held-out task
   (weight-weaving paper Sec. 4, "Vision domain generalization", after Yang et al.);
+* ``routing``: for each task, the model routed to it (a method's ``route`` hyperparameter set to the task's
+  index: CART's direct routing, Eq. 5), scored on that task;
 * ``continual``: :class:`mergelab.ContinualMerger` over a task order, scored after every step
   (OPCM paper Sec. 6.1: accuracy matrix, ACC and BWT, several orders);
 * ``similarity``: the cosine similarity of the suite's task vectors (one run per suite).
@@ -30,7 +32,7 @@ from typing import Any
 from mergelab.adapt.experiment import adapts
 from mergelab.errors import MergelabError
 
-KINDS = ("multitask", "domain_generalization", "continual", "similarity")
+KINDS = ("multitask", "domain_generalization", "routing", "continual", "similarity")
 TOP_KEYS = {"name", "kind", "db", "suites", "zoo", "eval", "tasks", "methods", "orders", "adapt"}  # adapt: mergelab.adapt.experiment
 METHOD_KEYS = {"method", "label", "params", "grid", "sweep"}
 
@@ -191,6 +193,10 @@ def parse_config(raw: Any, *, path: Path | None = None,
             for i, entry in enumerate(entries):
                 group = entry.get("label", entry["method"])
                 for label, params in _expand(entry, f"methods[{i}]", fail):
+                    if kind == "routing":  # the model routed to the scored task
+                        if "route" in params:
+                            raise fail(f"methods[{i}]", "route is set by kind 'routing' (one run per task)")
+                        params = {**params, "route": names.index(eval_tasks[0])}
                     resolved = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail)
                     used = _resolve(entry["method"], params, len(tasks), kind, f"methods[{i}]", fail, presets=True)
                     swept = tuple(k for k in entry.get("sweep", {}) if k in params)
@@ -314,6 +320,10 @@ def _subsets(raw: dict[str, Any], kind: str, names: list[str],
         if len(names) < 2:
             raise fail("suites", "leave-one-out needs at least 2 tasks")
         return [([t for t in names if t != held], [held], f"held_out={held}") for held in names]
+    if kind == "routing":
+        if "tasks" in raw or "orders" in raw:
+            raise fail("tasks" if "tasks" in raw else "orders", "not used by kind 'routing' (one run per task)")
+        return [(list(names), [task], f"route={task}") for task in names]
     if kind == "continual":
         if "tasks" in raw:
             raise fail("tasks", "not used by kind 'continual' (use orders)")

@@ -43,6 +43,12 @@ original task vectors", collapsing to the pre-trained model at rank zero), as th
 (other tensors are zeroed too when ``rank_ratio=0``, as in the official code). It is task arithmetic
 on rank-reduced task vectors, so pick a task-arithmetic ``scaling`` (e.g. 0.3) with it.
 
+``route=t`` is not a merge but the paper's direct-routing analysis (Sec. 4.1, Eq. 5, Fig. 3): the model for task
+``t`` alone, ``R_k(t) = anchor + SVD_k(theta_t - anchor)`` per matrix, with ``anchor = theta_avg``
+(``center=True``) or ``theta_0`` (``center=False``) and no ``scaling``; the other tensors are task ``t``'s own
+(Eq. 5 is stated for the decomposed layers). At ``rank_ratio=1`` it is expert ``t`` itself. Experiments of
+kind ``routing`` score each task with its own routed model.
+
 ``keep="bottom"`` is the paper's reverse-ordered rank reduction (Sec. 4.1, Fig. 2): ``SVD_k`` keeps the
 ``k`` *smallest* singular triplets of each (centred or not) task matrix instead of the largest, exact SVD
 (``ops.spectral.smallest_components``). At ``rank_ratio=1`` both orders keep everything.
@@ -91,6 +97,17 @@ def cart_matrix(
     return origin + scaling * reduced.to(taus.dtype)
 
 
+def routed_matrix(taus: torch.Tensor, route: int, rank_ratio: float, dtype: torch.dtype = torch.float64,
+                  tol: float = 0.0, center: bool = True, keep: str = "top") -> torch.Tensor:
+    """Eq. (5): ``anchor + SVD_k(tau_route - anchor)`` of stacked task matrices ``(T, m, n)``, the anchor the
+    mean task vector (``center``) or zero; ``keep="bottom"``: the k smallest triplets."""
+    origin = taus.mean(dim=0) if center else torch.zeros_like(taus[0])
+    k = kept_rank(min(taus.shape[1:]), rank_ratio)
+    centred = taus[route].to(dtype) - origin.to(dtype)
+    reduced = low_rank(centred, k, tol) if keep == "top" else smallest_components(centred, k)
+    return origin + reduced.to(taus.dtype)
+
+
 def resolve(preset: str, rank_ratio: float | None, scaling: float | None) -> tuple[float, float]:
     """The preset's values, overridden by those given explicitly."""
     chosen = PRESETS[preset]
@@ -113,6 +130,9 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0
     ):
         raise ValueError(f"rank_ratio must be a number in [0, 1], got {ratio!r}")
+    route = hp["route"]
+    if route is not None and (isinstance(route, bool) or not isinstance(route, int) or not 0 <= route < n_models):
+        raise ValueError(f"route must be the index of one of the {n_models} models, got {route!r}")
 
 
 @register(
@@ -125,6 +145,7 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
         "svd_dtype": "float64",
         "center": True,
         "keep": "top",
+        "route": None,
     },
     choices={"preset": tuple(PRESETS), "svd_dtype": tuple(SVD_DTYPES), "keep": ("top", "bottom")},
     resolution=Resolution(presets=PRESETS, fill_presets=_fill_presets),
@@ -132,10 +153,11 @@ def _check(hp: dict[str, Any], n_models: int) -> None:
     source="Choi et al. arXiv:2412.12153 Eq. (4); official JH-GEECS/CART src/merging.py; rank_ratio/scaling "
     "None = from preset: paper 0.08/1.0 (Implementation Details), official_8 0.12/2.0, official_14 0.16/1.5, "
     "official_20 0.32/1.9 (official configs/CART/*.yaml); center=False: the paper's uncentred comparison "
-    "(Sec. 4.1, Fig. 1 blue); keep=bottom: the reverse-ordered rank reduction (Sec. 4.1, Fig. 2)",
+    "(Sec. 4.1, Fig. 1 blue); keep=bottom: the reverse-ordered rank reduction (Sec. 4.1, Fig. 2); route=t: the "
+    "direct routing of Eq. (5), Fig. 3",
     check=_check,
     whole_tensors=WholeTensors(parallel=True),  # LAPACK-bound: tensors merged at once, one per core (engine.stream)
-    compat={"keep": "top"},  # experiment runs from before the option keep their identity
+    compat={"keep": "top", "route": None},  # experiment runs from before these options keep their identity
 )
 def cart(
     taus: torch.Tensor,
@@ -149,9 +171,12 @@ def cart(
     svd_dtype: str,
     center: bool,
     keep: str,
+    route: int | None,
 ) -> torch.Tensor:
     ratio, scale = resolve(preset, rank_ratio, scaling)  # a no-op after the registry's resolve; kept for direct calls
     numerics = matrix_numerics(ctx.name, base.shape, exclude, svd_dtype, taus.dtype)
+    if route is not None:  # Eq. (5): task `route`'s own model, its matrices rank-reduced around the anchor
+        return taus[route] if numerics is None else routed_matrix(taus, route, ratio, *numerics, center, keep)
     if numerics is None:
         if center:
             return taus.mean(dim=0)

@@ -130,7 +130,7 @@ def _section(name: str, rows: list[Row], place: _Place) -> list[str]:
 
             lines += search_lines(in_suite)
             continue
-        render = {"multitask": _multitask, "domain_generalization": _domain_generalization,
+        render = {"multitask": _multitask, "domain_generalization": _domain_generalization, "routing": _routing,
                   "continual": _continual, "similarity": _similarity}[kind]
         lines += render(in_suite, _Place(place.assets, place.root, name, suite, place.colours))
     return lines
@@ -224,7 +224,14 @@ def _sweep_rows(groups: dict[str, tuple[list[float], list[float]]]) -> list[list
     return [[x, *[lookup[g].get(x) for g in groups]] for x in xs]
 
 
-def _domain_generalization(rows: list[Row], place: _Place) -> list[str]:
+def _routing(rows: list[Row], place: _Place) -> list[str]:
+    """CART's direct routing (Eq. 5): each task scored with its own routed model; laid out as held-out tasks."""
+    return _domain_generalization(rows, place, "Each column: that task scored with the model routed to it (its "
+                                  "own low-rank part around the anchor, CART Eq. 5).", "routed")
+
+
+def _domain_generalization(rows: list[Row], place: _Place, caption: str = "Each column: that task held out, the "
+                           "other experts merged, scored on the held-out task.", what: str = "held-out") -> list[str]:
     held: list[str] = list(dict.fromkeys(r.config["eval_tasks"][0] for r in rows))
     by_label: dict[str, dict[str, Row]] = {}
     for r in rows:
@@ -237,11 +244,36 @@ def _domain_generalization(rows: list[Row], place: _Place) -> list[str]:
         known_norm = [n for n in norms if n is not None]
         table.append([label, *accs, sum(known) / len(known) if known else None,
                       sum(known_norm) / len(known_norm) if len(known_norm) == len(held) else None])
-    fig = figures.heldout_figure(f"Accuracy on the held-out task, {place.where()} (a row per run; each panel's axis zoomed to its values)", held, by_label,
-                                 place.colours)
-    return ["Each column: that task held out, the other experts merged, scored on the held-out task.", "",
-            md_table(["run", *held, "mean", "normalised"], table), "", place.save(fig, "heldout", "held-out accuracy"),
-            ""]
+    fig = figures.heldout_figure(f"Accuracy on the {what} task, {place.where()} (a row per run; each panel's axis "
+                                 "zoomed to its values)", held, by_label, place.colours)
+    name = "heldout" if what == "held-out" else what
+    return [caption, "", md_table(["run", *held, "mean", "normalised"], table), "",
+            place.save(fig, name, f"{what} accuracy"), "", *_mean_sweeps(rows, held, place, name)]
+
+
+def _mean_sweeps(rows: list[Row], tasks: list[str], place: _Place, name: str) -> list[str]:
+    """Runs from a numeric ``sweep``, one per task: the mean over the tasks against the swept value (CART Fig. 3)."""
+    by_group: dict[str, dict[float, dict[str, float]]] = {}
+    param = ""
+    for r in rows:
+        for key in r.config.get("swept", []):
+            value = r.config["params"][key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                param, task = key, r.config["eval_tasks"][0]
+                by_group.setdefault(r.config.get("group", r.method), {}).setdefault(float(value), {})[task] = \
+                    float((r.metrics or {})["accuracy"][task])
+    groups = {g: ([x for x in sorted(v) if len(v[x]) == len(tasks)],
+                  [sum(v[x].values()) / len(tasks) for x in sorted(v) if len(v[x]) == len(tasks)])
+              for g, v in by_group.items()}
+    groups = {g: curve for g, curve in groups.items() if curve[0]}
+    if not groups:
+        return []
+    group_rows = {r.config.get("group", r.method): r for r in rows}
+    fig = figures.sweep_figure(f"{param} sweep, mean over the tasks, {place.where()}", param, groups, group_rows, [],
+                               place.colours, len(tasks))
+    return [f"Sweep of `{param}`: mean accuracy over the {len(tasks)} tasks:", "",
+            md_table([param, *groups], _sweep_rows(groups)), "", place.save(fig, f"{name}_sweep_{_slug(param)}",
+                                                                         f"{param} sweep"), ""]
 
 
 def _continual(rows: list[Row], place: _Place) -> list[str]:
