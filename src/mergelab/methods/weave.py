@@ -328,7 +328,8 @@ def _record(inner: Any, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> Wea
     streaming=Streaming(stats=_stats, late=_late),
     elementwise=Elementwise(when=_elementwise),
     whole_tensors=WholeTensors(parallel=_tensor_parallel),
-    compat=LOW_RANK_COMPAT,  # runs stored before the low_rank option keep their identity
+    # the inner methods' later options (tsv/iso_c low_rank, cart keep/route): stored runs keep their identity
+    compat={**LOW_RANK_COMPAT, "keep": "top", "route": None},
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)
