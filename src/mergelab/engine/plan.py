@@ -152,11 +152,16 @@ class MergePlan:
         workers = self.tensor_workers()
         return f", {workers} tensors at once (one thread each)" if workers > 1 else ""
 
+    def _shown_hparams(self) -> dict[str, Any]:
+        """The hyperparameters as used, less the options left unset (``None``: e.g. cart's ``route``); a preset's
+        values are filled in by then, so nothing the merge uses is hidden."""
+        return {k: v for k, v in self.hparams.items() if v is not None}
+
     def summary(self) -> str:
         """The human-readable plan printed by ``--dry-run`` and ``mergelab plan``."""
         passes = self.n_stat_passes + 1
         lines = [
-            f"method        {self.method.name}  {json.dumps(self.hparams, sort_keys=True)}",
+            f"method        {self.method.name}  {json.dumps(self._shown_hparams(), sort_keys=True)}",
             f"base          {self.base.label}",
             *[f"model {i + 1:<7} {m.label}" for i, m in enumerate(self.models)],
             f"tensors       {len(self.merged)} merged, {len(self.copied)} copied from base, {len(self.aliases)} tied",
