@@ -100,6 +100,8 @@ def test_options_added_later_keep_stored_runs_at_their_earlier_value(tmp_path: P
     assert spec({"methods": ["tsv"]}).resolved["low_rank"] == "auto"  # the default is not the earlier value
     opcm = spec({"kind": "continual", "methods": [{"method": "opcm", "params": {"low_rank": "official"}}]})
     assert set(opcm.resolved) == {"alpha", "seed", "projection", "non_matrix", "exclude"}
+    woven = spec({"methods": [{"method": "weave", "params": {"inner": "tsv", "low_rank": "official"}}]})
+    assert woven.hash == earlier_hash(woven, {"low_rank", "rank_tol"})  # weave takes its inner method's compat
     sqrt = spec({"kind": "continual", "methods": [{"method": "opcm", "params": {"lambda_t": "sqrt"}}]})
     assert sqrt.resolved["lambda_t"] == "sqrt"
 
@@ -109,7 +111,7 @@ def test_compat_values_are_declared_hyperparameters() -> None:
     from mergelab.methods.registry import all_methods
 
     for thing in [*all_methods().values(), *all_rules().values()]:
-        assert set(thing.compat) <= set(thing.defaults) or thing.name == "weave", thing.name
+        assert set(thing.compat) <= set(thing.defaults), thing.name
 
 
 def test_routing_runs_each_task_with_its_route_and_refuses_one_given(tmp_path: Path) -> None:

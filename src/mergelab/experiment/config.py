@@ -31,6 +31,7 @@ from typing import Any
 
 from mergelab.adapt.experiment import adapts
 from mergelab.errors import MergelabError
+from mergelab.methods.registry import identity_hparams
 
 KINDS = ("multitask", "domain_generalization", "routing", "continual", "similarity")
 TOP_KEYS = {"name", "kind", "db", "suites", "zoo", "eval", "tasks", "methods", "orders", "adapt"}  # adapt: mergelab.adapt.experiment
@@ -301,13 +302,11 @@ def _resolve(method: str, params: dict[str, Any], n_models: int, kind: str, key:
             from mergelab.methods.registry import get_method
 
             found = get_method(method)
-            resolved, compat = found.resolve(params, n_models, presets=presets), found.compat
+            resolved = found.resolve(params, n_models, presets=presets)
+            compat = found.compat_of(resolved)
     except MergelabError as err:
         raise fail(key, err.message) from None
-    if presets:
-        return resolved
-    # options added later, at the value that behaves as before they existed: left out of the hash
-    return {k: v for k, v in resolved.items() if not (k in compat and compat[k] == v)}
+    return resolved if presets else identity_hparams(resolved, compat)
 
 
 def _subsets(raw: dict[str, Any], kind: str, names: list[str],

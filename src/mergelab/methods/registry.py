@@ -149,11 +149,14 @@ class Resolution:
             output's metadata and the experiment store show the values a merge really uses.
         resolver: ``resolver(hparams, n_models) -> resolved`` replaces the default resolution, for
             methods that take another method's hyperparameters too (``weave``).
+        inner_compat: ``inner_compat(resolved) -> compat`` of the other method whose hyperparameters the
+            resolver took in (weave: its inner method's ``compat``), so they keep their identity here too.
     """
 
     presets: Mapping[str, Any] = field(default_factory=dict)
     fill_presets: Callable[[Hparams], Hparams] | None = None
     resolver: Callable[[Mapping[str, Any], int], Hparams] | None = None
+    inner_compat: Callable[[Hparams], Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,12 @@ class Method:
         if presets and how.fill_presets is not None:
             resolved = how.fill_presets(resolved)
         return resolved
+
+    def compat_of(self, resolved: Hparams) -> Mapping[str, Any]:
+        """``compat`` for these resolved hyperparameters: the method's own and, through ``Resolution.inner_compat``,
+        the other method's whose hyperparameters it took in."""
+        inner = self.resolution.inner_compat if self.resolution is not None else None
+        return {**(inner(resolved) if inner is not None else {}), **self.compat}
 
     @property
     def presets(self) -> Mapping[str, Any]:
@@ -303,6 +312,12 @@ def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
 
 _REGISTRY: dict[str, Method] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def identity_hparams(resolved: Mapping[str, Any], compat: Mapping[str, Any]) -> Hparams:
+    """The hyperparameters that identify a stored run: ``resolved`` less the options added later that sit at
+    the value which behaves as before they existed (``compat``), so runs stored before them are still found."""
+    return {k: v for k, v in resolved.items() if not (k in compat and compat[k] == v)}
 
 
 def register(name: str, **spec: Any) -> Callable[[MethodFn], MethodFn]:

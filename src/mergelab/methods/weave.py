@@ -66,7 +66,6 @@ from mergelab.methods.registry import (
     resolve_hparams,
 )
 from mergelab.ops.pool import BlockPool
-from mergelab.ops.spectral import LOW_RANK_COMPAT
 
 POOLINGS = ("average", "random", "magmax")
 PATHS = ("auto", "general")
@@ -323,13 +322,12 @@ def _record(inner: Any, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> Wea
     summary="Weight Weaving: pool the task vectors and the inner method's merges over a lambda search space",
     source="Chaves et al. (Weight Weaving) Algorithm 1, pooling functions Sec. 5.3; lambda search spaces "
     "(presets multitask / continual / domain_generalization) from its Sec. 4; + the inner method's hyperparameters",
-    resolution=Resolution(resolver=resolve, presets={preset: _describe(preset) for preset in PRESETS}),
+    resolution=Resolution(resolver=resolve, presets={preset: _describe(preset) for preset in PRESETS},
+                          inner_compat=lambda hp: get_method(hp["inner"]).compat),
     randomized=True,
     streaming=Streaming(stats=_stats, late=_late),
     elementwise=Elementwise(when=_elementwise),
     whole_tensors=WholeTensors(parallel=_tensor_parallel),
-    # the inner methods' later options (tsv/iso_c low_rank, cart keep/route): stored runs keep their identity
-    compat={**LOW_RANK_COMPAT, "keep": "top", "route": None},
 )
 def weave(taus: torch.Tensor, base: torch.Tensor, ctx: TensorCtx, **hp: Any) -> torch.Tensor:
     inner, inner_hp = split(hp)
