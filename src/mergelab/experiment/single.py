@@ -90,13 +90,12 @@ def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, 
                progress: bool) -> tuple[dict[str, Any], float, float]:
     """OPCM protocol: add the experts in ``spec.tasks`` order, score the tasks merged so far after each step."""
     from mergelab.continual import ContinualMerger
-    from mergelab.continual.rules.opcm import adaptive_lambda
 
     merger = ContinualMerger(spec.method, zoo.base, device=device, **spec.params)
     order = spec.tasks
     matrix: list[list[float | None]] = []
     step_seconds: list[float] = []
-    lambdas: list[float] = []  # OPCM's Eq. (10) factor after each step (its Fig. 7)
+    recorded: dict[str, list[float]] = {}  # what the rule reports after each step (OPCM: lambda_t)
     merge_s = eval_s = 0.0
     for j, task in enumerate(order):
         start = time.perf_counter()
@@ -104,8 +103,9 @@ def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, 
         merged = merger.merged()
         step_seconds.append(round(time.perf_counter() - start, 3))
         merge_s += step_seconds[-1]
-        if spec.method == "opcm":
-            lambdas.append(adaptive_lambda(merger.scalars, j + 1))
+        if merger.rule.step_record is not None:
+            for name, value in merger.rule.step_record(merger.scalars, j + 1).items():
+                recorded.setdefault(name, []).append(value)
         start = time.perf_counter()
         scored = score(merged, zoo, tasks=order[: j + 1], device=device, batch_size=batch_size, progress=progress)
         eval_s += time.perf_counter() - start
@@ -114,6 +114,5 @@ def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, 
     final = metrics.accuracy_metrics(last, order, _experts(zoo))
     result = {"order": order, "matrix": matrix, "acc": metrics.acc(matrix), "bwt": metrics.bwt(matrix),
               "step_average": metrics.step_averages(matrix), "step_seconds": step_seconds, **final}
-    if lambdas:
-        result["lambda_t"] = lambdas
+    result.update(recorded)
     return result, merge_s, eval_s

@@ -75,6 +75,8 @@ class Rule:
             one continues with this value (how it began), not the current default.
         compat: hyperparameters added after experiment results were first stored, with the value that
             gives the earlier behaviour: a run at that value keeps its identity (as :class:`Method`'s).
+        step_record: ``step_record(scalars, count) -> {name: value}``: quantities of the merger's state
+            that experiments record after every step (OPCM: its Eq. 10 ``lambda_t``).
     """
 
     name: str
@@ -90,6 +92,7 @@ class Rule:
     late: Callable[[dict[str, Any], Any], Late] | None = None
     legacy: Mapping[str, Any] = field(default_factory=dict)
     compat: Mapping[str, Any] = field(default_factory=dict)
+    step_record: Callable[[Mapping[str, float], int], dict[str, float]] | None = None
 
     def resolve(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``hparams``, checked as a merge method's are; raises MergelabError."""

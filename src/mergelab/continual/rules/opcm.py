@@ -43,7 +43,7 @@ States saved before this option existed keep ``"official"``.
 ``t`` of them grows as ``sqrt(t)``; Fig. 7 shows the adaptive factor following that curve). Either way
 the state is the same running sum ``lambda_{t-1} tau_merged_{t-1} + P(tau_t)`` (Eq. 6 times
 ``lambda_t``); only the read-out divides by a different ``lambda_t``. :func:`adaptive_lambda` gives
-Eq. (10)'s value from the merger's scalars (the experiment runner records it per step: Fig. 7's curve).
+Eq. (10)'s value from the merger's scalars (recorded per step by experiments, ``step_record``: Fig. 7's curve).
 
 Default ``alpha=0.5``: FusionBench ``config/method/opcm/opcm.yaml`` and the paper's experiments.
 """
@@ -146,6 +146,7 @@ def _read(state: torch.Tensor, ctx: RuleCtx, **hp: Any) -> torch.Tensor:
     legacy={"low_rank": "official"},  # states saved before the option continue as they began
     # experiment runs stored before these options keep their identity at the values that behave as then
     compat={"lambda_t": "adaptive", **LOW_RANK_COMPAT},
+    step_record=lambda scalars, count: {"lambda_t": adaptive_lambda(scalars, count)},  # its Fig. 7
     summary="project each new task vector off the merged one's dominant singular subspace, add, rescale",
     source="Tang et al. arXiv:2501.09522 Eq. (6)-(10); official tanganke/opcm (FusionBench "
     "method/opcm/opcm.py merge_linear_weights); default alpha 0.5 from FusionBench config/method/opcm/opcm.yaml",
