@@ -91,10 +91,14 @@ def cart_matrix(
     centre = origin.to(dtype)
     reduced = torch.zeros_like(centre)
     for tau in taus:  # one SVD at a time: memory stays ~ one matrix
-        centred = tau.to(dtype) - centre
-        # weighted by s: no gap check needed
-        reduced += low_rank(centred, k, tol) if keep == "top" else smallest_components(centred, k)
+        reduced += _rank_k(tau.to(dtype) - centre, k, tol, keep)
     return origin + scaling * reduced.to(taus.dtype)
+
+
+def _rank_k(x: torch.Tensor, k: int, tol: float, keep: str) -> torch.Tensor:
+    """``SVD_k(x)``: its top ``k`` singular triplets (weighted by s: no gap check needed), or with
+    ``keep="bottom"`` its ``k`` smallest (exact SVD)."""
+    return low_rank(x, k, tol) if keep == "top" else smallest_components(x, k)
 
 
 def routed_matrix(taus: torch.Tensor, route: int, rank_ratio: float, dtype: torch.dtype = torch.float64,
@@ -103,9 +107,7 @@ def routed_matrix(taus: torch.Tensor, route: int, rank_ratio: float, dtype: torc
     mean task vector (``center``) or zero; ``keep="bottom"``: the k smallest triplets."""
     origin = taus.mean(dim=0) if center else torch.zeros_like(taus[0])
     k = kept_rank(min(taus.shape[1:]), rank_ratio)
-    centred = taus[route].to(dtype) - origin.to(dtype)
-    reduced = low_rank(centred, k, tol) if keep == "top" else smallest_components(centred, k)
-    return origin + reduced.to(taus.dtype)
+    return origin + _rank_k(taus[route].to(dtype) - origin.to(dtype), k, tol, keep).to(taus.dtype)
 
 
 def resolve(preset: str, rank_ratio: float | None, scaling: float | None) -> tuple[float, float]:
