@@ -37,6 +37,7 @@ from mergelab.report.tables import (
     subset_size_means,
     subset_size_stats,
     sweeps,
+    swept_values,
 )
 
 __all__ = ["write_report"]
@@ -256,12 +257,9 @@ def _mean_sweeps(rows: list[Row], tasks: list[str], place: _Place, name: str) ->
     by_group: dict[str, dict[float, dict[str, float]]] = {}
     param = ""
     for r in rows:
-        for key in r.config.get("swept", []):
-            value = r.config["params"][key]
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                param, task = key, r.config["eval_tasks"][0]
-                by_group.setdefault(r.config.get("group", r.method), {}).setdefault(float(value), {})[task] = \
-                    float((r.metrics or {})["accuracy"][task])
+        for key, group, value in swept_values(r):
+            param, task = key, r.config["eval_tasks"][0]
+            by_group.setdefault(group, {}).setdefault(value, {})[task] = float((r.metrics or {})["accuracy"][task])
     groups = {g: ([x for x in sorted(v) if len(v[x]) == len(tasks)],
                   [sum(v[x].values()) / len(tasks) for x in sorted(v) if len(v[x]) == len(tasks)])
               for g, v in by_group.items()}

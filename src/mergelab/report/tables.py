@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mergelab.experiment.store import Row
@@ -67,16 +67,21 @@ def spread(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float],
     return ([statistics.fmean(p) for p in points], [min(p) for p in points], [max(p) for p in points])
 
 
+def swept_values(row: Row) -> Iterator[tuple[str, str, float]]:
+    """``(hyperparameter, group, value)`` for each numeric hyperparameter the run took from its entry's ``sweep``."""
+    for name in row.config.get("swept", []):
+        value = row.config["params"][name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, row.config.get("group", row.method), float(value)
+
+
 def sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     """``{hyperparameter: {group: (values, average accuracies)}}`` for runs from a numeric ``sweep``."""
     out: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for row in rows:
-        for name in row.config.get("swept", []):
-            value = row.config["params"][name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            xs, ys = out.setdefault(name, {}).setdefault(row.config.get("group", row.method), ([], []))
-            xs.append(float(value))
+        for name, group, value in swept_values(row):
+            xs, ys = out.setdefault(name, {}).setdefault(group, ([], []))
+            xs.append(value)
             ys.append(float((row.metrics or {})["average"]))
     for groups in out.values():  # sort each line by x
         for group, (xs, ys) in list(groups.items()):
@@ -90,13 +95,8 @@ def continual_sweeps(rows: Sequence[Row]) -> dict[str, dict[str, tuple[list[floa
     continual runs from a numeric ``sweep`` (OPCM's alpha, continual task arithmetic's scaling)."""
     acc: dict[str, dict[str, dict[float, list[float]]]] = {}
     for row in rows:
-        for name in row.config.get("swept", []):
-            value = row.config["params"][name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            group = row.config.get("group", row.method)
-            acc.setdefault(name, {}).setdefault(group, {}).setdefault(float(value), []).append(
-                float((row.metrics or {})["acc"]))
+        for name, group, value in swept_values(row):
+            acc.setdefault(name, {}).setdefault(group, {}).setdefault(value, []).append(float((row.metrics or {})["acc"]))
     return {name: {group: (sorted(by_x), [mean_std(by_x[x])[0] for x in sorted(by_x)],
                            [mean_std(by_x[x])[1] for x in sorted(by_x)]) for group, by_x in groups.items()}
             for name, groups in acc.items()}
