@@ -82,7 +82,7 @@ class Evaluator:
         from mergelab.zoo.encoder import accuracy, encode
 
         start = time.perf_counter()
-        self._load(model)
+        self.load(model)
         acc: dict[str, float] = {}
         for task in self.tasks:
             rows = self.test[task.name]
@@ -95,8 +95,9 @@ class Evaluator:
             normalized = {name: value / experts[name] for name, value in acc.items()}
         return EvalResult(self.suite, acc, sum(acc.values()) / len(acc), normalized, time.perf_counter() - start)
 
-    def _load(self, model: Any) -> None:
-        """Copy ``model``'s tensors into the encoder; every encoder tensor must be present, with its shape."""
+    def load(self, model: Any) -> None:
+        """Copy ``model``'s tensors into ``self.model`` (``None``: the base); every encoder tensor must be present,
+        with its shape. For analyses that need more than accuracy (e.g. losses on a loss landscape)."""
         from mergelab.io.sources import open_source
 
         if model is None:  # the base itself
