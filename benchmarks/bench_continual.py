@@ -37,7 +37,13 @@ FusionBench never merges (it is not in a leaf module, see ``mergelab.continual.r
 vector still enters both sides' global norm, so the two differ by a global factor too: the
 difference left after the best global rescaling is reported next to the raw one.
 
-Usage: ``python benchmarks/bench_continual.py [--models 8] [--layers 12] [--methods ...] [--no-fusionbench]``
+With ``--at-once task_arithmetic tsv`` (OPCM's Fig. 2 contrast, measured): conventional merging of all models
+seen so far, ``mergelab.merge(method, base, models[:t])`` for t = 1..n, each in a fresh process, its seconds and
+peak RSS per t next to the continual jobs' seconds of add t and RSS after it. A conventional merge reads all
+t models again at every step; the continual state holds one model-sized state whatever t.
+
+Usage: ``python benchmarks/bench_continual.py [--models 8] [--layers 12] [--methods ...] [--no-fusionbench]
+[--at-once METHOD ...]``
 """
 
 from __future__ import annotations
@@ -146,6 +152,14 @@ def fusionbench_job(job: dict) -> dict:
     return {"add_seconds": adds, "load_seconds": loads, "rss_after_add_mb": rss, **spent}
 
 
+def at_once_job(job: dict) -> dict:
+    import mergelab
+
+    start = time.perf_counter()
+    mergelab.merge(job["method"], job["base"], job["models"])
+    return {"seconds": time.perf_counter() - start}
+
+
 def save(state: dict, out: str) -> None:
     from safetensors.torch import save_file
 
@@ -157,7 +171,8 @@ def child(job: dict) -> None:
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    result = fusionbench_job(job) if job["impl"] == "fusionbench" else mergelab_job(job)
+    jobs = {"fusionbench": fusionbench_job, "at-once": at_once_job, "mergelab": mergelab_job}
+    result = jobs[job["impl"]](job)
     result.update(peak_rss_mb=peak_rss_mb(), torch_threads=torch.get_num_threads())
     print(json.dumps(result))
 
@@ -200,6 +215,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["opcm", "continual_ta", "swa"], choices=list(MERGELAB_HPARAMS))
     parser.add_argument("--no-fusionbench", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every job (0: torch's default)")
+    parser.add_argument("--at-once", nargs="*", default=[], metavar="METHOD",
+                        help="also merge the first t models at once with METHOD, t = 1..n (fresh process each)")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -227,6 +244,16 @@ def main() -> None:
             f"{impl:11s} {method:12s} {r['mean_add_seconds']:7.2f} s / add, peak RSS {r['peak_rss_mb']:.0f} MB",
             flush=True,
         )
+    at_once = []
+    for method in args.at_once:
+        for t in range(1, len(models) + 1):
+            job = {"impl": "at-once", "method": method, "base": str(base), "models": [str(m) for m in models[:t]],
+                   "threads": args.threads, "out": str(out_dir / "at-once.safetensors")}  # kept in memory, not written
+            result = run_job(job)
+            at_once.append({"method": method, "models": t, "seconds": result["seconds"],
+                            "peak_rss_mb": result["peak_rss_mb"]})
+            print(f"at once     {method:12s} t={t:2d} {result['seconds']:7.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB",
+                  flush=True)
     comparison = None
     if use_fb:
         from safetensors.torch import load_file
@@ -246,11 +273,33 @@ def main() -> None:
         "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
+        "at_once": at_once,
         "opcm_comparison": comparison,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"continual-m{args.models}-l{args.layers}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows, comparison))
+    if at_once:
+        print(growth_table(rows, at_once))
+
+
+def growth_table(rows: list[dict], at_once: list[dict]) -> str:
+    """Per t, what it costs to have the merge of t models: each continual job's add t (seconds, RSS after it),
+    each at-once merge of t models (seconds, peak RSS)."""
+    methods = sorted({a["method"] for a in at_once})
+    head = ["t"] + [f"{r['impl']} {r['method']}: add t s / RSS MB" for r in rows]
+    head += [f"at once {m}: s / peak RSS MB" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for t in range(1, max(a["models"] for a in at_once) + 1):
+        cells = [str(t)]
+        for r in rows:
+            adds = r["add_seconds"]
+            cells.append(f"{adds[t - 1]:.2f} / {r['rss_after_add_mb'][t - 1]:.0f}" if t <= len(adds) else "")
+        for m in methods:
+            a = next((a for a in at_once if a["method"] == m and a["models"] == t), None)
+            cells.append(f"{a['seconds']:.2f} / {a['peak_rss_mb']:.0f}" if a else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], comparison: dict | None) -> str:
