@@ -327,3 +327,18 @@ def test_routing_shows_each_routed_task_and_the_mean_against_the_swept_rank(repo
     (ax,) = _panels(report.figures["rt_tiny_routed_sweep_rank_ratio.png"])
     assert list(_series(ax)) == ["cart"]
     assert "rt_tiny_routed.png" in report.figures
+
+
+def test_opcm_lambda_t_is_drawn_per_step_against_sqrt_t(report: Report) -> None:
+    rows = [r for r in _ok(report.db, "cl") if r.method == "opcm"]
+    assert all(r.metrics and r.metrics["recorded"] == ["lambda_t"] for r in rows)
+    (ax,) = _panels(report.figures["cl_tiny_recorded_lambda_t.png"])
+    series = _series(ax)
+    assert list(series) == ["opcm (3 orders)", "sqrt(t)"]  # swa records nothing
+    mean = [statistics.fmean(s) for s in zip(*[r.metrics["lambda_t"] for r in rows], strict=True)]
+    assert list(series["opcm (3 orders)"].get_ydata()) == pytest.approx(mean)
+    assert list(series["sqrt(t)"].get_ydata()) == pytest.approx([t ** 0.5 for t in range(1, len(mean) + 1)])
+    text = report.out.read_text()
+    table = text[text.index("`lambda_t` after each step"):]
+    assert "| opcm | " + " | ".join(f"{v:.3f}" for v in mean) + " |" in table
+    assert "| sqrt(t) | 1.000 | 1.414 |" in table

@@ -115,4 +115,6 @@ def _continual(spec: RunSpec, zoo: Any, score: Callable[..., Any], device: str, 
     result = {"order": order, "matrix": matrix, "acc": metrics.acc(matrix), "bwt": metrics.bwt(matrix),
               "step_average": metrics.step_averages(matrix), "step_seconds": step_seconds, **final}
     result.update(recorded)
+    if recorded:
+        result["recorded"] = list(recorded)  # which metrics are per-step records (the report draws them)
     return result, merge_s, eval_s

@@ -34,6 +34,7 @@ from mergelab.report.tables import (
     md_table,
     mean_std,
     per_task,
+    spread,
     subset_size_means,
     subset_size_stats,
     sweeps,
@@ -293,6 +294,7 @@ def _continual(rows: list[Row], place: _Place) -> list[str]:
     head = ["ACC: final model's mean accuracy over all tasks; BWT: mean over tasks 1..T-1 of (final accuracy - "
             "accuracy right after that task was merged) (OPCM Eq. 16). Mean ± std over task orders.", "",
             md_table(["run", "orders", "ACC", "BWT"], table), "", place.save(fig, "steps", "accuracy per step"), ""]
+    head += _recorded(rows, by_label, place)
     group_rows = {r.config.get("group", r.method): r for r in rows}
     for param, groups in continual_sweeps([r for r in rows if r.config.get("swept")]).items():
         xs = sorted({x for values, _, _ in groups.values() for x in values})
@@ -303,6 +305,26 @@ def _continual(rows: list[Row], place: _Place) -> list[str]:
         fig = figures.acc_sweep_figure(f"{param} sweep, {place.where()}", param, groups, group_rows, place.colours)
         head += [place.save(fig, f"sweep_{_slug(param)}", f"{param} sweep"), ""]
     return head + lines
+
+
+def _recorded(rows: list[Row], by_label: dict[str, list[Row]], place: _Place) -> list[str]:
+    """What the continual rule recorded after every step (``metrics["recorded"]``, e.g. OPCM's lambda_t): a table
+    of the mean over task orders per step, with the reference curve if it has one, and its figure."""
+    out: list[str] = []
+    for name in dict.fromkeys(n for r in rows for n in (r.metrics or {}).get("recorded", [])):
+        having = {label: [r for r in runs if name in (r.metrics or {})] for label, runs in by_label.items()}
+        having = {label: runs for label, runs in having.items() if runs}
+        steps = max(len((r.metrics or {})[name]) for runs in having.values() for r in runs)
+        table = [[label, *[f"{v:.3f}" for v in spread([(r.metrics or {})[name] for r in runs])[0]]]
+                 for label, runs in having.items()]
+        if name in figures.STEP_REFERENCES:
+            ref, curve = figures.STEP_REFERENCES[name]
+            table.append([ref, *[f"{curve(t):.3f}" for t in range(1, steps + 1)]])
+        fig = figures.recorded_figure(f"{name} after each merging step, {place.where()}", name, having, place.colours)
+        out += [f"`{name}` after each step (mean over task orders):", "",
+                md_table(["run", *[f"step {t}" for t in range(1, steps + 1)]], table), "",
+                place.save(fig, f"recorded_{_slug(name)}", f"{name} per step"), ""]
+    return out
 
 
 def _similarity(rows: list[Row], place: _Place) -> list[str]:

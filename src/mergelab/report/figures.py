@@ -168,20 +168,44 @@ def adapt_figure(title: str, curves: Curves, rows: Mapping[str, Row], colours: M
     return line_figure(title, "adaptation step", "average accuracy over the tasks", series)
 
 
-def steps_figure(title: str, by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, str]) -> Any:
-    """Continual merging: average accuracy over the tasks merged so far after each step, the mean over task
-    orders as the line and min-max over orders as the band."""
+def _step_series(by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, str], key: str) -> list[Series]:
+    """Per label, ``metrics[key]`` (one value per merging step) as a line: mean over the task orders, min-max band."""
     styles = line_styles([base_method(runs[0]) for runs in by_label.values()], colours)
     series = []
     for (label, runs), style in zip(by_label.items(), styles, strict=True):
-        curves = [[float(v) for v in (r.metrics or {})["step_average"]] for r in runs]
+        curves = [[float(v) for v in (r.metrics or {})[key]] for r in runs]
         curves = [c for c in curves if len(c) == len(curves[0])]  # one suite: all orders are as long
         mean, low, high = spread(curves)
         n = len(curves)
         series.append(Series(f"{label} ({n} order{'s' if n > 1 else ''})", [float(k) for k in range(1, len(mean) + 1)],
                              mean, style, band=(low, high)))
+    return series
+
+
+def steps_figure(title: str, by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, str]) -> Any:
+    """Continual merging: average accuracy over the tasks merged so far after each step, the mean over task
+    orders as the line and min-max over orders as the band."""
+    series = _step_series(by_label, colours, "step_average")
     longest = max((len(s.xs) for s in series), default=0)
     return line_figure(title, "number of merged tasks", "average accuracy over the tasks merged so far\n"
+                       "(line: mean over task orders; band: min to max)", series,
+                       xticks=list(range(1, longest + 1)) if longest <= 12 else None)
+
+
+# what a recorded per-step quantity is compared with: OPCM's Fig. 7 sets its Eq. (10) lambda_t against sqrt(t)
+STEP_REFERENCES: dict[str, tuple[str, Any]] = {"lambda_t": ("sqrt(t)", lambda t: t ** 0.5)}
+
+
+def recorded_figure(title: str, name: str, by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, str]) -> Any:
+    """A quantity the continual rule recorded after every step (``metrics[name]``), mean and band over orders,
+    with its reference curve when it has one (``STEP_REFERENCES``)."""
+    series = _step_series(by_label, colours, name)
+    longest = max((len(s.xs) for s in series), default=0)
+    if name in STEP_REFERENCES and longest:
+        label, curve = STEP_REFERENCES[name]
+        xs = [float(t) for t in range(1, longest + 1)]
+        series.append(Series(label, xs, [curve(t) for t in xs], Style(REFERENCE, "", "--")))
+    return line_figure(title, "number of merged tasks", f"{name} after each step\n"
                        "(line: mean over task orders; band: min to max)", series,
                        xticks=list(range(1, longest + 1)) if longest <= 12 else None)
 
