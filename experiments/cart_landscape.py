@@ -36,6 +36,8 @@ CART_LAMBDAS = [0.5, 1.0, 2.0]
 TA_SCALING = 0.3  # task arithmetic's default (mergelab methods)
 TA_LAMBDAS = [0.125, 0.3, 0.5, 1.0]
 CART_RANK = 0.08  # the paper's Table 1 point (blue star)
+SCORED = ["theta_0", "theta_avg", *[f"cart lambda={lam} rank={CART_RANK}" for lam in CART_LAMBDAS],
+          "cart lambda=1.0 rank=0.02", "ta rank=1.0", *[f"ta lambda={lam}" for lam in TA_LAMBDAS if lam != TA_SCALING]]
 
 
 def trajectory_points(zoo: Any, names: list[str], experts: list[Any]) -> dict[str, torch.Tensor]:
@@ -169,6 +171,12 @@ def run(args: argparse.Namespace) -> Path:
     plane.update({"points": check, "explained": explained, "x": xs, "y": ys,
                   "in_plane": {k: in_plane_fraction(points[k][None], origin, basis)[0] for k in labels}})
     plane_grid(plane, origin, basis, tasks, score, save, "multitask plane")
+    # the marked points themselves (not their projections): the numbers RESULTS.md quotes
+    exact = plane.setdefault("exact", {})
+    for key in SCORED:
+        if key not in exact:
+            exact[key] = score(points[key], tasks)
+            save()
 
     cart = points[f"cart lambda=1.0 rank={CART_RANK}"]
     ta = points["ta rank=1.0"]
@@ -202,6 +210,46 @@ def main() -> None:
         print(f"wrote {run(args)}")
     for png in plot(Path(args.out), Path(args.out).parent / "cart_landscape_files"):
         print(f"wrote {png}")
+    md = Path(args.out).with_suffix(".md")
+    md.write_text(summary(json.loads(Path(args.out).read_text(encoding="utf-8"))), encoding="utf-8")
+    print(f"wrote {md}")
+
+
+def summary(data: dict[str, Any]) -> str:
+    """The numbers RESULTS.md quotes, as markdown: the marked points' multi-task loss and accuracy (scored at the
+    points themselves), the grid's lowest multi-task loss, and per task plane the lowest loss against the
+    expert's, CART's and task arithmetic's grid-free positions."""
+    tasks = data["tasks"]
+    plane = data["multitask"]
+    lines = [f"# CART loss landscapes (MiniLM MT8, {data['settings']['rows']} test texts per task)", "",
+             f"Multi-task plane: the first two principal directions explain {plane['explained'][0]:.1%} and "
+             f"{plane['explained'][1]:.1%} of the trajectory offsets' squared norm.", "",
+             "| point | sum of the task losses | mean accuracy | share of its offset in the plane |", "|---|---:|---:|---:|"]
+    for key, scores in plane.get("exact", {}).items():
+        loss = sum(scores[t]["loss"] for t in tasks)
+        acc = sum(scores[t]["accuracy"] for t in tasks) / len(tasks)
+        lines.append(f"| {key} | {loss:.3f} | {acc:.4f} | {plane['in_plane'].get(key, float('nan')):.2f} |")
+    cells = [(sum(c[t]["loss"] for t in tasks), plane["x"][i], plane["y"][int(j)], c)
+             for j, row in plane.get("grid", {}).items() for i, c in enumerate(row)]
+    if cells:
+        low, x, y, cell = min(cells, key=lambda c: c[0])
+        acc = sum(cell[t]["accuracy"] for t in tasks) / len(tasks)
+        lines += ["", f"Grid ({len(plane['x'])} x {len(plane['y'])}, {len(cells)} points run): lowest multi-task loss "
+                  f"{low:.3f} at ({x:.2f}, {y:.2f}), mean accuracy there {acc:.4f}; x spans {plane['x'][0]:.2f} to "
+                  f"{plane['x'][-1]:.2f}."]
+    lines += ["", "Each task's plane (through its expert, CART 8 % and task arithmetic 0.3):", "",
+              "| task | lowest loss on the grid | at (x, y) | expert at | CART at | task arithmetic at |",
+              "|---|---:|---|---|---|---|"]
+    for task in tasks:
+        entry = data.get(f"task {task}")
+        if not entry or not entry.get("grid"):
+            lines.append(f"| {task} | not run | | | | |")
+            continue
+        low, x, y = min((c[task]["loss"], entry["x"][i], entry["y"][int(j)])
+                        for j, row in entry["grid"].items() for i, c in enumerate(row))
+        at = {k: "({:.2f}, {:.2f})".format(*v) for k, v in entry["points"].items()}
+        lines.append(f"| {task} | {low:.3f} | ({x:.2f}, {y:.2f}) | {at[f'expert {task}']} | {at['cart']} | {at['ta']} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(json_path: Path, folder: Path) -> list[Path]:
