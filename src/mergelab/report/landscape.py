@@ -86,28 +86,41 @@ def cart_markers(ax: Any, points: Mapping[str, Sequence[float]], settings: Mappi
         _marker(ax, points.get("ta rank=1.0"), "s", "black", f"task arithmetic (lambda {settings['ta_scaling']})")
 
 
-def task_figure(data: Mapping[str, Any], tasks: Sequence[str]) -> Any:
-    """Fig. 4: each task's loss on the multi-task plane, CART's trajectories on top."""
-    plane, settings = data["multitask"], data["settings"]
+def _task_panels(tasks: Sequence[str], title: str, draw: Any) -> Any:
+    """A panel per task, 4 to a row: ``draw(fig, ax, task)`` fills each; the first panel's legend goes right of
+    them all."""
     cols = 4
     rows = math.ceil(len(tasks) / cols)
-    fig = figure(3.2 * cols + 2.6, 2.9 * rows + 0.6)
+    width = 3.2 * cols + 2.6
+    fig = figure(width, 2.9 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False)
     for index, task in enumerate(tasks):
-        ax = axes[index // cols][index % cols]
-        filled = _contour(ax, plane, loss_surface(plane, [task]))
-        if filled is not None:
-            fig.colorbar(filled, ax=ax, label="loss", format="%.2f")
-        cart_markers(ax, plane["points"], settings, ta=False)
-        ax.set_title(task, fontsize="small")
+        draw(fig, axes[index // cols][index % cols], task)
     for index in range(len(tasks), rows * cols):
         axes[index // cols][index % cols].set_axis_off()
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize="small")
-    fig.suptitle(wrap("MT8 (MiniLM): each task's test loss on the plane of CART's trajectory "
-                      "(first two principal directions around the weight average)", 3.2 * cols + 2.6),
-                 fontsize="medium")
+    fig.suptitle(wrap(title, width), fontsize="medium")
     return fig
+
+
+def _loss_panel(fig: Any, ax: Any, plane: Mapping[str, Any], task: str) -> None:
+    filled = _contour(ax, plane, loss_surface(plane, [task]))
+    if filled is not None:
+        fig.colorbar(filled, ax=ax, label="loss", format="%.2f")
+    ax.set_title(task, fontsize="small")
+
+
+def task_figure(data: Mapping[str, Any], tasks: Sequence[str]) -> Any:
+    """Fig. 4: each task's loss on the multi-task plane, CART's trajectories on top."""
+    plane, settings = data["multitask"], data["settings"]
+
+    def draw(fig: Any, ax: Any, task: str) -> None:
+        _loss_panel(fig, ax, plane, task)
+        cart_markers(ax, plane["points"], settings, ta=False)
+
+    return _task_panels(tasks, "MT8 (MiniLM): each task's test loss on the plane of CART's trajectory (first two "
+                        "principal directions around the weight average)", draw)
 
 
 def multitask_figure(data: Mapping[str, Any], tasks: Sequence[str]) -> Any:
@@ -129,31 +142,20 @@ def multitask_figure(data: Mapping[str, Any], tasks: Sequence[str]) -> Any:
 
 def expert_figure(data: Mapping[str, Any], tasks: Sequence[str]) -> Any:
     """Fig. 8: per task, its loss on the plane through its expert, CART and task arithmetic."""
-    cols = 4
-    rows = math.ceil(len(tasks) / cols)
-    fig = figure(3.2 * cols + 2.6, 2.9 * rows + 0.6)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for index, task in enumerate(tasks):
-        ax = axes[index // cols][index % cols]
+
+    def draw(fig: Any, ax: Any, task: str) -> None:
         plane = data.get(f"task {task}")
         if plane is None:  # not run yet
             ax.set_title(f"{task} (not run)", fontsize="small")
-            continue
-        filled = _contour(ax, plane, loss_surface(plane, [task]))
-        if filled is not None:
-            fig.colorbar(filled, ax=ax, label="loss", format="%.2f")
+            return
+        _loss_panel(fig, ax, plane, task)
         points = plane["points"]
         _marker(ax, points.get(f"expert {task}"), "*", "black", "the task's expert")
         _marker(ax, points.get("cart"), "*", "#1f77b4", "CART")
         _marker(ax, points.get("ta"), "s", "black", "task arithmetic")
-        ax.set_title(task, fontsize="small")
-    for index in range(len(tasks), rows * cols):
-        axes[index // cols][index % cols].set_axis_off()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize="small")
-    fig.suptitle(wrap("MT8 (MiniLM): each task's test loss on the plane through its expert, CART and task "
-                      "arithmetic", 3.2 * cols + 2.6), fontsize="medium")
-    return fig
+
+    return _task_panels(tasks, "MT8 (MiniLM): each task's test loss on the plane through its expert, CART and task "
+                        "arithmetic", draw)
 
 
 def tasks_of(data: Mapping[str, Any]) -> list[str]:
