@@ -10,6 +10,7 @@ over the grid).
     python experiments/weave_tuned.py                  # resumable: every trial is stored in --db
     python experiments/weave_tuned.py --settings multitask --methods task_arithmetic,ties
     python experiments/weave_tuned.py --plot           # Figure 2 from results/weave_tuned.json
+    python experiments/weave_tuned.py --table          # Table 1 per setting (markdown) from the same JSON
 
 Writes results/weave_tuned.json: per search the tuned lambda, its validation score, its test accuracy (DG: on
 the held-out task), the woven score of the earlier experiments, and each task's best lambda (Figure 2's data).
@@ -59,8 +60,8 @@ def searches(settings: list[str], methods: list[str] | None) -> list[dict[str, A
     return out
 
 
-def woven_score(setting: str, method: str, held_out: str | None) -> float | None:
-    """The data-free weave (average pooling) row of the earlier experiments, if stored."""
+def _stored_score(setting: str, held_out: str | None, match: Any) -> float | None:
+    """The test accuracy of the first row of the setting's earlier experiment that ``match(row)`` accepts."""
     from mergelab.experiment import Store
 
     db_name, experiment = SETTINGS[setting]["woven"]
@@ -69,11 +70,76 @@ def woven_score(setting: str, method: str, held_out: str | None) -> float | None
         return None
     with Store(db, create=False) as store:
         for row in store.rows(status="ok", experiment=experiment):
-            hp = row.config.get("hparams", {})
-            if row.method == "weave" and hp.get("inner") == method and hp.get("pooling") == "average" and (
-                    held_out is None or row.config.get("eval_tasks") == [held_out]):
+            if match(row) and (held_out is None or row.config.get("eval_tasks") == [held_out]):
                 return float((row.metrics or {})["average"])
     return None
+
+
+def woven_score(setting: str, method: str, held_out: str | None) -> float | None:
+    """The data-free weave (average pooling) row of the earlier experiments, if stored."""
+    return _stored_score(setting, held_out, lambda row: row.method == "weave" and row.config.get("hparams", {}).get(
+        "inner") == method and row.config.get("hparams", {}).get("pooling") == "average")
+
+
+def alone_score(setting: str, method: str, held_out: str | None) -> float | None:
+    """The same method at lambda = 1, untuned, from the earlier experiments, if stored."""
+    return _stored_score(setting, held_out, lambda row: row.method == method and row.label == method)
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """None when any value is missing (a row not stored): a mean over part of the tasks would mislead."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present and len(present) == len(values) else None
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(entries: list[dict[str, Any]], setting: str) -> str:
+    """Table 1 for one setting as markdown: per method, lambda = 1, the tuned lambda with its validation and test
+    accuracy, the woven accuracy and woven - tuned. Domain generalisation: means over the held-out tasks (the
+    tuned lambda and every per-task best lambda as a range)."""
+    from mergelab.methods.weave import search_space
+
+    rows = [e for e in entries if e["setting"] == setting]
+    lines = ["| method | lambda = 1 (test) | tuned lambda | tuned: validation | tuned: test | woven, average "
+             "pooling (test) | woven - tuned | per-task best lambda |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for method in dict.fromkeys(e["method"] for e in rows):
+        group = [e for e in rows if e["method"] == method]
+        alone = [alone_score(setting, method, e["held_out"]) for e in group]
+        woven = [e["woven"] for e in group]
+        lambdas = [e["lambda"] for e in group]
+        edge = " (grid edge)" if max(lambdas) == search_space(method, SETTINGS[setting]["preset"])[-1] else ""
+        tuned, woven_mean = _mean([e["test"] for e in group]), _mean(woven)
+        gap = "-" if tuned is None or woven_mean is None else f"{100 * (woven_mean - tuned):+.1f} points"
+        best = [v for e in group for v in e["per_task_best_lambda"].values()]
+        lines.append(f"| {method} | {_cell(_mean(alone))} | {_span(lambdas)}{edge} | "
+                     f"{_cell(_mean([e['validation'] for e in group]))} | {_cell(tuned)} | {_cell(woven_mean)} | "
+                     f"{gap} | {_span(best)} |")
+    return "\n".join(lines)
+
+
+def held_out_table(entries: list[dict[str, Any]]) -> str:
+    """Domain generalisation per held-out task: the untouched base, then per method tuned (its lambda) / woven."""
+    rows = [e for e in entries if e["setting"] == "domain_generalization"]
+    methods = list(dict.fromkeys(e["method"] for e in rows))
+    lines = ["| held-out task | base | " + " | ".join(f"{m}: tuned (lambda) | {m}: woven" for m in methods) + " |",
+             "|---|---:|" + "---:|---:|" * len(methods)]
+    for held in dict.fromkeys(e["held_out"] for e in rows):
+        base = _stored_score("domain_generalization", held, lambda row: row.label == "base")
+        cells = []
+        for method in methods:
+            entry = next((e for e in rows if e["method"] == method and e["held_out"] == held), None)
+            cells += ["-", "-"] if entry is None else [f"{entry['test']:.4f} ({entry['lambda']:g})",
+                                                       _cell(entry["woven"])]
+        lines.append(f"| {held} | {_cell(base)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -84,7 +150,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--plot", action="store_true", help="draw Figure 2 from the JSON of an earlier run, run nothing")
+    parser.add_argument("--table", action="store_true", help="print Table 1 per setting from the JSON, run nothing")
     args = parser.parse_args()
+    if args.table:
+        entries = json.loads((Path(args.db).parent / "weave_tuned.json").read_text(encoding="utf-8"))
+        for setting in args.settings.split(","):
+            print(f"{setting}:\n\n{table(entries, setting)}\n")
+        if "domain_generalization" in args.settings.split(","):
+            print(f"domain_generalization per held-out task:\n\n{held_out_table(entries)}\n")
+        return
     if args.plot:
         json_path = Path(args.db).parent / "weave_tuned.json"
         print(f"wrote {plot_best_lambdas(json_path, Path(args.db).parent / 'weave_tuned_files' / 'fig2_best_lambdas.png')}")
