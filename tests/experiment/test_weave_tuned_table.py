@@ -48,3 +48,16 @@ def test_held_out_table_lists_base_then_tuned_and_woven(script: ModuleType) -> N
     lines = script.held_out_table(ENTRIES).splitlines()
     assert lines[0] == "| held-out task | base | ties: tuned (lambda) | ties: woven |"
     assert lines[2:] == ["| a | 0.2500 | 0.4000 (0.3) | 0.3500 |", "| b | 0.4500 | 0.6000 (1) | 0.6200 |"]
+
+
+def test_figure_two_has_a_panel_per_setting_and_method_with_every_task(script: ModuleType) -> None:
+    pytest.importorskip("matplotlib")
+    entries = [*ENTRIES, {"setting": "multitask", "method": "tsv", "held_out": None, "lambda": 1.9,
+                          "validation": 0.6, "test": 0.6, "woven": 0.58, "per_task_best_lambda": {"a": 1.5, "b": 2.0}}]
+    fig = script.best_lambda_figure(entries)
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in drawn] == ["ties, 2 searches", "tsv"]  # DG row: ties; multitask row: tsv
+    heights = [sum(patch.get_height() for patch in ax.patches) for ax in drawn]
+    assert heights == [4, 2]  # DG pools both hold-outs' 2 tasks each
+    dashed = [sorted(line.get_xdata()[0] for line in ax.lines) for ax in drawn]
+    assert dashed == [[0.3, 1.0], [1.9]]  # every distinct tuned lambda
