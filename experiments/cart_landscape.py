@@ -99,18 +99,17 @@ class Scorer:
 
     def __call__(self, vector: torch.Tensor, tasks: list[str]) -> dict[str, dict[str, float]]:
         from mergelab.experiment.landscape import cross_entropy, unflatten
-        from mergelab.zoo.encoder import LOGIT_SCALE, encode
+        from mergelab.zoo.encoder import LOGIT_SCALE, accuracy, encode
 
         ev = self.evaluator
-        ev.model.load_state_dict(unflatten(vector, self.like, self.names))
+        ev.load(unflatten(vector, self.like, self.names))
         out = {}
         for task in tasks:
             rows = self.rows[task]
             emb = encode(ev.model, ev.tokenizer, [t for t, _ in rows], batch_size=ev.batch_size, device=ev.device)
-            logits = LOGIT_SCALE * emb @ ev.heads[task].T
             labels = [c for _, c in rows]
-            out[task] = {"loss": cross_entropy(logits, labels),
-                         "accuracy": float((logits.argmax(1) == torch.tensor(labels)).float().mean())}
+            out[task] = {"loss": cross_entropy(LOGIT_SCALE * emb @ ev.heads[task].T, labels),
+                         "accuracy": accuracy(emb, ev.heads[task], labels)}
         return out
 
 

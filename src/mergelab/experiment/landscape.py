@@ -95,7 +95,8 @@ def project(points: torch.Tensor, origin: torch.Tensor, basis: torch.Tensor) -> 
 
 
 def in_plane_fraction(points: torch.Tensor, origin: torch.Tensor, basis: torch.Tensor) -> list[float]:
-    """Per point, ``|projection| / |offset|`` (1: on the plane; 0 for the origin itself)."""
+    """Per point, ``|projection| / |offset|`` (1: on the plane; 1 for the origin itself, whose zero offset
+    lies in every plane)."""
     offsets = (points - origin).double()
     inside = (offsets @ basis.double().T).norm(dim=1)
     norms = offsets.norm(dim=1)
