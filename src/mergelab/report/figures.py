@@ -185,11 +185,15 @@ def _step_series(by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, st
 def steps_figure(title: str, by_label: Mapping[str, Sequence[Row]], colours: Mapping[str, str]) -> Any:
     """Continual merging: average accuracy over the tasks merged so far after each step, the mean over task
     orders as the line and min-max over orders as the band."""
-    series = _step_series(by_label, colours, "step_average")
+    return _per_step_figure(title, "average accuracy over the tasks merged so far",
+                            _step_series(by_label, colours, "step_average"))
+
+
+def _per_step_figure(title: str, ylabel: str, series: list[Series]) -> Any:
+    """Lines over the merging steps, an integer tick per step (up to 12 steps)."""
     longest = max((len(s.xs) for s in series), default=0)
-    return line_figure(title, "number of merged tasks", "average accuracy over the tasks merged so far\n"
-                       "(line: mean over task orders; band: min to max)", series,
-                       xticks=list(range(1, longest + 1)) if longest <= 12 else None)
+    return line_figure(title, "number of merged tasks", f"{ylabel}\n(line: mean over task orders; band: min to max)",
+                       series, xticks=list(range(1, longest + 1)) if longest <= 12 else None)
 
 
 # what a recorded per-step quantity is compared with: OPCM's Fig. 7 sets its Eq. (10) lambda_t against sqrt(t)
@@ -205,9 +209,7 @@ def recorded_figure(title: str, name: str, by_label: Mapping[str, Sequence[Row]]
         label, curve = STEP_REFERENCES[name]
         xs = [float(t) for t in range(1, longest + 1)]
         series.append(Series(label, xs, [curve(t) for t in xs], Style(REFERENCE, "", "--")))
-    return line_figure(title, "number of merged tasks", f"{name} after each step\n"
-                       "(line: mean over task orders; band: min to max)", series,
-                       xticks=list(range(1, longest + 1)) if longest <= 12 else None)
+    return _per_step_figure(title, f"{name} after each step", series)
 
 
 def matrix_figure(title: str, run: Row) -> Any:
